@@ -1,0 +1,71 @@
+"""Residual branches as vector fields: each returns ``f(y)``, never ``y + f(y)``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stepjax.models.layers import Conv, batch_norm
+
+
+class BottleneckField(nnx.Module):
+    """Post-activation bottleneck: conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1-BN.
+
+    **Arguments:**
+
+    - `in_channels`: input width; `planes`: bottleneck width; output is ``4 * planes``.
+    - `stride`: stride of the 3x3 convolution.
+    - `preact`: pre-activation order instead (BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1).
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels, planes, *, stride=1, preact=False, rngs, dtype=jnp.float32):
+        out = planes * self.expansion
+        self.preact = preact
+        self.convs = nnx.List([
+            Conv(in_channels, planes, 1, rngs=rngs, dtype=dtype),
+            Conv(planes, planes, 3, stride=stride, rngs=rngs, dtype=dtype),
+            Conv(planes, out, 1, rngs=rngs, dtype=dtype),
+        ])
+        norm_widths = (in_channels, planes, planes) if preact else (planes, planes, out)
+        self.norms = nnx.List([batch_norm(c, rngs=rngs, dtype=dtype) for c in norm_widths])
+
+    def __call__(self, y):
+        return _preact_chain(self.convs, self.norms, y) if self.preact else _postact_chain(self.convs, self.norms, y)
+
+
+class BasicField(nnx.Module):
+    """Post-activation basic block: conv3x3(stride)-BN-ReLU-conv3x3-BN (pre-activation if asked)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels, planes, *, stride=1, preact=False, rngs, dtype=jnp.float32):
+        self.preact = preact
+        self.convs = nnx.List([
+            Conv(in_channels, planes, 3, stride=stride, rngs=rngs, dtype=dtype),
+            Conv(planes, planes, 3, rngs=rngs, dtype=dtype),
+        ])
+        norm_widths = (in_channels, planes) if preact else (planes, planes)
+        self.norms = nnx.List([batch_norm(c, rngs=rngs, dtype=dtype) for c in norm_widths])
+
+    def __call__(self, y):
+        return _preact_chain(self.convs, self.norms, y) if self.preact else _postact_chain(self.convs, self.norms, y)
+
+
+def _postact_chain(convs, norms, y):
+    for i, (conv, norm) in enumerate(zip(convs, norms)):
+        y = norm(conv(y))
+        if i < len(convs) - 1:
+            y = jax.nn.relu(y)
+    return y
+
+
+def _preact_chain(convs, norms, y):
+    for conv, norm in zip(convs, norms):
+        y = conv(jax.nn.relu(norm(y)))
+    return y
+
+
+FIELDS = {"bottleneck": BottleneckField, "basic": BasicField}

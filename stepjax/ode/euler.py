@@ -1,0 +1,217 @@
+"""`EulerStage`: a stage of residual blocks as explicit Euler steps ``y <- P(y) + h * f(y)``."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stepjax.ode.controller import StageShared, StepController
+
+
+class EulerStep(nnx.Module):
+    """One explicit Euler step ``y1 = P(y0) + h * f(y0)``, projected by ``g`` if given.
+
+    **Arguments:**
+
+    - `vector_field`: a module with ``f(y) -> dy`` (never ``y + dy``).
+    - `controller`: the `StepController` that picks ``h``.
+    - `change_of_variables`: ``P`` for a shape-changing step (a shortcut projection), else None
+      (identity).
+    - `projection`: ``g`` applied after the update, e.g. ``jax.nn.relu`` for post-activation
+      networks (projected Euler onto the non-negative orthant); None for plain Euler.
+    """
+
+    def __init__(
+        self,
+        vector_field: nnx.Module,
+        controller: StepController,
+        *,
+        change_of_variables: nnx.Module | None = None,
+        projection: Callable[[jax.Array], jax.Array] | None = None,
+    ):
+        self.vector_field = vector_field
+        self.controller = controller
+        self.change_of_variables = change_of_variables
+        self.projection = projection
+
+    def __call__(self, y0, controller_state, t0, active=True):
+        """Take the step.
+
+        **Arguments:**
+
+        - `y0`: the current state.
+        - `controller_state`: the carried controller state, or None to start one with
+          `controller.init` (first step of a stage).
+        - `t0`: the step's index within the stage.
+        - `active`: where false, the controller's step is replaced by 1 (placement mask).
+
+        **Returns:**
+
+        `(y1, controller_state, h)`.
+        """
+        base = y0 if self.change_of_variables is None else self.change_of_variables(y0)
+        if controller_state is None:
+            controller_state = self.controller.init(base)
+        f0 = self.vector_field(y0)
+        h, controller_state = self.controller.adapt_step_size(t0, base, f0, controller_state)
+        if active is not True:
+            h = jnp.where(active, h, jnp.ones_like(h))
+        y1 = base + h * f0
+        if self.projection is not None:
+            y1 = self.projection(y1)
+        return y1, controller_state, h
+
+
+class StageOutput(NamedTuple):
+    """What a stage solve records per step (leading axis: step within the stage).
+
+    - `step_size`: ``h`` averaged over all axes but batch and channel, shape ``(K, B, C)``.
+    - `states`: the state entering each step ``(K, *y.shape)``, or None if not saved.
+    """
+
+    step_size: jax.Array
+    states: jax.Array | None
+
+
+def _summarise_step(h, f0):
+    """Mean of the broadcast step size over every axis except batch and channel."""
+    full = jnp.broadcast_to(h, f0.shape).astype(jnp.float32)
+    return full.mean(axis=tuple(range(1, f0.ndim - 1)))
+
+
+def build_stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs):
+    """Build `num` independently initialised copies of a module, stacked on a leading axis.
+
+    **Arguments:**
+
+    - `make`: constructor taking an `nnx.Rngs`.
+    - `num`: how many copies.
+    - `rngs`: the random stream that seeds them.
+
+    **Returns:**
+
+    One module whose arrays carry a leading axis of size `num`.
+    """
+    keys = jax.random.split(rngs.params(), num)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+    states = jax.vmap(lambda key: nnx.state(make(nnx.Rngs(key))))(keys)
+    return nnx.merge(graphdef, states)
+
+
+class EulerStage(nnx.Module):
+    """A stage of `num_steps` residual blocks solved as explicit Euler steps.
+
+    If `transition` is true, step 0 changes shape (stride, width) through its own
+    ``change_of_variables`` and is taken on its own; the remaining identical steps are stacked and
+    run by one `jax.lax.scan`, so compile time does not grow with depth. Controller state flows
+    from step to step through the scan carry.
+
+    **Arguments:**
+
+    - `make_step`: ``make_step(first: bool, rngs) -> EulerStep``.
+    - `num_steps`: number of blocks in the stage.
+    - `transition`: whether the first step changes shape.
+    - `placement`: per-step booleans; where false the controller is off (step 1). None: all on.
+    - `rngs`: random stream for initialisation.
+    - `scan`: run the stacked steps with `jax.lax.scan` (default) or a Python loop.
+    """
+
+    def __init__(
+        self,
+        make_step: Callable[[bool, nnx.Rngs], EulerStep],
+        num_steps: int,
+        *,
+        transition: bool,
+        rngs: nnx.Rngs,
+        placement: Sequence[bool] | None = None,
+        scan: bool = True,
+    ):
+        if num_steps < 1 + int(transition):
+            raise ValueError(f"EulerStage needs at least {1 + int(transition)} steps, got {num_steps}.")
+        placement = (True,) * num_steps if placement is None else tuple(bool(p) for p in placement)
+        if len(placement) != num_steps:
+            raise ValueError(f"placement has {len(placement)} entries for a stage of {num_steps} steps.")
+        self.placement = placement
+        self.scan = scan
+        self.first = make_step(True, rngs) if transition else None
+        self.steps = build_stacked(lambda r: make_step(False, r), num_steps - int(transition), rngs)
+        self._tie_shared()
+
+    def _tie_shared(self):
+        """Make every step use one copy of the controller's `StageShared` parameters."""
+        stacked = self.steps.controller
+        if not hasattr(stacked, "shared"):
+            return
+        if self.first is not None:
+            stacked.shared = self.first.controller.shared
+        else:
+            nnx.update(stacked.shared, jax.tree.map(lambda a: a[0], nnx.state(stacked.shared)))
+
+    def __call__(self, y):
+        return self.solve(y)[0]
+
+    def solve(self, y, *, save_states: bool = False):
+        """Integrate the stage.
+
+        **Arguments:**
+
+        - `y`: the stage input.
+        - `save_states`: also return the state entering every step (for stiffness analysis).
+
+        **Returns:**
+
+        `(y_out, StageOutput)`.
+        """
+        hs, states, state = [], [], None
+        if self.first is not None:
+            states.append(y)
+            y, state, h = self.first(y, None, jnp.asarray(0), self.placement[0])
+            hs.append(_summarise_step(h, y)[None])
+        offset = int(self.first is not None)
+        t0s = jnp.arange(offset, len(self.placement))
+        active = jnp.asarray(self.placement[offset:])
+        if state is None:
+            state = self._slice(0).controller.init(y)
+        y, h_rest, states_rest = self._run_steps(y, state, t0s, active, save_states)
+        hs.append(h_rest)
+        step_size = jnp.concatenate(hs)
+        if save_states:
+            states_rest = jnp.concatenate([jnp.stack(states), states_rest]) if states else states_rest
+        return y, StageOutput(step_size, states_rest if save_states else None)
+
+    def _split(self):
+        return nnx.split(self.steps, StageShared, ...)
+
+    def _slice(self, k):
+        graphdef, shared, stacked = self._split()
+        return nnx.merge(graphdef, shared, jax.tree.map(lambda a: a[k], stacked))
+
+    def _run_steps(self, y, state, t0s, active, save_states):
+        graphdef, shared, stacked = self._split()
+
+        def body(carry, xs):
+            y, state = carry
+            params, t0, on = xs
+            step = nnx.merge(graphdef, shared, params)
+            y_next, state, h = step(y, state, t0, on)
+            saved = y if save_states else None
+            return (y_next, state), (nnx.state(step, _MUTABLE), _summarise_step(h, y_next), saved)
+
+        xs = (stacked, t0s, active)
+        if self.scan:
+            (y, _), (new_stats, h, saved) = jax.lax.scan(body, (y, state), xs)
+        else:
+            outs = []
+            for k in range(t0s.shape[0]):
+                (y, state), out = body((y, state), jax.tree.map(lambda a: a[k], xs))
+                outs.append(out)
+            new_stats, h, saved = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        nnx.update(self.steps, new_stats)
+        return y, h, saved
+
+
+# Variables a forward pass may change (BatchNorm statistics); parameters are never written back.
+_MUTABLE = nnx.Not(nnx.Param)

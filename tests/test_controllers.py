@@ -1,0 +1,108 @@
+"""Every attention module as a step-size controller: shapes, ranges, gradients, jit, state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stepjax.controllers import CONTROLLERS, eca_kernel_size, make_controller, step_features
+
+B, H, W, C = 3, 4, 5, 32
+Y0 = jax.nn.relu(jax.random.normal(jax.random.key(0), (B, H, W, C)))
+F0 = jax.random.normal(jax.random.key(1), (B, H, W, C))
+# the broadcast shape each controller's step is expected to have
+STEP_SHAPES = {
+    "constant": (), "learned": (), "se": (B, 1, 1, C), "eca": (B, 1, 1, C), "srm": (B, 1, 1, C),
+    "dia": (B, 1, 1, C), "stepnet": (B, 1, 1, C), "cbam": (B, H, W, C),
+}
+
+
+def step_of(controller, y0=Y0, f0=F0, state=None):
+    state = controller.init(y0) if state is None else state
+    return controller.adapt_step_size(jnp.asarray(0), y0, f0, state)
+
+
+def test_every_registered_controller_has_an_expected_shape():
+    assert set(STEP_SHAPES) == set(CONTROLLERS)
+
+
+@pytest.mark.parametrize("name", sorted(CONTROLLERS))
+def test_shape_range_and_broadcast(name):
+    h, _ = step_of(make_controller(name, C, rngs=nnx.Rngs(0)))
+    assert jnp.shape(h) == STEP_SHAPES[name]
+    assert jnp.broadcast_shapes(jnp.shape(h), F0.shape) == F0.shape
+    assert bool(jnp.all(jnp.isfinite(h)))
+    if name in ("constant", "learned"):
+        np.testing.assert_allclose(h, 1.0)
+    else:  # gated controllers choose steps in (0, 1), not all equal (SRM starts at 0.5 by design)
+        assert bool(jnp.all((h > 0) & (h < 1)))
+        if name == "srm":
+            return
+        assert float(jnp.std(jnp.broadcast_to(h, F0.shape))) > 0
+
+
+@pytest.mark.parametrize("name", sorted(set(CONTROLLERS) - {"constant"}))
+def test_finite_nonzero_gradients(name):
+    controller = make_controller(name, C, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(controller, nnx.Param, ...)
+
+    def loss(params, f0, rest):
+        h, _ = step_of(nnx.merge(graphdef, params, rest, copy=True), f0=f0)
+        return jnp.sum(jnp.broadcast_to(h, F0.shape) * f0)
+
+    g_params, g_f = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, F0, rest)
+    leaves = jax.tree.leaves(g_params)
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+    assert bool(jnp.all(jnp.isfinite(g_f)))
+
+
+@pytest.mark.parametrize("name", sorted(CONTROLLERS))
+def test_same_values_with_and_without_jit(name):
+    controller = make_controller(name, C, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(controller)
+    eager = step_of(controller)[0]
+    jitted = jax.jit(lambda s: step_of(nnx.merge(graphdef, s))[0])(state)
+    np.testing.assert_allclose(eager, jitted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,options", [("dia", {}), ("stepnet", {"history": True})])
+def test_stateful_controllers_carry_state(name, options):
+    controller = make_controller(name, C, rngs=nnx.Rngs(0), **options)
+    if name == "stepnet":  # untrained StepNet ignores its history by construction (it starts as SE)
+        controller.feature_mix[...] = jax.random.normal(jax.random.key(2), controller.feature_mix.shape)
+    start = controller.init(Y0)
+    _, carried = step_of(controller, state=start)
+    changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(carried))]
+    assert any(changed)
+    f1 = F0 * 2.0 + 0.3
+    h_carried, _ = step_of(controller, f0=f1, state=carried)
+    h_fresh, _ = step_of(controller, f0=f1, state=start)
+    assert not np.allclose(h_carried, h_fresh)
+
+
+def test_stepnet_without_history_is_stateless_and_starts_as_se():
+    stepnet = make_controller("stepnet", C, rngs=nnx.Rngs(0), history=False)
+    se = make_controller("se", C, rngs=nnx.Rngs(0))
+    assert stepnet.init(Y0) == ()
+    np.testing.assert_allclose(step_of(stepnet)[0], step_of(se)[0], rtol=1e-6)
+
+
+def test_stepnet_features_by_hand():
+    y = jnp.ones((1, 2, 2, 1)) * 2.0
+    f = jnp.array([1.0, -1.0, 3.0, -3.0]).reshape(1, 2, 2, 1)
+    mean_f, mean_y, relative, spread = step_features(y, f, eps=0.0)
+    np.testing.assert_allclose([mean_f[0, 0], mean_y[0, 0], relative[0, 0], spread[0, 0]],
+                               [0.0, 2.0, 1.0, np.sqrt(5.0)], rtol=1e-6)
+
+
+def test_eca_kernel_sizes():
+    assert [eca_kernel_size(c) for c in (64, 128, 256, 512)] == [3, 5, 5, 5]
+
+
+def test_unknown_controller_and_bad_option():
+    with pytest.raises(ValueError, match="Unknown controller 'foo'.*'se'"):
+        make_controller("foo", C, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="Bad options"):
+        make_controller("se", C, rngs=nnx.Rngs(0), nonsense=3)

@@ -1,0 +1,146 @@
+"""Tests for stepjax.train.metrics."""
+
+import glob
+import os
+import struct
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from stepjax.train.metrics import MetricWriter, Progress, format_summary, read_metrics
+
+
+def _read_events(directory) -> list[event_pb2.Event]:
+    """Parses the TFRecord-framed event files tensorboardX wrote under `directory`."""
+    events = []
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            offset += 12  # length + its CRC
+            events.append(event_pb2.Event.FromString(data[offset : offset + length]))
+            offset += length + 4  # payload + its CRC
+    return events
+
+
+def test_jsonl_round_trip(tmp_path):
+    before = time.time()
+    writer = MetricWriter(tmp_path)
+    writer.write(10, {"loss": jnp.float32(0.5), "accuracy": np.float64(0.25)}, split="train")
+    writer.write(20, {"accuracy": 0.75, "step_sizes": jnp.array([1.0, 0.5])}, split="test")
+    records = read_metrics(tmp_path / "metrics.jsonl")  # readable before close: flushed
+    writer.close()
+
+    assert [r["step"] for r in records] == [10, 20]
+    assert [r["split"] for r in records] == ["train", "test"]
+    assert all(before <= r["time"] <= time.time() for r in records)
+    assert records[0]["loss"] == 0.5 and records[0]["accuracy"] == 0.25
+    assert records[1]["step_sizes"] == [1.0, 0.5]
+    assert isinstance(records[0]["loss"], float)
+
+
+def test_writer_appends_on_resume(tmp_path):
+    for step in (1, 2):
+        writer = MetricWriter(tmp_path)
+        writer.write(step, {"loss": float(step)}, split="train")
+        writer.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    # A restart within the same second must not overwrite the previous event file.
+    assert len(glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))) == 2
+    steps = [e.step for e in _read_events(tmp_path / "tb") if e.summary.value]
+    assert sorted(steps) == [1, 2]
+
+
+def test_truncated_last_line_tolerated(tmp_path):
+    writer = MetricWriter(tmp_path)
+    writer.write(1, {"loss": 1.0}, split="train")
+    writer.write(2, {"loss": 2.0}, split="train")
+    writer.close()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text()[:-15])  # a write cut short by a kill
+    assert [r["step"] for r in read_metrics(path)] == [1]
+
+    writer = MetricWriter(tmp_path)  # a resumed run drops the partial line before appending
+    writer.write(3, {"loss": 3.0}, split="train")
+    writer.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 3]
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        read_metrics(path)
+
+
+def test_bad_metrics_rejected(tmp_path):
+    writer = MetricWriter(tmp_path)
+    with pytest.raises(ValueError, match="reserved"):
+        writer.write(1, {"step": 3.0}, split="train")
+    with pytest.raises(TypeError, match="'name'"):
+        writer.write(1, {"name": "resnet"}, split="train")
+    writer.close()
+
+
+def test_tensorboard_scalars(tmp_path):
+    writer = MetricWriter(tmp_path)
+    writer.write(5, {"loss": 0.5, "per_block": [1.0, 2.0]}, split="train")
+    writer.write(7, {"accuracy": 0.9}, split="test")
+    events = _read_events(tmp_path / "tb")  # readable before close: flushed
+    writer.close()
+
+    scalars = {
+        (value.tag, event.step): value.simple_value
+        for event in events
+        for value in event.summary.value
+    }
+    assert scalars == {("train/loss", 5): 0.5, ("test/accuracy", 7): pytest.approx(0.9)}
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    writer = MetricWriter(workdir, enabled=False)
+    writer.write(1, {"loss": 1.0}, split="train")
+    writer.close()
+    assert not workdir.exists()
+
+
+def test_progress(capsys):
+    progress = Progress(100, initial_step=10, desc="train")
+    progress.update(20, loss=1.2345, accuracy=0.5, images_per_sec=123.4)
+    progress.update(100, loss=0.5, accuracy=0.75, images_per_sec=130.0)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "100/100" in err
+    assert "loss=0.5000" in err and "acc=0.7500" in err and "img/s=130.0" in err
+
+    disabled = Progress(100, enabled=False)
+    disabled.update(50, loss=1.0, accuracy=0.1, images_per_sec=1.0)
+    disabled.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_format_summary():
+    summary = {
+        "best_accuracy": 0.9312, "best_epoch": 160,
+        "last_accuracy": 0.9295, "last_epoch": 164,
+        "steps": 64000, "wall_time_s": 7392.4, "images_per_sec": 412.34,
+    }
+    assert format_summary(summary) == (
+        "best test accuracy  93.12 % (epoch 160)\n"
+        "last test accuracy  92.95 % (epoch 164)\n"
+        "training            64000 steps in 2h 03m 12s, 412.3 images/s"
+    )
+    no_eval = {**summary, "best_accuracy": None, "last_accuracy": None, "wall_time_s": 65}
+    assert format_summary(no_eval).splitlines()[:2] == [
+        "best test accuracy  n/a",
+        "last test accuracy  n/a",
+    ]
+    assert "1m 05s" in format_summary(no_eval)
+    with pytest.raises(KeyError, match="images_per_sec"):
+        format_summary({k: v for k, v in summary.items() if k != "images_per_sec"})

@@ -1,0 +1,92 @@
+"""Presets: published parameter counts, shapes, placement, and any controller on any preset."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stepjax.models import PRESETS, get_spec, make_model, resolve_placement
+from stepjax.models.__main__ import PUBLISHED, param_count
+
+TINY = dict(depths=(2, 3, 2), widths=(2, 4, 4), stem_width=4)
+X = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+
+
+@pytest.mark.parametrize("key", sorted(PUBLISHED))
+def test_parameter_counts_match_published(key):
+    preset, classes, controller = key
+    count = param_count(preset, classes, controller) / 1e6
+    assert abs(count - PUBLISHED[key]) / PUBLISHED[key] < 0.01, (key, count)
+
+
+def forward(model, x=X):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s, copy=True).solve(x))(state, x)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_runs(preset):
+    overrides = dict(widths=(2, 2, 2, 2), depths=(2, 2, 2, 2), stem_width=4) if preset == "resnet50" else TINY
+    model = make_model(preset, num_classes=7, controller="se", **overrides)
+    logits, outputs = forward(model, jnp.zeros((2, 16, 16, 3)) if preset == "resnet50" else X)
+    assert logits.shape == (2, 7)
+    assert [o.step_size.shape[0] for o in outputs] == list(overrides["depths"])
+
+
+def test_full_depth_resnet164_forward():
+    logits, outputs = forward(make_model("resnet164", num_classes=10, controller="stepnet"))
+    assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
+    assert [o.step_size.shape for o in outputs] == [(18, 2, 64), (18, 2, 128), (18, 2, 256)]
+
+
+@pytest.fixture(scope="module")
+def plain_logits():
+    return forward(make_model("resnet164", num_classes=5, controller="constant", seed=3, **TINY))[0]
+
+
+@pytest.mark.parametrize("controller", ["cbam", "dia", "stepnet"])
+def test_zero_placement_is_the_plain_network(controller, plain_logits):
+    masked = make_model("resnet164", num_classes=5, controller=controller, placement="none", seed=3, **TINY)
+    on = make_model("resnet164", num_classes=5, controller=controller, placement="all", seed=3, **TINY)
+    np.testing.assert_allclose(forward(masked)[0], plain_logits, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(forward(on)[0], plain_logits)
+
+
+def test_scan_and_loop_models_agree_and_train_mode_updates_stats():
+    a = make_model("resnet164", num_classes=5, controller="dia", scan=True, **TINY)
+    b = make_model("resnet164", num_classes=5, controller="dia", scan=False, **TINY)
+    np.testing.assert_allclose(forward(a)[0], forward(b)[0], rtol=1e-5, atol=1e-5)
+    before = jax.tree.map(np.array, nnx.state(a, nnx.BatchStat))
+    a(X)  # eager call in train mode updates running statistics, including the scanned blocks'
+    after = nnx.state(a, nnx.BatchStat)
+    changed = jax.tree.map(lambda u, v: not np.allclose(u, v), before, after)
+    assert all(jax.tree.leaves(changed))
+
+
+def test_dia_cell_is_shared_within_a_stage():
+    model = make_model("resnet164", num_classes=5, controller="dia", **TINY)
+    stage = model.stages[0]
+    assert stage.first.controller.shared is stage.steps.controller.shared
+    assert stage.steps.controller.shared.input_path.reduce.kernel.shape == (8, 2)
+
+
+def test_resolve_placement():
+    assert resolve_placement("all", (2, 1)) == ((True, True), (True,))
+    assert resolve_placement("none", (2, 1)) == ((False, False), (False,))
+    assert resolve_placement([0, 2], (2, 1)) == ((True, False), (True,))
+    masks = resolve_placement("random", (18, 18, 18), seed=1, ratio=0.4)
+    assert sum(map(sum, masks)) == round(0.4 * 54)
+    assert masks == resolve_placement("random", (18, 18, 18), seed=1, ratio=0.4)
+    assert masks != resolve_placement("random", (18, 18, 18), seed=2, ratio=0.4)
+
+
+def test_bad_model_arguments():
+    with pytest.raises(ValueError, match="Unknown model preset 'resnet7'.*resnet164"):
+        get_spec("resnet7")
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_placement([60], (18, 18, 18))
+    with pytest.raises(ValueError, match="Unknown placement"):
+        resolve_placement("most", (2, 2))
+    with pytest.raises(ValueError, match="Bad override"):
+        get_spec("resnet20", colour="red")
