@@ -45,6 +45,18 @@ class Curve:
     rejected: list = dataclasses.field(default_factory=list)
     success: list = dataclasses.field(default_factory=list)
 
+    def add(self, problem: Problem, rtol: float, stats: SolveStats, reference: np.ndarray):
+        """Append one solve at tolerance `rtol`, measuring its error against `reference`."""
+        rms, final = global_error(problem, stats.ys, reference) if stats.success else (np.nan, np.nan)
+        self.rtol.append(rtol)
+        self.error.append(rms)
+        self.final_error.append(final)
+        self.nfe.append(stats.nfe)
+        self.wall_time.append(stats.wall_time)
+        self.accepted.append(stats.num_accepted)
+        self.rejected.append(stats.num_rejected)
+        self.success.append(stats.success)
+
     @property
     def failures(self) -> int:
         return sum(not s for s in self.success)
@@ -100,18 +112,7 @@ def measure_curve(
     curve = Curve(name)
     for rtol in rtols:
         stats = measured_solve(problem, make_controller(rtol, rtol * problem.atol_factor), repeats)
-        rms, final = global_error(problem, stats.ys, reference) if stats.success else (np.nan, np.nan)
-        for field, value in [
-            ("rtol", rtol),
-            ("error", rms),
-            ("final_error", final),
-            ("nfe", stats.nfe),
-            ("wall_time", stats.wall_time),
-            ("accepted", stats.num_accepted),
-            ("rejected", stats.num_rejected),
-            ("success", stats.success),
-        ]:
-            getattr(curve, field).append(value)
+        curve.add(problem, rtol, stats, reference)
     return curve
 
 

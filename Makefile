@@ -1,0 +1,41 @@
+# stepjax: `make setup` once, then `make train EXP=...`, `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXP ?= cifar10_stepnet
+WORKDIR ?= runs/$(subst :,_,$(EXP))
+ARGS ?=
+DATASET ?= cifar10
+
+.PHONY: setup test train list data summary ode-bench ode-bench-quick
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -n 2 tests
+
+train: setup
+	$(PY) -m stepjax.main --config $(EXP) --workdir $(WORKDIR) $(ARGS)
+
+list: setup
+	@$(PY) -m stepjax.main --list
+
+data: setup
+	$(PY) -m pip install --quiet tensorflow-cpu
+	$(PY) -m stepjax.data $(DATASET)
+
+summary: setup
+	$(PY) -m stepjax.models --summary
+
+ode-bench: setup
+	$(PY) -m stepjax.odebench
+
+ode-bench-quick: setup
+	$(PY) -m stepjax.odebench --quick

@@ -1,0 +1,78 @@
+"""Shared builders for the experiment files (not an experiment itself)."""
+
+import os
+
+import ml_collections
+
+from stepjax import data
+
+# Paper protocol (PAPER.md): ResNet-164, 164 epochs, SGD 0.9, lr 0.1 x0.1 at 81/122, batch 128, wd 1e-4.
+PAPER_CIFAR = dict(preset="resnet164", epochs=164, boundaries=(81, 122), global_batch=128, lr=0.1)
+PAPER_IMAGENET = dict(preset="resnet50", epochs=100, boundaries=(30, 60, 90), global_batch=256, lr=0.1)
+
+
+def base_config(dataset, controller, *, preset, epochs, boundaries, global_batch, lr, controller_options=None):
+    """A full training config; every field can be overridden on the command line."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = data.default_config(dataset)
+    if os.environ.get(data.DATA_DIR_ENV):  # a local npz copy was pointed at: use it
+        c.data.source = "npz"
+    c.data.crop_padding = 4 if dataset != "imagenet2012" else 0
+    c.data.flip = True
+    c.model = ml_collections.ConfigDict(dict(
+        preset=preset, controller=controller, controller_options=dict(controller_options or {}),
+        placement="all", placement_ratio=0.5, placement_seed=0, dtype="float32",
+        depths=ml_collections.config_dict.placeholder(tuple), widths=ml_collections.config_dict.placeholder(tuple),
+        stem_width=ml_collections.config_dict.placeholder(int),
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=lr, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="step",
+        boundaries=tuple(boundaries), decay=0.1, warmup_epochs=0, label_smoothing=0.0,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        epochs=epochs, global_batch=global_batch, eval_batch=500 if dataset != "imagenet2012" else 250,
+        total_steps=ml_collections.config_dict.placeholder(int),  # overrides epochs when set
+        halt_after_steps=ml_collections.config_dict.placeholder(int),  # stop early as if preempted
+        log_every_steps=50, checkpoint_every_steps=1000, keep_checkpoints=3, eval_every_epochs=1,
+        progress=True,
+    ))
+    return c
+
+
+def apply_variant(c, arg, *, cpu=None):
+    """`smoke`: tiny model, synthetic data, a few steps. `cpu`: the given CPU protocol."""
+    if arg in (None, ""):
+        return c
+    if arg == "smoke":
+        c.data.source = "synthetic"
+        c.data.image_size = 8
+        c.data.synthetic_train_size = 256
+        c.data.synthetic_test_size = 64
+        c.model.depths, c.model.widths, c.model.stem_width = (2, 2, 2), (2, 4, 4), 4
+        c.train.update(epochs=2, global_batch=32, eval_batch=32, log_every_steps=2, checkpoint_every_steps=4)
+        c.optim.boundaries = (1,)
+        return c
+    if arg == "cpu" and cpu is not None:
+        return cpu(c)
+    raise ValueError(f"Unknown variant {arg!r}; use '' (paper protocol), 'smoke' or 'cpu'.")
+
+
+def cifar_cpu(c):
+    """The CPU protocol: a basic-block ResNet-20 that trains to a meaningful accuracy on 2 CPU
+    cores in well under an hour (see README: chosen from measured speed)."""
+    c.model.preset = "resnet20"
+    c.optim.update(schedule="cosine", lr=0.1, warmup_epochs=1, weight_decay=5e-4)
+    c.train.update(epochs=15, global_batch=128, log_every_steps=20, checkpoint_every_steps=200)
+    return c
+
+
+def cifar(dataset, controller, arg, **controller_options):
+    """A CIFAR experiment: the paper protocol, or the `smoke` / `cpu` variant."""
+    c = base_config(dataset, controller, controller_options=controller_options, **PAPER_CIFAR)
+    return apply_variant(c, arg, cpu=cifar_cpu)
+
+
+def imagenet(controller, arg):
+    """An ImageNet ResNet-50 experiment (paper protocol), or its `smoke` variant."""
+    return apply_variant(base_config("imagenet2012", controller, **PAPER_IMAGENET), arg)

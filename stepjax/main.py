@@ -1,0 +1,48 @@
+"""Command line: ``python -m stepjax.main --config EXP[:variant] [--workdir DIR] [key=value ...]``.
+
+Re-running the same command resumes from the latest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from stepjax.config import apply_overrides, available_experiments, describe, load_experiment
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m stepjax.main", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="experiment name (file in experiments/), optionally :smoke or :cpu")
+    parser.add_argument("--workdir", help="run directory (default runs/<experiment>)")
+    parser.add_argument("--list", action="store_true", help="list experiments and exit")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=10 optim.lr=0.05")
+    args = parser.parse_args(argv)
+    if not args.list and not args.config:
+        parser.error("--config is required (see --list)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list:
+        for name in available_experiments():
+            print(f"{name:32s} {describe(name)}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from stepjax import parallel  # imports jax: keep `--list` fast
+    from stepjax.train import train
+
+    parallel.initialize_distributed()
+    config = apply_overrides(load_experiment(args.config), args.overrides)
+    workdir = args.workdir or f"runs/{args.config.replace(':', '_')}"
+    summary = train(config, workdir)
+    return 0 if summary["status"] == "done" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

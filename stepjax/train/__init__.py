@@ -1,0 +1,24 @@
+"""Training: pure steps, the loop, checkpoints and metrics."""
+
+from stepjax.train.checkpoint import Checkpointer, CheckpointError
+from stepjax.train.loop import NonFiniteLossError, build_model, evaluate, train
+from stepjax.train.metrics import MetricWriter, Progress, format_summary, read_metrics
+from stepjax.train.step import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "MetricWriter",
+    "NonFiniteLossError",
+    "Progress",
+    "TrainState",
+    "build_model",
+    "evaluate",
+    "format_summary",
+    "init_state",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "read_metrics",
+    "train",
+]

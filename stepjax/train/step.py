@@ -1,0 +1,117 @@
+"""The pure training and evaluation steps, jitted with explicit shardings over the `data` mesh."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from stepjax.data import augment, normalize
+from stepjax.parallel import batch_sharded, replicated
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and writes.
+
+    - `step`: number of optimizer updates done; `params`: the model's `nnx.Param` state;
+      `rest`: its other state (BatchNorm statistics); `opt_state`: the optax state.
+    """
+
+    step: jax.Array
+    params: Any
+    rest: Any
+    opt_state: Any
+
+
+def learning_rate_schedule(optim, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Step (x `decay` at `boundaries` epochs) or cosine schedule, with optional linear warmup."""
+    warmup = int(optim.warmup_epochs * steps_per_epoch)
+    if optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(total_steps, warmup + 1), 0.0)
+    main = optax.piecewise_constant_schedule(optim.lr, {int(b * steps_per_epoch): optim.decay for b in optim.boundaries})
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), main], [warmup])
+
+
+def make_optimizer(optim, schedule) -> optax.GradientTransformation:
+    """SGD with momentum and coupled weight decay on all parameters (PyTorch's SGD)."""
+    return optax.chain(
+        optax.add_decayed_weights(optim.weight_decay),
+        optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov),
+    )
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation):
+    """Split a model into its graph and a `TrainState` at step 0."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+
+
+def _inputs(config, info, images, key=None):
+    if key is not None:
+        images = augment(images, key, padding=config.data.crop_padding, flip=config.data.flip)
+    return normalize(images, info.mean, info.std).astype(DTYPES[config.model.dtype])
+
+
+def cross_entropy(logits, labels, num_classes, smoothing=0.0):
+    """Per-example softmax cross-entropy with optional label smoothing."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else jax.nn.one_hot(labels, num_classes)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def make_train_step(graphdef, tx, schedule, config, info, mesh):
+    """The jitted ``train_step(state, batch) -> (state, metrics)``; `state` is donated."""
+    base_key = jax.random.key(config.seed)
+
+    def train_step(state: TrainState, batch):
+        x = _inputs(config, info, batch["image"], jax.random.fold_in(base_key, state.step))
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state.rest, copy=True)
+            logits = model(x)
+            loss = cross_entropy(logits, batch["label"], info.num_classes, config.optim.label_smoothing).mean()
+            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+            "learning_rate": schedule(state.step),
+        }
+        return TrainState(state.step + 1, params, rest, opt_state), metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated(mesh), batch_sharded(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(graphdef, config, info, mesh):
+    """The jitted ``eval_step(state, batch) -> sums`` over the masked examples of a batch:
+    correct predictions, loss, count, and per-block step sizes (mean over channels)."""
+
+    def eval_step(state: TrainState, batch):
+        model = nnx.merge(graphdef, state.params, state.rest, copy=True)
+        model.eval()
+        logits, outputs = model.solve(_inputs(config, info, batch["image"]))
+        mask = batch["mask"].astype(jnp.float32)
+        loss = cross_entropy(logits, batch["label"], info.num_classes)
+        step_size = jnp.concatenate([(o.step_size.mean(-1) * mask).sum(-1) for o in outputs])
+        return {
+            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+            "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask),
+            "step_size": step_size,
+        }
+
+    return jax.jit(eval_step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
