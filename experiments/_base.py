@@ -37,6 +37,7 @@ def base_config(dataset, controller, *, preset, epochs, boundaries, global_batch
         log_every_steps=50, checkpoint_every_steps=1000, keep_checkpoints=3, eval_every_epochs=1,
         progress=True,
     ))
+    c.mesh = ml_collections.ConfigDict(dict(num_devices=ml_collections.config_dict.placeholder(int)))
     return c
 
 

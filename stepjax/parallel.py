@@ -32,9 +32,16 @@ def initialize_distributed() -> None:
                  jax.local_device_count(), jax.device_count())
 
 
-def data_mesh() -> Mesh:
-    """A one-axis mesh named ``data`` over every device of every process."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
+def data_mesh(num_devices: int | None = None) -> Mesh:
+    """A one-axis mesh named ``data`` over every device of every process (or the first
+    `num_devices`, single-process only)."""
+    devices = jax.devices()
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices) or (jax.process_count() > 1 and num_devices != len(devices)):
+            raise ValueError(f"mesh.num_devices={num_devices}: there are {len(devices)} devices "
+                             "(a subset is allowed only in a single process).")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), ("data",))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -4,7 +4,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import diffrax
-import jax.numpy as jnp
 import numpy as np
 
 from .problems import Problem
@@ -33,7 +32,7 @@ class PIDGains:
 
     def controller(self, rtol, atol) -> diffrax.PIDController:
         """**Returns:** the `PIDController`, with array fields so one compilation serves all."""
-        as_array = lambda x: jnp.asarray(x, dtype=float)
+        as_array = lambda x: np.asarray(x, dtype=np.float64)
         return diffrax.PIDController(
             rtol=as_array(rtol),
             atol=as_array(atol),

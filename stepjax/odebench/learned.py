@@ -27,7 +27,7 @@ import numpy as np
 import optax
 import optimistix as optx
 
-from ._x64 import x64
+from ._x64 import callback_f64, x64
 from .controllers import training_score
 from .problems import Problem
 from .solve import is_explicit, make_solver, solve
@@ -95,6 +95,9 @@ class LearnedController(diffrax.AbstractAdaptiveStepSizeController[LearnedState,
     - `max_log_residual`: bound on `|log|` of the network's factor.
     - `stiffness`: add the secant feature `h ||f(y1) - f(y0)|| / ||y1 - y0||`, one
       extra vector-field evaluation per attempted step (plus one at the start).
+    - `shrink_after_accept`: let the classical factor itself drop below 1 after an
+      accepted step (diffrax clips it at 1). With a zero network this is the classical
+      ablation "PI34, shrink allowed".
     - `vector_field`: set by [`stepjax.odebench.solve.solve`][] through `bind`.
     - `recorder`: optional host callback receiving each step's features (training).
     - `norm`: as diffrax's `PIDController`.
@@ -111,6 +114,7 @@ class LearnedController(diffrax.AbstractAdaptiveStepSizeController[LearnedState,
     factormax: jax.Array
     max_log_residual: float = eqx.field(static=True)
     stiffness: bool = eqx.field(static=True, default=False)
+    shrink_after_accept: bool = eqx.field(static=True, default=False)
     vector_field: Callable | None = eqx.field(static=True, default=None)
     recorder: Callable | None = eqx.field(static=True, default=None)
     norm: Callable = eqx.field(static=True, default=optx.rms_norm)
@@ -156,7 +160,7 @@ class LearnedController(diffrax.AbstractAdaptiveStepSizeController[LearnedState,
         factor1 = inv_error**coeff1
         factor2 = state.inv_error**coeff2
         factor3 = state.prev_inv_error**coeff3
-        factormin = jnp.where(keep_step, 1, self.factormin)
+        factormin = self.factormin if self.shrink_after_accept else jnp.where(keep_step, 1, self.factormin)
         factormax = jnp.where(keep_step, self.factormax, self.safety)
         return jnp.clip(self.safety * factor1 * factor2 * factor3, min=factormin, max=factormax)
 
@@ -203,7 +207,7 @@ class LearnedController(diffrax.AbstractAdaptiveStepSizeController[LearnedState,
         factor = jnp.clip(classical * jnp.exp(residual), min=self.factormin, max=factormax)
         dt = prev_dt * factor.astype(jnp.result_type(prev_dt))
         if self.recorder is not None:
-            jax.debug.callback(self.recorder, features, jnp.log(classical), t0, t1, y0, y1_candidate, keep_step, ordered=True)
+            callback_f64(self.recorder, features, jnp.log(classical), t0, t1, y0, y1_candidate, keep_step)
 
         pred = (inv_error == 0) | jnp.isinf(inv_error)
         inv_error = jnp.where(pred, 1, inv_error)
@@ -248,15 +252,17 @@ class LearnedPolicy:
     - `net`: from [`init_network`][].
     - `stiffness`: whether `net` takes the secant feature.
     - `max_log_residual`: bound on the network's log factor.
+    - `shrink_after_accept`: as for [`LearnedController`][].
     """
 
     net: eqx.nn.MLP
     stiffness: bool = False
     max_log_residual: float = math.log(3.0)
+    shrink_after_accept: bool = False
 
     def controller(self, rtol, atol, *, recorder=None) -> LearnedController:
         """**Returns:** the [`LearnedController`][] (PI34 base, diffrax's default limits)."""
-        as_array = lambda x: jnp.asarray(x, dtype=jnp.float64)
+        as_array = lambda x: np.asarray(x, dtype=np.float64)
         return LearnedController(
             rtol=as_array(rtol),
             atol=as_array(atol),
@@ -269,6 +275,7 @@ class LearnedPolicy:
             factormax=as_array(10.0),
             max_log_residual=self.max_log_residual,
             stiffness=self.stiffness,
+            shrink_after_accept=self.shrink_after_accept,
             recorder=recorder,
         )
 
@@ -280,7 +287,7 @@ class StepRecorder:
         self.rows = []
 
     def __call__(self, features, log_classical, t0, t1, y0, y1, accepted):
-        self.rows.append((np.asarray(features), float(log_classical), float(t0), float(t1), np.asarray(y0), np.asarray(y1), bool(accepted)))
+        self.rows.append((features, float(log_classical), float(t0), float(t1), y0, y1, bool(accepted)))
 
     def take(self) -> dict:
         """Empty the log. **Returns:** the attempts as arrays, with each one's next start point."""
@@ -290,6 +297,7 @@ class StepRecorder:
             "features": features,
             "log_classical": log_classical,
             "log_dt": np.log(t1 - t0),
+            "accepted": accepted,
             "t_next": np.where(accepted, t1, t0),
             "y_next": np.where(accepted[:, None], y1, y0),
         }
@@ -379,7 +387,7 @@ class TrainResult:
     solves: float
 
 
-def _collect(policy, problem, rtols, reference, *, max_records, span, target, iters, rng):
+def _collect(policy, problem, rtols, reference, *, max_records, span, target, iters, center, rng):
     """Run `policy` on `problem` at each tolerance, recording states and oracle targets."""
     curve, inputs, targets, weights, cost = Curve("learned"), [], [], [], 0.0
     for rtol in rtols:
@@ -387,11 +395,15 @@ def _collect(policy, problem, rtols, reference, *, max_records, span, target, it
         stats = solve(problem, controller, count=not is_explicit(problem.solver))
         curve.add(problem, rtol, stats, reference)
         rows = RECORDER.take()
-        keep = np.sort(rng.choice(len(rows["t_next"]), min(max_records, len(rows["t_next"])), replace=False))
-        log_proposal = rows["log_dt"][keep] + rows["log_classical"][keep]
+        log_proposal = rows["log_dt"] + rows["log_classical"]
+        usable = np.flatnonzero(np.isfinite(log_proposal) & np.isfinite(rows["y_next"]).all(axis=1))
+        keep = np.sort(rng.choice(usable, min(max_records, len(usable)), replace=False))
+        log_proposal = log_proposal[keep]
         log_best = oracle_log_steps(problem, rows["t_next"][keep], rows["y_next"][keep], log_proposal, rtol, span=span, target=target, iters=iters)
+        gap = log_best - log_proposal
+        gap -= np.median(gap[rows["accepted"][keep]]) if center else 0.0
         inputs.append(rows["features"][keep])
-        targets.append(np.clip(log_best - log_proposal, -0.95 * span, 0.95 * span))
+        targets.append(np.clip(gap, -0.95 * span, 0.95 * span))
         weights.append(np.full(len(keep), 1.0 / len(keep)))
         cost += 1 + len(keep) * iters / stats.num_steps
     return curve, inputs, targets, weights, cost
@@ -433,6 +445,7 @@ def train_imitation(
     learning_rate: float = 3e-3,
     max_records: int = 1500,
     target_error: float = 0.8,
+    center: bool = True,
     oracle_iters: int = 10,
     seed: int = 0,
     log=print,
@@ -463,7 +476,7 @@ def train_imitation(
     key, init_key = jax.random.split(key)
     rng = np.random.default_rng(seed)
     policy = LearnedPolicy(init_network(init_key, stiffness=stiffness), stiffness)
-    settings = dict(max_records=max_records, span=policy.max_log_residual, target=target_error, iters=oracle_iters, rng=rng)
+    settings = dict(max_records=max_records, span=policy.max_log_residual, target=target_error, iters=oracle_iters, center=center, rng=rng)
     data, history, candidates, solves, baselines = ([], [], []), [], [], 0.0, None
     for rnd in range(rounds + 1):
         collected = [_collect(policy, p, rtols, ref, **settings) for p, ref in zip(problems, references)]

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from stepjax import data, parallel
 from stepjax.config import validate
@@ -103,6 +104,43 @@ def evaluate(eval_step, state, config, mesh) -> dict:
     }
 
 
+def restore_run(workdir: str | Path):
+    """The config and latest readable `TrainState` of a run directory.
+
+    **Arguments:**
+
+    - `workdir`: a directory written by `train`.
+
+    **Returns:**
+
+    `(config, graphdef, step, state, extra)`: `extra` holds the data-iterator state and the
+    accuracy record.
+    """
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} has no config.json: not a stepjax run directory.")
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    tx = make_optimizer(config.optim, learning_rate_schedule(config.optim, 1, 1))
+    graphdef, state = init_state(build_model(config), tx)
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    try:
+        restored = checkpointer.restore_latest(_abstract(state._asdict(), parallel.data_mesh()))
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint.")
+    step, saved, extra = restored
+    return config, graphdef, step, TrainState(**saved), extra
+
+
+def load_run(workdir: str | Path):
+    """The config, trained model (in evaluation mode) and step of a run directory."""
+    config, graphdef, step, state, _ = restore_run(workdir)
+    model = nnx.merge(graphdef, state.params, state.rest)
+    model.eval()
+    return config, model, step
+
+
 def _abstract(state, mesh):
     sharding = parallel.replicated(mesh)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
@@ -124,11 +162,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """
     workdir = Path(workdir)
     primary = jax.process_index() == 0
-    validate(config, jax.device_count())
-    data.dataset_info(config.data)
+    mesh = parallel.data_mesh(config.mesh.num_devices)
+    validate(config, mesh.size)
     _check_workdir_config(workdir, config)
     info = data.dataset_info(config.data)
-    mesh = parallel.data_mesh()
 
     loader = data.TrainLoader(
         config.data, seed=config.seed, global_batch=config.train.global_batch,
@@ -140,6 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     tx = make_optimizer(config.optim, schedule)
     graphdef, state = init_state(build_model(config), tx)
     state = jax.device_put(state, parallel.replicated(mesh))
+    log.info("%s: %d devices, %d processes, %d steps per epoch, %d steps.", config.experiment,
+             mesh.size, jax.process_count(), steps_per_epoch, total_steps)
 
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -150,9 +189,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     )
     record = {"best_accuracy": None, "best_epoch": None, "last_accuracy": None, "last_epoch": None,
               "wall_time_s": 0.0, "trained_images": 0}
-    restored = checkpointer.restore_latest(_abstract(state, mesh))
+    restored = checkpointer.restore_latest(_abstract(state._asdict(), mesh))
     if restored is not None:
-        step, state, extra = restored
+        step, saved, extra = restored
+        state = TrainState(**saved)
         loader.set_state(extra["data"])
         record.update(extra["record"])
         log.info("Resumed from step %d in %s.", step, workdir)

@@ -1,0 +1,216 @@
+"""The training system end to end: smoke run, devices, resume, processes, bad input."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from stepjax.config import apply_overrides, load_experiment, validate
+from stepjax.train import NonFiniteLossError, load_run, read_metrics, restore_run, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = "cifar10_stepnet:smoke"
+
+
+def smoke_config(*overrides):
+    return apply_overrides(load_experiment(SMOKE), ["train.progress=False", *overrides])
+
+
+def params_of(workdir):
+    _, model, step = load_run(workdir)
+    return step, jax.tree.map(np.asarray, nnx.state(model))
+
+
+def assert_same_tree(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, **tol)
+
+
+def test_make_train_smoke_end_to_end(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        ["make", "-s", "train", f"EXP={SMOKE}", f"WORKDIR={workdir}", "ARGS=train.progress=False"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "best test accuracy" in result.stdout
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == 16
+    records = read_metrics(workdir / "metrics.jsonl")
+    test_records = [r for r in records if r["split"] == "test"]
+    assert len(test_records) == 2 and len(test_records[0]["step_size"]) == 6  # one mean step per block
+    assert (workdir / "checkpoints" / "16").is_dir()
+    assert any((workdir / "tb").iterdir())
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert train_losses[-1] < train_losses[0]
+
+
+def test_one_device_equals_four_devices(tmp_path):
+    assert jax.device_count() >= 4
+    overrides = ["train.total_steps=3", "train.eval_every_epochs=100"]
+    train(smoke_config("mesh.num_devices=1", *overrides), tmp_path / "one")
+    train(smoke_config("mesh.num_devices=4", *overrides), tmp_path / "four")
+    (s1, p1), (s4, p4) = params_of(tmp_path / "one"), params_of(tmp_path / "four")
+    assert s1 == s4 == 3
+    assert_same_tree(p1, p4, rtol=2e-4, atol=2e-5)
+    l1 = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if r["split"] == "train"]
+    l4 = [r["loss"] for r in read_metrics(tmp_path / "four" / "metrics.jsonl") if r["split"] == "train"]
+    np.testing.assert_allclose(l1, l4, rtol=1e-5)
+
+
+def _restored_state(workdir):
+    _, _, step, state, extra = restore_run(workdir)
+    return step, {"state": jax.tree.map(np.asarray, state._asdict()), "extra": extra}
+
+
+def test_resume_after_halt_is_identical(tmp_path):
+    overrides = ["train.total_steps=4", "train.checkpoint_every_steps=1", "train.log_every_steps=1"]
+    train(smoke_config(*overrides), tmp_path / "straight")
+    halted = train(smoke_config(*overrides, "train.halt_after_steps=2"), tmp_path / "resumed")
+    assert halted["status"] == "preempted" and halted["steps"] == 2
+    train(smoke_config(*overrides), tmp_path / "resumed")
+    (sa, a), (sb, b) = _restored_state(tmp_path / "straight"), _restored_state(tmp_path / "resumed")
+    assert sa == sb == 4
+    assert_same_tree(a["state"], b["state"], rtol=0, atol=0)  # params, batch stats, momentum
+    assert a["extra"]["data"] == b["extra"]["data"]
+    losses = lambda w: [r["loss"] for r in read_metrics(w / "metrics.jsonl") if r["split"] == "train"]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # same batches in the same order
+
+
+def _main(workdir, *overrides, env=None):
+    cmd = [sys.executable, "-m", "stepjax.main", "--config", SMOKE, "--workdir", str(workdir),
+           "train.progress=False", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_process_resumes_to_the_same_result(tmp_path):
+    overrides = ["train.total_steps=40", "train.checkpoint_every_steps=2", "train.log_every_steps=1",
+                 "train.eval_every_epochs=100"]
+    straight = _main(tmp_path / "straight", *overrides)
+    killed = _main(tmp_path / "killed", *overrides)
+    deadline = time.time() + 300
+    while not any(p.name.isdigit() and int(p.name) >= 4 for p in (tmp_path / "killed" / "checkpoints").glob("*")):
+        assert time.time() < deadline and killed.poll() is None, killed.communicate()[1][-2000:]
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert straight.wait(timeout=300) == 0
+    resumed = _main(tmp_path / "killed", *overrides)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "Resumed from step" in err
+    (sa, a), (sb, b) = _restored_state(tmp_path / "straight"), _restored_state(tmp_path / "killed")
+    assert sa == sb == 40
+    assert_same_tree(a["state"], b["state"], rtol=0, atol=0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    overrides = ["train.total_steps=3", "train.eval_every_epochs=100"]
+    port = _free_port()
+    procs = [
+        _main(tmp_path / "multi", *overrides, env={
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "STEPJAX_COORDINATOR": f"localhost:{port}",
+            "STEPJAX_NUM_PROCESSES": "2", "STEPJAX_PROCESS_ID": str(i)})
+        for i in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err[-3000:]
+    train(smoke_config("mesh.num_devices=2", *overrides), tmp_path / "single")
+    (sm, pm), (ss, ps) = _restored_state(tmp_path / "multi"), _restored_state(tmp_path / "single")
+    assert sm == ss == 3
+    assert_same_tree(pm["state"], ps["state"], rtol=2e-4, atol=2e-5)
+
+
+# ---- bad input: each error names the problem and the fix ----
+
+def test_unknown_experiment_lists_what_exists():
+    with pytest.raises(ValueError, match="Unknown experiment 'cifar10_stepnett'.*cifar10_stepnet"):
+        load_experiment("cifar10_stepnett")
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="Unknown variant 'fast'.*smoke"):
+        load_experiment("cifar10_se:fast")
+
+
+def test_unknown_config_key():
+    with pytest.raises(ValueError, match="Unknown config key 'train.epochz'.*train.epochs"):
+        smoke_config("train.epochz=3")
+
+
+def test_batch_not_divisible_by_devices():
+    with pytest.raises(ValueError, match="global_batch=30 is not divisible by the 4 devices"):
+        validate(smoke_config("train.global_batch=30"), 4)
+
+
+def test_missing_data_names_both_options(tmp_path):
+    config = smoke_config("data.source='npz'", f"data.dir='{tmp_path / 'nowhere'}'")
+    with pytest.raises((ValueError, FileNotFoundError), match="(?s)(?=.*tfds)(?=.*npz)"):
+        train(config, tmp_path / "run")
+
+
+def _write_npz(directory, images, labels):
+    directory.mkdir()
+    for split in ("train", "test"):
+        np.savez(directory / f"{split}.npz", image=images, label=labels)
+
+
+@pytest.mark.parametrize("images,labels,message", [
+    (np.zeros((8, 32, 32), np.uint8), np.zeros(8, np.int64), "shape"),
+    (np.zeros((8, 32, 32, 3), np.float32), np.zeros(8, np.int64), "uint8"),
+    (np.zeros((8, 32, 32, 3), np.uint8), np.full(8, 10), "labels span .* needs labels in"),
+])
+def test_bad_npz_data(tmp_path, images, labels, message):
+    _write_npz(tmp_path / "d", images, labels)
+    config = smoke_config("data.source='npz'", f"data.dir='{tmp_path / 'd'}'")
+    with pytest.raises(ValueError, match=message):
+        train(config, tmp_path / "run")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    base = ["train.total_steps=8", "train.checkpoint_every_steps=2", "train.log_every_steps=1"]
+    train(smoke_config(*base, "train.halt_after_steps=2"), tmp_path / "run")
+    with pytest.raises(NonFiniteLossError, match="Loss became nan.*last good"):
+        train(smoke_config(*base, "optim.lr=1e30"), tmp_path / "run_nan")
+    # and in the run that had a good checkpoint: blowing up later keeps step 2 loadable
+    config = smoke_config(*base, "optim.lr=1e30")
+    with pytest.raises(NonFiniteLossError):
+        train(config, tmp_path / "run")
+    step, params = params_of(tmp_path / "run")
+    assert step == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+    base = ["train.total_steps=6", "train.checkpoint_every_steps=2", "train.log_every_steps=1"]
+    train(smoke_config(*base, "train.halt_after_steps=4"), tmp_path / "run")
+    for f in (tmp_path / "run" / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(b"garbage" * 20)
+    with caplog.at_level(logging.WARNING):
+        summary = train(smoke_config(*base), tmp_path / "run")
+    assert "falling back to step 2" in caplog.text
+    assert summary["status"] == "done" and summary["steps"] == 6
+
+
+def test_resuming_a_different_model_is_refused(tmp_path):
+    train(smoke_config("train.total_steps=1"), tmp_path / "run")
+    with pytest.raises(ValueError, match="different `model` config"):
+        train(smoke_config("train.total_steps=1", "model.controller='se'"), tmp_path / "run")
