@@ -6,6 +6,11 @@ EXP ?= cifar10_stepnet
 WORKDIR ?= runs/$(subst :,_,$(EXP))
 ARGS ?=
 DATASET ?= cifar10
+# DATA=dir: train from a local npz copy (train.npz/test.npz) instead of tensorflow-datasets
+DATA ?=
+ifneq ($(DATA),)
+export STEPJAX_DATA_DIR := $(abspath $(DATA))
+endif
 
 .PHONY: setup test train list data summary ode-bench ode-bench-quick
 
