@@ -22,7 +22,7 @@ def base_config(dataset, controller, *, preset, epochs, boundaries, global_batch
     c.data.flip = True
     c.model = ml_collections.ConfigDict(dict(
         preset=preset, controller=controller, controller_options=dict(controller_options or {}),
-        placement="all", placement_ratio=0.5, placement_seed=0, dtype="float32",
+        placement="all", placement_ratio=0.5, placement_seed=0, dtype="float32", scan=True,
         depths=ml_collections.config_dict.placeholder(tuple), widths=ml_collections.config_dict.placeholder(tuple),
         stem_width=ml_collections.config_dict.placeholder(int),
     ))
@@ -63,6 +63,7 @@ def cifar_cpu(c):
     """The CPU protocol: a basic-block ResNet-20 that trains to a meaningful accuracy on 2 CPU
     cores in well under an hour (see README: chosen from measured speed)."""
     c.model.preset = "resnet20"
+    c.model.scan = False  # 3 blocks a stage: unrolled; XLA:CPU runs conv gradients inside a loop far slower
     c.optim.update(schedule="cosine", lr=0.1, warmup_epochs=1, weight_decay=5e-4)
     c.train.update(epochs=15, global_batch=128, log_every_steps=20, checkpoint_every_steps=200)
     return c

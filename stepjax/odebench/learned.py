@@ -31,7 +31,7 @@ from ._x64 import callback_f64, x64
 from .controllers import training_score
 from .problems import Problem
 from .solve import is_explicit, make_solver, solve
-from .workprecision import Curve, global_error
+from .workprecision import Curve, primary_metric
 
 FEATURES = (
     "log_error",
@@ -389,7 +389,7 @@ class TrainResult:
 
 def _collect(policy, problem, rtols, reference, *, max_records, span, target, iters, center, rng):
     """Run `policy` on `problem` at each tolerance, recording states and oracle targets."""
-    curve, inputs, targets, weights, cost = Curve("learned"), [], [], [], 0.0
+    curve, inputs, targets, weights, cost = Curve("learned", primary_metric(problem)), [], [], [], 0.0
     for rtol in rtols:
         controller = policy.controller(rtol, rtol * problem.atol_factor, recorder=RECORDER)
         stats = solve(problem, controller, count=not is_explicit(problem.solver))

@@ -27,15 +27,27 @@ def global_error(problem: Problem, ys: np.ndarray, reference: np.ndarray) -> tup
     return float(np.sqrt(np.mean(scaled**2))), float(np.sqrt(np.mean(scaled[-1] ** 2)))
 
 
+def primary_metric(problem: Problem) -> str:
+    """The error used to match controllers on `problem`.
+
+    Explicit solves: `"error"` (RMS over the dense output; Tsit5's interpolant is of
+    order 4). Implicit solves: `"final_error"`, because Kvaerno5's dense output is a
+    cubic Hermite interpolant whose error swamps the solver's at tight tolerances.
+    """
+    return "error" if is_explicit(problem.solver) else "final_error"
+
+
 @dataclasses.dataclass
 class Curve:
     """One controller's work-precision data on one problem, one entry per tolerance.
 
-    Failed solves keep their row with `success = False` and are left out of
-    interpolation (`points`).
+    `metric` names the error (`"error"` or `"final_error"`) used by default when curves
+    are compared. Failed solves keep their row with `success = False` and are left out
+    of interpolation (`points`).
     """
 
     controller: str
+    metric: str = "error"
     rtol: list = dataclasses.field(default_factory=list)
     error: list = dataclasses.field(default_factory=list)
     final_error: list = dataclasses.field(default_factory=list)
@@ -61,8 +73,10 @@ class Curve:
     def failures(self) -> int:
         return sum(not s for s in self.success)
 
-    def points(self, cost: str = "nfe", error: str = "error") -> tuple[np.ndarray, np.ndarray]:
-        """**Returns:** `(errors, costs)` of the successful solves, sorted by error."""
+    def points(self, cost: str = "nfe", error: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """**Returns:** `(errors, costs)` of the successful solves, sorted by error
+        (`error` defaults to `self.metric`)."""
+        error = error or self.metric
         ok = [i for i, s in enumerate(self.success) if s and getattr(self, error)[i] > 0]
         e = np.array([getattr(self, error)[i] for i in ok], dtype=float)
         c = np.array([getattr(self, cost)[i] for i in ok], dtype=float)
@@ -109,14 +123,14 @@ def measure_curve(
 
     **Returns:** a [`Curve`][].
     """
-    curve = Curve(name)
+    curve = Curve(name, primary_metric(problem))
     for rtol in rtols:
         stats = measured_solve(problem, make_controller(rtol, rtol * problem.atol_factor), repeats)
         curve.add(problem, rtol, stats, reference)
     return curve
 
 
-def error_levels(curves: Sequence[Curve], n: int = 4, error: str = "error") -> np.ndarray:
+def error_levels(curves: Sequence[Curve], n: int = 4, error: str | None = None) -> np.ndarray:
     """Error levels spread over the range that every curve covers.
 
     **Arguments:**
@@ -124,7 +138,7 @@ def error_levels(curves: Sequence[Curve], n: int = 4, error: str = "error") -> n
     - `curves`: the curves to compare.
     - `n`: number of levels, at the midpoints of `n` equal slices of the common
       log-error range.
-    - `error`: `"error"` (dense RMS) or `"final_error"`.
+    - `error`: `"error"` (dense RMS) or `"final_error"`; default: each curve's metric.
 
     **Returns:** the levels (empty if the curves' error ranges do not overlap).
     """
@@ -137,7 +151,7 @@ def error_levels(curves: Sequence[Curve], n: int = 4, error: str = "error") -> n
     return np.exp(lo + (hi - lo) * (np.arange(n) + 0.5) / n)
 
 
-def cost_at_error(curve: Curve, levels: np.ndarray, cost: str = "nfe", error: str = "error") -> np.ndarray:
+def cost_at_error(curve: Curve, levels: np.ndarray, cost: str = "nfe", error: str | None = None) -> np.ndarray:
     """Cost interpolated at given errors, linearly in log-log coordinates.
 
     **Returns:** one cost per level; `nan` outside the curve's error range.
@@ -150,6 +164,6 @@ def cost_at_error(curve: Curve, levels: np.ndarray, cost: str = "nfe", error: st
     return np.where((log_levels >= np.log(e[0])) & (log_levels <= np.log(e[-1])), out, np.nan)
 
 
-def cost_ratio(curve: Curve, baseline: Curve, levels: np.ndarray, cost: str = "nfe", error: str = "error") -> np.ndarray:
+def cost_ratio(curve: Curve, baseline: Curve, levels: np.ndarray, cost: str = "nfe", error: str | None = None) -> np.ndarray:
     """**Returns:** `cost(curve) / cost(baseline)` at matched error, per level."""
     return cost_at_error(curve, levels, cost, error) / cost_at_error(baseline, levels, cost, error)

@@ -44,7 +44,7 @@ def build_model(config: ml_collections.ConfigDict):
         m.preset, num_classes=config.data.num_classes, controller=m.controller,
         controller_options=dict(m.controller_options), placement=_placement(m.placement),
         placement_seed=m.placement_seed, placement_ratio=m.placement_ratio, seed=config.seed,
-        dtype=DTYPES[m.dtype], depths=m.depths, widths=m.widths, stem_width=m.stem_width,
+        dtype=DTYPES[m.dtype], scan=m.get("scan", True), depths=m.depths, widths=m.widths, stem_width=m.stem_width,
     )
 
 

@@ -1,0 +1,163 @@
+"""Lottery ticket in SAM: train placements of the controller at one connection ratio and compare.
+
+``python -m stepjax.analysis.lottery --exp cifar10_se:cpu --ratio 0.4 --num-random 5
+--nsi-workdir DIR [key=value ...]`` trains, each as a normal resumable `train()` run in its own
+workdir under ``--root``: no controller, the controller in every block, `--num-random` random
+placements at the ratio, and the NSI-guided placements at the same ratio (the blocks of largest
+NSI of the reference model DIR, and as a contrast those of smallest NSI). It then draws the test
+accuracies as a strip plot with the NSI-guided placement marked. Re-running skips finished runs
+and resumes unfinished ones; ``--plot-only`` draws what has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from stepjax.analysis import figures
+from stepjax.analysis.placement import nsi_placement, nsi_scores
+from stepjax.analysis.report import RECONSTRUCTION_NOTE, load_images, load_source
+from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS
+
+
+def placement_configs(config, *, ratio: float, num_random: int, scores) -> dict:
+    """The configs of the lottery: name -> config with ``model.placement`` set.
+
+    **Arguments:**
+
+    - `config`: the experiment config.
+    - `ratio`: connection ratio of the random and NSI-guided placements.
+    - `num_random`: number of random placements (seeds 0, 1, ...).
+    - `scores`: per-block NSI of the reference model (`nsi_scores`).
+
+    **Returns:**
+
+    An ordered dict: ``none``, ``all``, ``random_<seed>``..., ``nsi_top``, ``nsi_bottom``.
+    """
+    choices = {"none": ("none", 0), "all": ("all", 0)}
+    choices.update({f"random_{seed}": ("random", seed) for seed in range(num_random)})
+    choices["nsi_top"] = (nsi_placement(scores, ratio, top=True), 0)
+    choices["nsi_bottom"] = (nsi_placement(scores, ratio, top=False), 0)
+    out = {}
+    for name, (placement, seed) in choices.items():
+        c = config.copy_and_resolve_references()
+        with c.model.ignore_type():
+            c.model.placement = placement
+        c.model.placement_ratio, c.model.placement_seed = ratio, seed
+        out[name] = c
+    return out
+
+
+def _blocks(config) -> tuple[list[int], int]:
+    """The global block indices where `config`'s controller is on, and the number of blocks."""
+    from stepjax.models import get_spec, resolve_placement
+
+    m = config.model
+    masks = np.concatenate(resolve_placement(m.placement, get_spec(m.preset, depths=m.depths).depths,
+                                             m.placement_seed, m.placement_ratio))
+    return [int(i) for i in np.flatnonzero(masks)], len(masks)
+
+
+def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_only: bool = False) -> dict:
+    """Train (or resume, or skip when finished) every config in ``root/<name>`` and collect.
+
+    **Arguments:**
+
+    - `configs`: from `placement_configs`.
+    - `root`: parent directory of the run directories.
+    - `train_fn`: ``train_fn(config, workdir) -> summary`` (default `stepjax.train.train`).
+    - `plot_only`: train nothing; unfinished runs are reported as pending.
+
+    **Returns:**
+
+    name -> ``{"workdir", "blocks", "ratio", "status", "best_accuracy", "last_accuracy"}``.
+    """
+    if train_fn is None:
+        from stepjax.train import train as train_fn
+    results = {}
+    for name, config in configs.items():
+        workdir = Path(root) / name
+        path = workdir / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else {"status": "pending"}
+        if summary["status"] != "done" and not plot_only:
+            summary = train_fn(config, workdir)
+        blocks, total = _blocks(config)
+        results[name] = {
+            "workdir": str(workdir), "blocks": blocks, "ratio": len(blocks) / total, "status": summary["status"],
+            "best_accuracy": summary.get("best_accuracy"), "last_accuracy": summary.get("last_accuracy"),
+        }
+    return results
+
+
+def cached_scores(source: str, root, *, indicator: str, num_samples: int) -> np.ndarray:
+    """`nsi_scores` of the reference model on its first `num_samples` training images, cached in
+    ``root/nsi_scores.json`` (recomputed when the source or settings differ)."""
+    path = Path(root) / "nsi_scores.json"
+    key = {"source": str(source), "indicator": indicator, "num_samples": num_samples, "split": "train"}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["key"] == key:
+            return np.array([np.nan if v is None else v for v in cached["scores"]])
+    config, model, _ = load_source(source)
+    scores = nsi_scores(model, load_images(config, num_samples, split="train")[0], indicator=indicator)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "scores": [None if np.isnan(v) else float(v) for v in scores]}))
+    return scores
+
+
+def lottery_figure(results: dict, *, experiment: str, ratio: float, reference: str, indicator: str) -> dict:
+    """The JSON-ready data of the strip plot (see `figures.plot_lottery`)."""
+    return {
+        "title": f"lottery ticket in SAM: {experiment}, connection ratio {ratio}",
+        "note": f"NSI = mean {INDICATORS[indicator].label} of {reference} on training images. " + RECONSTRUCTION_NOTE,
+        "runs": [{"name": name, **r} for name, r in results.items()],
+    }
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m stepjax.analysis.lottery", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", required=True, help="experiment, e.g. cifar10_se:cpu")
+    p.add_argument("--ratio", type=float, default=0.4, help="connection ratio (default 0.4)")
+    p.add_argument("--num-random", type=int, default=5, help="random placements (default 5)")
+    p.add_argument("--nsi-workdir", required=True, help="reference model for the NSI ranking (run dir or init:EXP)")
+    p.add_argument("--indicator", default=DEFAULT_NSI, choices=sorted(INDICATORS))
+    p.add_argument("--nsi-samples", type=int, default=500, help="training images for the NSI ranking")
+    p.add_argument("--root", help="run directories go here (default runs/lottery/<exp>/ratio<r>)")
+    p.add_argument("--out", help="figure directory (default docs/figures/analysis/lottery_<exp>_ratio<r>)")
+    p.add_argument("--plot-only", action="store_true", help="train nothing, draw what has finished")
+    p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.progress=False")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from stepjax.config import apply_overrides, load_experiment
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    name = f"{args.exp.replace(':', '_')}_ratio{args.ratio}"
+    root = Path(args.root or f"runs/lottery/{name}")
+    out = Path(args.out or f"docs/figures/analysis/lottery_{name}")
+    config = apply_overrides(load_experiment(args.exp), args.overrides)
+    scores = cached_scores(args.nsi_workdir, root, indicator=args.indicator, num_samples=args.nsi_samples)
+    configs = placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores)
+    results = run_lottery(configs, root, plot_only=args.plot_only)
+    figure = lottery_figure(results, experiment=args.exp, ratio=args.ratio, reference=args.nsi_workdir,
+                            indicator=args.indicator)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lottery.json").write_text(json.dumps(figure, indent=1))
+    figures.plot_lottery(figure, out / "lottery.png")
+    for run in figure["runs"]:
+        best = run["best_accuracy"]
+        print(f"{run['name']:12s} {run['status']:9s} best {'pending' if best is None else f'{100 * best:.2f} %'}"
+              f"  blocks {run['blocks']}")
+    print("wrote", out / "lottery.json", out / "lottery.png", sep="\n  ")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""NSI-guided placement of the controller: the blocks where a trained reference model's NSI is
+largest (or smallest), as an explicit list for `stepjax.models.resolve_placement`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, TraceOptions, trace_model
+
+NSI_PREFIX = "nsi:"
+NSI_SAMPLES = 500
+
+
+def nsi_scores(model, images, *, indicator: str = DEFAULT_NSI, options: TraceOptions = TraceOptions()) -> np.ndarray:
+    """Mean of an indicator over `images`, per block, indexed like `resolve_placement`'s lists.
+
+    **Arguments:**
+
+    - `model`: a `ResNet` in evaluation mode.
+    - `images`: normalised inputs.
+    - `indicator`: a name in `INDICATORS`.
+    - `options`: a `TraceOptions`.
+
+    **Returns:**
+
+    An array with one entry per block of the network (global, 0-based, counting across stages);
+    NaN for the shape-changing blocks, where the indicators are not defined.
+    """
+    if indicator not in INDICATORS:
+        raise ValueError(f"Unknown indicator {indicator!r}; choose one of {sorted(INDICATORS)}.")
+    trace = trace_model(model, images, options=options)
+    depths = [len(stage.placement) for stage in model.stages]
+    scores = np.full(sum(depths), np.nan)
+    for offset, stage in zip(np.cumsum([0] + depths[:-1]), trace.stages):
+        scores[offset + np.asarray(stage.blocks) - 1] = stage.indicators[indicator].mean(axis=0)
+    return scores
+
+
+def nsi_placement(scores, ratio: float, *, top: bool = True) -> list[int]:
+    """The ``round(ratio * num_blocks)`` blocks with the largest (`top`) or smallest scores.
+
+    **Arguments:**
+
+    - `scores`: from `nsi_scores` (NaN blocks are never chosen).
+    - `ratio`: the fraction of all blocks to equip, as for ``placement='random'``.
+    - `top`: largest scores if true, smallest otherwise.
+
+    **Returns:**
+
+    Sorted global block indices.
+    """
+    scores = np.asarray(scores, np.float64)
+    count = round(ratio * len(scores))
+    valid = np.flatnonzero(~np.isnan(scores))
+    if not 0.0 <= ratio <= 1.0 or count > len(valid):
+        raise ValueError(
+            f"ratio {ratio} asks for {count} of {len(scores)} blocks, but the NSI is defined on {len(valid)} "
+            "(not on the shape-changing first block of a stage); use a ratio of at most "
+            f"{len(valid) / len(scores):.2f}."
+        )
+    order = valid[np.argsort(scores[valid], kind="stable")]
+    chosen = order[::-1][:count] if top else order[:count]
+    return sorted(int(i) for i in chosen)
+
+
+def resolve_nsi_placement(model_config):
+    """``model.placement`` as `stepjax.models.make_model` takes it, with ``'nsi:SOURCE'`` resolved.
+
+    ``'nsi:SOURCE'`` puts the controller in the ``round(placement_ratio * num_blocks)`` blocks of
+    largest mean NSI (`DEFAULT_NSI`) of the reference model SOURCE (a run directory or
+    ``init:EXP``), measured on the first `NSI_SAMPLES` training images (not the test set, which
+    would select the architecture on test data). Other values are returned unchanged.
+
+    **Arguments:**
+
+    - `model_config`: the ``model`` group of a run config.
+
+    **Returns:**
+
+    The placement: unchanged, or an explicit list of block indices.
+    """
+    placement = model_config.placement
+    if not (isinstance(placement, str) and placement.startswith(NSI_PREFIX)):
+        return placement
+    from stepjax.analysis.report import load_images, load_source
+    from stepjax.models import get_spec
+
+    config, model, _ = load_source(placement[len(NSI_PREFIX):])
+    scores = nsi_scores(model, load_images(config, NSI_SAMPLES, split="train")[0])
+    depths = get_spec(model_config.preset, depths=model_config.depths).depths
+    if len(scores) != sum(depths):
+        raise ValueError(f"the NSI reference {placement!r} has {len(scores)} blocks, this model {sum(depths)}.")
+    return nsi_placement(scores, model_config.placement_ratio)

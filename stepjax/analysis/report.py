@@ -1,0 +1,282 @@
+"""Analyse models from run directories (or fresh initialisations) and write the JSON and figures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from stepjax.analysis import figures
+from stepjax.analysis.metrics import StatsOptions, curve_statistics, representational_ability, step_size_statistics
+from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, Trace, TraceOptions, trace_model
+
+RECONSTRUCTION_NOTE = (
+    "StepNet here is OUR RECONSTRUCTION (the authors' module is not public); the NSI formula and the "
+    "representational-ability metric are our choices among the candidates of PAPER.md."
+)
+INIT_PREFIX = "init:"
+
+
+def load_source(source: str):
+    """A model to analyse, in evaluation mode.
+
+    **Arguments:**
+
+    - `source`: a run directory written by `stepjax.train.train`, or ``init:EXP`` for a freshly
+      initialised model of experiment ``EXP`` (e.g. ``init:cifar10_se:cpu``).
+
+    **Returns:**
+
+    `(config, model, step)`; `step` is 0 for a fresh model.
+    """
+    from stepjax.config import load_experiment  # the training package imports this one lazily
+    from stepjax.train import build_model, load_run
+
+    if source.startswith(INIT_PREFIX):
+        config, step = load_experiment(source[len(INIT_PREFIX):]), 0
+        model = build_model(config)
+    else:
+        if not Path(source).is_dir():
+            raise FileNotFoundError(
+                f"{source} is not a directory. Pass a run directory (train one with `make train EXP=...`) "
+                f"or {INIT_PREFIX}EXP for a freshly initialised model."
+            )
+        config, model, step = load_run(source)
+    model.eval()
+    return config, model, step
+
+
+def random_init(config):
+    """The untrained model of `config` (same architecture and seed), in evaluation mode."""
+    from stepjax.train import build_model
+
+    model = build_model(config)
+    model.eval()
+    return model
+
+
+def model_label(config, step: int) -> str:
+    """A short description: controller (StepNet marked as our reconstruction), preset, placement,
+    training state."""
+    m = config.model
+    names = {"stepnet": "StepNet (our reconstruction)", "constant": "plain (h = 1)"}
+    name = names.get(m.controller, m.controller.upper())
+    options = dict(m.controller_options)
+    parts = [name + (f" {options}" if options else ""), m.preset]
+    if m.placement != "all":
+        parts.append(f"placement {m.placement}")
+    parts.append(f"trained {step} steps" if step else "random init")
+    return ", ".join(parts)
+
+
+def load_images(config, num_samples: int, *, split: str = "test", data_dir: str | None = None):
+    """The first `num_samples` images of a split, normalised as in training, and their labels.
+
+    **Arguments:**
+
+    - `config`: a run config (its ``data`` group is used).
+    - `num_samples`: how many (at most the split's size).
+    - `split`: ``"test"`` or ``"train"``.
+    - `data_dir`: read an npz copy from this directory instead of ``config.data``'s source.
+
+    **Returns:**
+
+    `(images float32 (N, H, W, C), labels int (N,))`.
+    """
+    from stepjax import data
+
+    cfg = config.data.copy_and_resolve_references()
+    if data_dir:
+        cfg.source, cfg.dir = "npz", data_dir
+    images, labels = data.load_split(cfg, split)
+    info = data.dataset_info(cfg)
+    images = np.asarray(data.normalize(images[:num_samples], info.mean, info.std), np.float32)
+    return images, np.asarray(labels[:num_samples])
+
+
+@dataclasses.dataclass
+class Analysed:
+    """One analysed model: its report `key`, `label`, `source`, training `step`, `trace` and
+    accuracy on the analysed samples."""
+
+    key: str
+    label: str
+    source: str
+    step: int
+    trace: Trace
+    accuracy: float
+
+
+def _analysed(key, label, source, step, trace, labels):
+    accuracy = float(np.mean(np.argmax(trace.logits, -1) == labels))
+    return Analysed(key, label, source, step, trace, accuracy)
+
+
+def analyse(source: str, *, compare: str | None = None, num_samples: int = 1000, split: str = "test",
+            data_dir: str | None = None, controls: bool = True, options: TraceOptions = TraceOptions()) -> list:
+    """Trace a model, optionally a second one on the same images, and the controls.
+
+    **Arguments:**
+
+    - `source`: the model (see `load_source`).
+    - `compare`: a second model to overlay, or None. It must use the same dataset.
+    - `num_samples`, `split`, `data_dir`: the images (see `load_images`).
+    - `controls`: also trace the randomly initialised network and the network with each gate
+      replaced by its dataset mean.
+    - `options`: a `TraceOptions`.
+
+    **Returns:**
+
+    A list of `Analysed` (keys ``main``, then ``random_init`` and ``mean_gate``, then ``compare``).
+    """
+    config, model, step = load_source(source)
+    images, labels = load_images(config, num_samples, split=split, data_dir=data_dir)
+    label = model_label(config, step)
+    main = trace_model(model, images, options=options)
+    out = [_analysed("main", label, source, step, main, labels)]
+    if controls:
+        out.append(_analysed("random_init", f"{label} -> control: random init", source, 0,
+                             trace_model(random_init(config), images, options=options), labels))
+        out.append(_analysed("mean_gate", f"{label} -> control: gate = dataset mean", source, step,
+                             trace_model(model, images, options=options, gate=main.gate_mean), labels))
+    if compare is not None:
+        other_config, other, other_step = load_source(compare)
+        if other_config.data.name != config.data.name:
+            raise ValueError(f"--compare uses dataset {other_config.data.name!r}, the model {config.data.name!r}.")
+        out.append(_analysed("compare", model_label(other_config, other_step), compare, other_step,
+                             trace_model(other, images, options=options), labels))
+    return out
+
+
+def _nsi_figure(models: list, indicator: str, num_curves: int, title: str) -> dict:
+    stages = []
+    for s, stage in enumerate(models[0].trace.stages):
+        entries = []
+        for m in models:
+            values = m.trace.stages[s].indicators[indicator]
+            entries.append({"key": m.key, "label": m.label, "mean": values.mean(0).tolist(),
+                            "min": values.min(0).tolist(), "max": values.max(0).tolist(),
+                            "samples": values[:num_curves].tolist()})
+        stages.append({"stage": s + 1, "blocks": list(stage.blocks), "models": entries})
+    return {"title": title, "indicator": indicator, "label": INDICATORS[indicator].label, "stages": stages}
+
+
+def _step_size_figure(model: Analysed, sort_by: str, num_rows: int) -> dict:
+    stats = step_size_statistics(model.trace)
+    stages, high = [], 0.0
+    for s, stage in enumerate(model.trace.stages):
+        panels = []
+        for k, block in enumerate(stage.blocks):
+            h = stage.step_size[:num_rows, k]
+            order = np.argsort(stage.indicators[sort_by][:num_rows, k])
+            panels.append({"block": block, "cv_samples": stats[s]["cv_samples"][k], "matrix": h[order].tolist()})
+            high = max(high, float(h.max()))
+        stages.append({"stage": s + 1, "panels": panels})
+    return {"title": f"step sizes per block (samples x channels): {model.label}", "sort_by": sort_by,
+            "vmin": 0.0, "vmax": high, "stages": stages}
+
+
+def _correlation_figure(models: list, ability: dict, alpha: float) -> dict:
+    rows = []
+    for m in models:
+        for name, result in ability[m.key].items():
+            w, a = result["within_block"], result["across_blocks"]
+            rows.append({
+                "model": m.label, "indicator": name, "uses_step": INDICATORS[name].uses_step,
+                "within_rho": w["mean_rho"], "within_ci": w["mean_ci"], "within_p": w["mean_p_value"],
+                "num_significant": w["num_significant"], "num_blocks": w["num_blocks"],
+                "across_rho": a["rho"], "partial_rho": a["partial_rho"], "partial_ci": a["partial_ci"],
+                "partial_p": a["partial_p_value"],
+            })
+    note = (
+        "Spearman correlation of the channel-mean step h with each indicator. Within-block: mean over "
+        f"blocks of the correlation across samples, bootstrap CI over samples, permutation p (samples "
+        f"relabelled); 'blocks p<=a' counts blocks with per-block p <= {alpha}. Across-block: correlation of "
+        "block means; partial = controlling for depth, permutation p over blocks. * = the indicator is a "
+        "function of h (its correlation is partly mechanical). A classical controller would correlate "
+        "positively with h* and negatively with the others. " + RECONSTRUCTION_NOTE
+    )
+    return {"title": "representational ability: do the chosen steps track stiffness?", "note": note, "rows": rows}
+
+
+def build_report(models: list, *, stats: StatsOptions = StatsOptions(), num_curves: int = 100,
+                 settings: dict | None = None) -> dict:
+    """The JSON-ready report of analysed models: per model the accuracy, step-size statistics,
+    NSI curve statistics and representational ability; under ``figures`` the data of every figure.
+
+    **Arguments:**
+
+    - `models`: the `Analysed` list from `analyse`.
+    - `stats`: a `StatsOptions`.
+    - `num_curves`: per-sample curves kept per model in the NSI figures.
+    - `settings`: recorded under ``settings``.
+
+    **Returns:**
+
+    A dict (NaN where a statistic is undefined; `write_report` turns NaN into null).
+    """
+    by_key = {m.key: m for m in models}
+    ability = {m.key: representational_ability(m.trace, stats) for m in models}
+    overlay = [by_key[k] for k in ("main", "compare") if k in by_key]
+    figs = {
+        f"nsi_{name}": _nsi_figure(overlay, name, num_curves, f"NSI candidate {INDICATORS[name].label}")
+        for name in INDICATORS
+    }
+    controls = [by_key[k] for k in ("main", "random_init", "mean_gate") if k in by_key]
+    if len(controls) > 1:
+        figs["nsi_controls"] = _nsi_figure(controls, DEFAULT_NSI, num_curves // 2, "NSI of the model and its controls")
+    for m in overlay:
+        figs[f"step_sizes_{m.key}"] = _step_size_figure(m, "implied_step", 64)
+    figs["correlations"] = _correlation_figure(models, ability, stats.alpha)
+    return {
+        "note": RECONSTRUCTION_NOTE,
+        "settings": {**(settings or {}), "stats": dataclasses.asdict(stats)},
+        "models": {
+            m.key: {
+                "label": m.label, "source": m.source, "step": m.step, "accuracy": m.accuracy,
+                "num_samples": int(m.trace.logits.shape[0]),
+                "step_size": step_size_statistics(m.trace),
+                "nsi_summary": {name: curve_statistics(m.trace, name) for name in INDICATORS},
+                "representational_ability": ability[m.key],
+            }
+            for m in models
+        },
+        "figures": figs,
+    }
+
+
+PLOTTERS = {"nsi": figures.plot_nsi, "step_sizes": figures.plot_step_sizes, "correlations": figures.plot_correlations}
+
+
+def _json_ready(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def write_report(report: dict, out_dir) -> list[Path]:
+    """Write ``analysis.json``, ``correlations.md`` and one PNG per figure into `out_dir`.
+
+    **Returns:**
+
+    The paths written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, figure in report["figures"].items():
+        path = out_dir / f"{name}.png"
+        PLOTTERS[next(p for p in PLOTTERS if name.startswith(p))](figure, path)
+        written.append(path)
+    markdown = out_dir / "correlations.md"
+    markdown.write_text(figures.correlation_markdown(report["figures"]["correlations"]))
+    path = out_dir / "analysis.json"
+    path.write_text(json.dumps(_json_ready(report), indent=1))
+    return [path, markdown, *written]

@@ -1,0 +1,240 @@
+"""Walk a `ResNet` block by block and record the step sizes and stiffness indicators of each block.
+
+A block is the explicit Euler step ``x_{k+1} = g(P(x_k) + h_k * f_k(x_k))`` (``g`` = ReLU for
+post-activation networks, ``P`` the shortcut projection of a stage's shape-changing first block,
+identity otherwise). The indicators need ``f_k`` to map a space to itself, so they are computed
+for every block with identity ``P``: blocks 2..K of a stage that changes shape (the paper's 17
+points per stage of ResNet-164), all blocks of one that does not. The step size is recorded for
+the same blocks; the dataset-mean gate for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stepjax.analysis import indicators as ind
+
+
+@dataclasses.dataclass(frozen=True)
+class Indicator:
+    """How an indicator is reported: its `label`, whether it is a function of the step taken
+    (`uses_step`: its correlation with ``h`` is then partly mechanical) and its expected relation
+    to the step of a classical controller (`classical_sign`: -1 stiffer means smaller steps, +1
+    for the step the classical controller would take)."""
+
+    label: str
+    uses_step: bool
+    classical_sign: int
+
+
+INDICATORS = {
+    "relative_increment": Indicator("(a) relative increment ||x_{k+1}-x_k||/||x_k||", True, -1),
+    "relative_derivative": Indicator("(a') relative derivative ||f(x_k)||/||x_k|| (h = 1)", False, -1),
+    "secant_lipschitz": Indicator("(b) secant Lipschitz L", False, -1),
+    "secant_step": Indicator("(b) h * L", True, -1),
+    "spectral_radius": Indicator("(c) spectral radius rho(df/dx)", False, -1),
+    "stability_number": Indicator("(c) stability number h * rho", True, -1),
+    "heun_error": Indicator("(d) Euler-vs-Heun local error e", True, -1),
+    "implied_step": Indicator("(d) classical step h* = h (tol/e)^1/2", False, 1),
+}
+DEFAULT_NSI = "relative_increment"
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceOptions:
+    """Settings of the indicators.
+
+    - `eps`: secant offset relative to ``||x||``.
+    - `tol`: tolerance on the relative local error in ``h*``.
+    - `power_iters`: power iterations for the spectral radius.
+    - `seed`: seed of the power iteration's starting vectors.
+    - `batch_size`: samples per forward pass.
+    """
+
+    eps: float = 1e-2
+    tol: float = 1e-2
+    power_iters: int = 20
+    seed: int = 0
+    batch_size: int = 250
+
+
+class StageTrace(NamedTuple):
+    """What `trace_model` records for one stage (``N`` samples, ``K`` analysed blocks).
+
+    - `blocks`: 1-based numbers within the stage of the analysed blocks.
+    - `indicators`: name -> ``(N, K)`` array, for every name in `INDICATORS`.
+    - `step_size`: ``(N, K, C)``, ``h`` averaged over all axes but sample and channel.
+    """
+
+    blocks: tuple[int, ...]
+    indicators: dict
+    step_size: np.ndarray
+
+
+class Trace(NamedTuple):
+    """`trace_model`'s result: one `StageTrace` per stage, the `logits` ``(N, classes)``, and the
+    `gate_mean`: per stage and block (all blocks), the dataset mean of ``h`` broadcast to the
+    shape of one sample's ``f`` (what `trace_model(gate=...)` takes)."""
+
+    stages: tuple[StageTrace, ...]
+    logits: np.ndarray
+    gate_mean: tuple
+
+
+def block_indicators(f, y0, f0, h, y1, key, options: TraceOptions) -> dict:
+    """All `INDICATORS` of one step ``y1 = g(y0 + h f0)`` of the vector field `f`, per sample.
+
+    **Arguments:**
+
+    - `f`: the vector field; `y0`: the state; `f0`: ``f(y0)``; `h`: the step broadcast to
+      `f0`'s shape; `y1`: the state leaving the block.
+    - `key`: PRNG key of the power iteration's starting vectors.
+    - `options`: a `TraceOptions`.
+
+    **Returns:**
+
+    A dict name -> ``(B,)`` array.
+    """
+    h_mean = ind.sample_mean(h)
+    _, jvp = jax.linearize(f, y0)
+    rho = ind.spectral_radius(jvp, jax.random.normal(key, y0.shape, y0.dtype), options.power_iters)
+    secant = ind.secant_lipschitz(f, y0, f0, options.eps)
+    error = ind.heun_error(f, y0, f0, h)
+    return {
+        "relative_increment": ind.relative_increment(y0, y1),
+        "relative_derivative": ind.sample_norm(f0) / jnp.maximum(ind.sample_norm(y0), 1e-30),
+        "secant_lipschitz": secant,
+        "secant_step": h_mean * secant,
+        "spectral_radius": rho,
+        "stability_number": h_mean * rho,
+        "heun_error": error,
+        "implied_step": ind.implied_step(h_mean, error, options.tol),
+    }
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8))
+def _run_block(graphdef, params, y0, controller_state, t0, active, gate, valid, options, key):
+    """One block as `EulerStep.__call__` takes it, keeping ``f0`` and the full ``h``. `gate` is
+    None or an ``h`` that replaces the controller's output (the controller still runs and
+    carries its state); `valid` (B,) marks the samples that are not batch padding."""
+    step = nnx.merge(graphdef, params)
+    base = y0 if step.change_of_variables is None else step.change_of_variables(y0)
+    if controller_state is None:
+        controller_state = step.controller.init(base)
+    f0 = step.vector_field(y0)
+    h, controller_state = step.controller.adapt_step_size(t0, base, f0, controller_state)
+    h = jnp.where(active, h, jnp.ones_like(h)) if gate is None else gate
+    h = jnp.broadcast_to(h, f0.shape).astype(f0.dtype)
+    y1 = base + h * f0
+    if step.projection is not None:
+        y1 = step.projection(y1)
+    h32 = h.astype(jnp.float32)
+    record = {"gate_sum": jnp.einsum("b...,b->...", h32, valid)}
+    if step.change_of_variables is None:
+        record["step_size"] = h32.mean(axis=tuple(range(1, h.ndim - 1)))
+        record.update(block_indicators(step.vector_field, y0, f0, h, y1, key, options))
+    return y1, controller_state, record
+
+
+def stage_blocks(stage) -> list:
+    """The blocks of an `EulerStage` as separate `EulerStep` modules, in order."""
+    first = [] if stage.first is None else [stage.first]
+    return first + [stage._slice(k) for k in range(len(stage.placement) - len(first))]
+
+
+def _stem(model, x):
+    """`ResNet.solve` up to the first stage."""
+    y = model.stem_conv(x)
+    if model.stem_norm is not None:
+        y = jax.nn.relu(model.stem_norm(y))
+    if model.spec.stem == "imagenet":
+        y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return y
+
+
+def _head(model, y):
+    """`ResNet.solve` after the last stage."""
+    if model.final_norm is not None:
+        y = jax.nn.relu(model.final_norm(y))
+    return model.head(y.astype(jnp.float32).mean(axis=(1, 2)))
+
+
+_stem_jit = nnx.jit(_stem)
+_head_jit = nnx.jit(_head)
+
+
+def _trace_batch(model, x, valid, blocks, gate, options):
+    y = _stem_jit(model, x)
+    records = []
+    for s, (stage, stage_steps) in enumerate(zip(model.stages, blocks)):
+        controller_state, stage_records = None, []
+        for k, (graphdef, params) in enumerate(stage_steps):
+            key = jax.random.fold_in(jax.random.key(options.seed), 1000 * s + k)
+            y, controller_state, record = _run_block(
+                graphdef, params, y, controller_state, jnp.asarray(k), jnp.asarray(stage.placement[k]),
+                None if gate is None else jnp.asarray(gate[s][k]), valid, options, key,
+            )
+            stage_records.append(jax.device_get(record))
+        records.append(stage_records)
+    return records, np.asarray(_head_jit(model, y))
+
+
+def _batches(images, batch_size):
+    """Fixed-size batches (the last one padded by repeating its final image, so that nothing is
+    compiled twice) and their validity masks."""
+    size = min(batch_size, len(images))
+    for start in range(0, len(images), size):
+        chunk = np.asarray(images[start : start + size])
+        valid = np.arange(size) < len(chunk)
+        yield np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)]), valid.astype(np.float32)
+
+
+def trace_model(model, images, *, options: TraceOptions = TraceOptions(), gate=None) -> Trace:
+    """Run `model` (a `ResNet`, in evaluation mode) on `images` block by block and record every
+    block's step sizes and stiffness indicators.
+
+    **Arguments:**
+
+    - `model`: the network; it must be in evaluation mode (BatchNorm running statistics), so
+      that samples do not interact.
+    - `images`: normalised inputs ``(N, H, W, C)``.
+    - `options`: a `TraceOptions`.
+    - `gate`: None, or per stage and block a fixed ``h`` used instead of the controller's (for
+      instance `Trace.gate_mean` of an earlier trace: the gate replaced by its dataset mean).
+
+    **Returns:**
+
+    A `Trace`.
+    """
+    if any(isinstance(m, nnx.BatchNorm) and not m.use_running_average for _, m in nnx.iter_modules(model)):
+        raise ValueError("trace_model needs the model in evaluation mode: call model.eval() first.")
+    if len(images) == 0:
+        raise ValueError("trace_model needs at least one image.")
+    blocks = [[nnx.split(step) for step in stage_blocks(stage)] for stage in model.stages]
+    batches = [
+        _trace_batch(model, jnp.asarray(x), jnp.asarray(valid), blocks, gate, options)
+        for x, valid in _batches(images, options.batch_size)
+    ]
+    n = len(images)
+    stages = []
+    for s in range(len(blocks)):
+        analysed = [k for k, record in enumerate(batches[0][0][s]) if "step_size" in record]
+        joined = {
+            name: np.concatenate([np.stack([b[0][s][k][name] for k in analysed], axis=1) for b in batches])[:n]
+            for name in ("step_size", *INDICATORS)
+        }
+        step_size = joined.pop("step_size")
+        stages.append(StageTrace(tuple(k + 1 for k in analysed), joined, step_size))
+    gate_mean = tuple(
+        tuple(sum(b[0][s][k]["gate_sum"] for b in batches)[None] / n for k in range(len(stage_steps)))
+        for s, stage_steps in enumerate(blocks)
+    )
+    return Trace(tuple(stages), np.concatenate([b[1] for b in batches])[:n], gate_mean)

@@ -1,0 +1,241 @@
+"""Comparison of controllers per problem, the verdict, and the JSON / PNG / markdown output."""
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .workprecision import Curve, cost_at_error, cost_ratio, error_levels  # noqa: E402
+
+WIN_RATIO = 0.85  # at least 15 % fewer NFE than the best classical controller
+WIN_LEVELS = 3  # ... at this many of the error levels
+WIN_FAMILIES = 2  # ... on this many stiff families
+NONSTIFF_MAX_RATIO = 1.05
+
+
+def _geomean(x) -> float:
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    return float(np.exp(np.mean(np.log(x)))) if x.size else float("nan")
+
+
+def compare(curves: dict, learned: str, classical: list, n_levels: int = 4) -> dict:
+    """Compare the learned controller with the best classical one on one problem.
+
+    **Arguments:**
+
+    - `curves`: controller name -> [`Curve`][].
+    - `learned`: name of the learned controller's curve.
+    - `classical`: names of the classical curves; the best is the one with the lowest
+      geometric-mean NFE over the error levels.
+    - `n_levels`: number of matched-error levels.
+
+    **Returns:** a dict with the levels, the best classical name, the learned/best NFE
+    ratio per level, geometric-mean NFE and wall-time ratios against every classical
+    controller, and failure counts.
+    """
+    levels = error_levels(list(curves.values()), n_levels)
+    if levels.size == 0:
+        return {"levels": [], "best_classical": None, "ratios": [], "wins": 0, "vs": {}, "wall_vs": {}, "failures": {n: c.failures for n, c in curves.items()}}
+    mean_cost = {n: _geomean(cost_at_error(curves[n], levels)) for n in classical}
+    best = min(mean_cost, key=mean_cost.get)
+    ratios = cost_ratio(curves[learned], curves[best], levels)
+    return {
+        "levels": levels.tolist(),
+        "best_classical": best,
+        "ratios": ratios.tolist(),
+        "wins": int(np.sum(ratios <= WIN_RATIO)),
+        "vs": {n: _geomean(cost_ratio(curves[learned], curves[n], levels)) for n in classical},
+        "wall_vs": {n: _geomean(cost_ratio(curves[learned], curves[n], levels, cost="wall_time")) for n in classical},
+        "failures": {n: c.failures for n, c in curves.items()},
+    }
+
+
+def verdict(results: list) -> dict:
+    """Apply the win criterion of ODE_BENCH.md to the per-problem comparisons.
+
+    A stiff family counts as won when every one of its held-out problems has at least
+    `WIN_LEVELS` levels at or below `WIN_RATIO`. The learned controller wins overall when
+    at least `WIN_FAMILIES` stiff families are won, the never-trained non-stiff problems
+    stay at or below `NONSTIFF_MAX_RATIO` at every level, and it never fails.
+
+    **Arguments:** `results`: dicts with `family`, `stiff`, `sanity` and `comparison`.
+
+    **Returns:** a dict with the families won, the non-stiff check, failures, `win`, and
+    a sentence summarising it.
+    """
+    families = {}
+    for r in results:
+        if r["stiff"]:
+            won = r["comparison"]["wins"] >= WIN_LEVELS
+            families[r["family"]] = families.get(r["family"], True) and won
+    won = sorted(f for f, ok in families.items() if ok)
+    sanity = [r for r in results if r["sanity"]]
+    worst = max((max(r["comparison"]["ratios"], default=math.inf) for r in sanity), default=math.nan)
+    nonstiff_ok = bool(sanity) and worst <= NONSTIFF_MAX_RATIO
+    failures = sum(r["comparison"]["failures"].get("learned", 0) for r in results)
+    win = len(won) >= WIN_FAMILIES and nonstiff_ok and failures == 0
+    tuned = _geomean([r["comparison"]["vs"].get("tuned PID", np.nan) for r in results])
+    summary = (
+        f"{'WIN' if win else 'NO WIN'}: stiff families won {len(won)}/{len(families)} "
+        f"({', '.join(won) or 'none'}; need {WIN_FAMILIES}); worst non-stiff ratio {worst:.3f} "
+        f"(limit {NONSTIFF_MAX_RATIO}); learned failures {failures}; geometric-mean NFE ratio "
+        f"to the tuned PID over all held-out problems {tuned:.3f}."
+    )
+    return {"stiff_families_won": won, "stiff_families": sorted(families), "worst_nonstiff_ratio": worst, "nonstiff_ok": nonstiff_ok, "learned_failures": failures, "win": win, "geomean_vs_tuned": tuned, "summary": summary}
+
+
+def write_json(payload: dict, path: pathlib.Path):
+    """Write `payload` (curves as dicts, NaN as null) to `path`."""
+
+    def default(obj):
+        if isinstance(obj, Curve):
+            return dataclasses.asdict(obj)
+        if isinstance(obj, np.generic):
+            return obj.item()
+        raise TypeError(f"Cannot serialise {type(obj).__name__}")
+
+    def clean(obj):
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return None
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [clean(v) for v in obj]
+        if isinstance(obj, Curve):
+            return clean(dataclasses.asdict(obj))
+        return obj
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(payload), indent=1, default=default))
+
+
+_STYLE = {"learned": dict(color="black", lw=2.5, marker="o", zorder=5), "tuned PID": dict(color="tab:red", lw=2, ls="--", marker="s")}
+
+
+def plot_work_precision(name: str, curves: dict, levels: list, path: pathlib.Path):
+    """One figure per problem: NFE and wall time against achieved error, every controller.
+
+    **Arguments:**
+
+    - `name`: problem name (title).
+    - `curves`: controller name -> [`Curve`][].
+    - `levels`: matched-error levels, drawn as dotted lines.
+    - `path`: PNG file to write.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, cost, label in zip(axes, ("nfe", "wall_time"), ("NFE", "wall time [s]")):
+        for controller, curve in curves.items():
+            e, c = curve.points(cost=cost)
+            style = _STYLE.get(controller, dict(lw=1, marker=".", alpha=0.8))
+            ax.loglog(e, c, label=controller, **style)
+        for level in levels:
+            ax.axvline(level, color="grey", ls=":", lw=0.8)
+        ax.set_xlabel("RMS global error (dense output)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_title(f"{name}: work-precision")
+    axes[1].set_title("wall time after compilation (min of repeats)")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(x, digits=3):
+    return "–" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _results_table(results: list) -> list:
+    lines = [
+        "| problem | solver | best classical | learned / best NFE at the 4 error levels | levels <= 0.85 | vs tuned PID | vs PI34 | vs PI34-shrink | wall vs best | rejected (learned / best) | learned failures |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r["comparison"]
+        best = c["best_classical"]
+        curves = r["curves"]
+        rejected = f"{sum(curves['learned'].rejected)} / {sum(curves[best].rejected)}" if best else "–"
+        ratios = ", ".join(_fmt(x) for x in c["ratios"]) or "no common error range"
+        lines.append(
+            f"| {r['problem']} | {r['solver']} | {best or '–'} | {ratios} | {c['wins']}/{len(c['ratios'])} | "
+            f"{_fmt(c['vs'].get('tuned PID'))} | {_fmt(c['vs'].get('PI34'))} | {_fmt(c['vs'].get('PI34-shrink'))} | "
+            f"{_fmt(c['wall_vs'].get(best))} | {rejected} | {c['failures'].get('learned', 0)} |"
+        )
+    return lines
+
+
+def _training_lines(training: dict) -> list:
+    lines = []
+    for solver, t in training.items():
+        scores = ", ".join(f"{h['score']:+.3f}" for h in t["history"])
+        gains = t["tuned"]["gains"]
+        lines += [
+            f"- **{solver}**: trained on {', '.join(t['problems'])} at rtol {', '.join(f'{x:g}' for x in t['rtols'])}.",
+            f"  Learned-controller training score per round (mean log NFE ratio to PI34 at matched error; round 0 is PI34 itself): {scores}; kept round {t['kept_round']}; cost {t['solves']:.0f} solve-equivalents.",
+            f"  Tuned PID, same budget ({t['tuned']['solves']} solves, {len(t['tuned']['history'])} candidates): "
+            f"pcoeff {gains['pcoeff']:.3f}, icoeff {gains['icoeff']:.3f}, dcoeff {gains['dcoeff']:.3f}, safety {gains['safety']:.3f}; training score {t['tuned']['score']:+.3f}.",
+        ]
+    return lines
+
+
+def write_markdown(payload: dict, path: pathlib.Path, figures: dict):
+    """Write the results page.
+
+    **Arguments:**
+
+    - `payload`: as written to JSON by [`stepjax.odebench.benchmark.run`][].
+    - `path`: markdown file.
+    - `figures`: problem name -> PNG path.
+    """
+    v = payload["verdict"]
+    anchors = "\n".join(f"| {a['name']} | {_fmt(a['max_rel_error'], 1) if False else f'{a['max_rel_error']:.1e}'} | {'ok' if a['ok'] else 'FAILED'} |" for a in payload["anchors"])
+    lines = [
+        "# Learned step-size control vs diffrax's PID family: results",
+        "",
+        f"Written by `python -m stepjax.odebench{' --quick' if payload['config']['quick'] else ''}` "
+        f"on {payload['device']} in {payload['elapsed_s'] / 60:.1f} min. Design: `docs/ODE_BENCH.md` part A.",
+        "",
+        "## Verdict",
+        "",
+        v["summary"],
+        "",
+        *payload["verdict_words"],
+        "",
+        "## NFE ratios on held-out problems",
+        "",
+        "NFE ratio = learned / best classical controller at matched RMS global error (dense output), "
+        "interpolated linearly on log-log work-precision curves at 4 levels spread over the error range "
+        "that all controllers reach. Best classical = lowest geometric-mean NFE over those levels among "
+        f"{', '.join(payload['classical'])}. 'vs' columns are geometric means over the levels. "
+        "PI34-shrink is a classical ablation: PI34 allowed to shrink the step after an accepted step, "
+        "which diffrax's `PIDController` never does and the learned controller may.",
+        "",
+        *_results_table(payload["results"]),
+        "",
+        "## Training",
+        "",
+        *_training_lines(payload["training"]),
+        "",
+        "## Reference solutions",
+        "",
+        f"Kvaerno5 at rtol = 1e-12 stepping onto every output time; checked against published end points:",
+        "",
+        "| anchor | max relative error | |",
+        "|---|---|---|",
+        anchors,
+        "",
+        "## Figures",
+        "",
+        *[f"![{name}]({fig})" for name, fig in figures.items()],
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
