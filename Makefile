@@ -12,7 +12,7 @@ ifneq ($(DATA),)
 export STEPJAX_DATA_DIR := $(abspath $(DATA))
 endif
 
-.PHONY: setup test train list data summary ode-bench ode-bench-quick
+.PHONY: setup test train list data summary study results ode-bench ode-bench-quick
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,13 @@ list: setup
 data: setup
 	$(PY) -m pip install --quiet tensorflow-cpu
 	$(PY) -m stepjax.data $(DATASET)
+
+# the accuracy study (plan in stepjax/study.py), resumable; then its report
+study: setup
+	$(PY) -m stepjax.study --plan cpu --root runs/study
+
+results: setup
+	$(PY) -m stepjax.results --root runs/study --out docs/RESULTS.md
 
 summary: setup
 	$(PY) -m stepjax.models --summary

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
+from pathlib import Path
 
 from stepjax.config import apply_overrides, available_experiments, describe, load_experiment
 
@@ -25,8 +27,12 @@ def parse_args(argv):
     return args
 
 
+def argv_used(argv):
+    return sys.argv[1:] if argv is None else argv
+
+
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv_used(argv))
     if args.list:
         for name in available_experiments():
             print(f"{name:32s} {describe(name)}")
@@ -39,7 +45,9 @@ def main(argv=None) -> int:
 
     parallel.initialize_distributed()
     config = apply_overrides(load_experiment(args.config), args.overrides)
-    workdir = args.workdir or f"runs/{args.config.replace(':', '_')}"
+    workdir = Path(args.workdir or f"runs/{args.config.replace(':', '_')}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "command.txt").write_text(shlex.join(["python", "-m", "stepjax.main", *argv_used(argv)]) + "\n")
     summary = train(config, workdir)
     return 0 if summary["status"] == "done" else 3
 

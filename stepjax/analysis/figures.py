@@ -103,7 +103,7 @@ def correlation_rows(figure: dict) -> list[list[str]]:
         rows.append([
             r["model"], r["indicator"] + (" *" if r["uses_step"] else ""),
             f"{_fmt(r['within_rho'])} {within_ci}", _fmt(r["within_p"], 3),
-            f"{r['num_significant']}/{r['num_blocks']}", _fmt(r["across_rho"]),
+            f"{r['num_significant']}/{r['num_tested']}", _fmt(r["across_rho"]),
             f"{_fmt(r['partial_rho'])} {partial_ci}", _fmt(r["partial_p"], 3),
         ])
     return rows

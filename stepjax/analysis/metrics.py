@@ -88,12 +88,38 @@ def _within_statistic(h, values):
     return np.append(rho, _nanmean(rho))
 
 
-def _across_statistic(depth):
-    def statistic(h, values):  # (K, N) resampled along N
+def _within_block(h, values, options: StatsOptions) -> dict:
+    """Per block, Spearman across samples (rows of the ``(K, N)`` arrays), and their mean."""
+    test = correlation_test(h, values, num_permutations=options.num_permutations, seed=options.seed)
+    ci = bootstrap_interval(_within_statistic, h, values, axis=1, num_resamples=options.num_bootstrap,
+                            confidence=options.confidence, seed=options.seed)
+    mean_rho = _nanmean(test.rho)
+    return {
+        "rho": test.rho.tolist(), "p_value": test.p_value.tolist(), "ci": ci[:, :-1].tolist(),
+        "mean_rho": float(mean_rho), "mean_ci": ci[:, -1].tolist(),
+        "mean_p_value": float(permutation_p_value(mean_rho, _nanmean(test.null, axis=0))),
+        "num_significant": int(np.sum(test.p_value <= options.alpha)),
+        "num_tested": int(np.sum(~np.isnan(test.rho))),
+    }
+
+
+def _across_blocks(h, values, options: StatsOptions) -> dict:
+    """Spearman of the block means, plain and partial on depth; bootstrap over samples."""
+    depth = np.arange(h.shape[0], dtype=np.float64)
+    means = h.mean(axis=1), values.mean(axis=1)
+    plain = correlation_test(*means, num_permutations=options.num_permutations, seed=options.seed)
+    partial = correlation_test(*means, depth, num_permutations=options.num_permutations, seed=options.seed)
+
+    def statistic(h, values):
         a, b = h.mean(axis=1), values.mean(axis=1)
         return np.array([spearman(a, b), spearman(a, b, controls=depth)])
 
-    return statistic
+    ci = bootstrap_interval(statistic, h, values, axis=1, num_resamples=options.num_bootstrap,
+                            confidence=options.confidence, seed=options.seed)
+    return {
+        "rho": float(plain.rho), "p_value": float(plain.p_value), "ci": ci[:, 0].tolist(),
+        "partial_rho": float(partial.rho), "partial_p_value": float(partial.p_value), "partial_ci": ci[:, 1].tolist(),
+    }
 
 
 def representational_ability(trace: Trace, options: StatsOptions = StatsOptions()) -> dict:
@@ -118,27 +144,6 @@ def representational_ability(trace: Trace, options: StatsOptions = StatsOptions(
     out = {}
     for name in INDICATORS:
         h, values = _flatten(trace, name)
-        num_blocks = h.shape[0]
-        depth = np.arange(num_blocks, dtype=np.float64)
-        boot = dict(num_resamples=options.num_bootstrap, confidence=options.confidence, seed=options.seed)
-        within = correlation_test(h, values, num_permutations=options.num_permutations, seed=options.seed)
-        within_ci = bootstrap_interval(_within_statistic, h, values, axis=1, **boot)
-        mean_rho = _nanmean(within.rho)
-        plain = correlation_test(h.mean(1), values.mean(1), num_permutations=options.num_permutations, seed=options.seed)
-        partial = correlation_test(h.mean(1), values.mean(1), depth, num_permutations=options.num_permutations,
-                                   seed=options.seed)
-        across_ci = bootstrap_interval(_across_statistic(depth), h, values, axis=1, **boot)
-        out[name] = {
-            "within_block": {
-                "rho": within.rho.tolist(), "p_value": within.p_value.tolist(), "ci": within_ci[:, :-1].tolist(),
-                "mean_rho": float(mean_rho), "mean_ci": within_ci[:, -1].tolist(),
-                "mean_p_value": float(permutation_p_value(mean_rho, _nanmean(within.null, axis=0))),
-                "num_significant": int(np.sum(within.p_value <= options.alpha)), "num_blocks": num_blocks,
-            },
-            "across_blocks": {
-                "rho": float(plain.rho), "p_value": float(plain.p_value), "ci": across_ci[:, 0].tolist(),
-                "partial_rho": float(partial.rho), "partial_p_value": float(partial.p_value),
-                "partial_ci": across_ci[:, 1].tolist(),
-            },
-        }
+        out[name] = {"within_block": _within_block(h, values, options),
+                     "across_blocks": _across_blocks(h, values, options)}
     return out

@@ -187,7 +187,7 @@ def _correlation_figure(models: list, ability: dict, alpha: float) -> dict:
             rows.append({
                 "model": m.label, "indicator": name, "uses_step": INDICATORS[name].uses_step,
                 "within_rho": w["mean_rho"], "within_ci": w["mean_ci"], "within_p": w["mean_p_value"],
-                "num_significant": w["num_significant"], "num_blocks": w["num_blocks"],
+                "num_significant": w["num_significant"], "num_tested": w["num_tested"],
                 "across_rho": a["rho"], "partial_rho": a["partial_rho"], "partial_ci": a["partial_ci"],
                 "partial_p": a["partial_p_value"],
             })

@@ -1,0 +1,56 @@
+"""The results script on small fake run directories."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stepjax.results import collect, group_stats, main, verdict, welch_p
+
+
+def fake_run(root, group, controller, seed, accuracies, status="done"):
+    d = root / f"{group}_s{seed}"
+    d.mkdir(parents=True)
+    config = {"experiment": f"{group}:cpu", "seed": seed, "model": {"controller": controller},
+              "data": {"name": "cifar10", "source": "npz", "dir": "/data"}}
+    (d / "config.json").write_text(json.dumps(config))
+    lines = [{"step": 10 * (e + 1), "split": "train", "time": 0, "loss": 2.0 / (e + 1), "accuracy": 0.1}
+             for e in range(len(accuracies))]
+    lines += [{"step": 10 * (e + 1), "split": "test", "time": 0, "epoch": e + 1, "accuracy": a, "loss": 1.0}
+              for e, a in enumerate(accuracies)]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (d / "summary.json").write_text(json.dumps({"status": status, "wall_time_s": 60.0}))
+    (d / "command.txt").write_text(f"python -m stepjax.main --config {group}:cpu seed={seed}\n")
+
+
+def test_results_tables_and_figure(tmp_path):
+    for seed, best in enumerate([0.80, 0.82, 0.81]):
+        fake_run(tmp_path / "runs", "cifar10_resnet", "constant", seed, [0.5, best, best - 0.01])
+    for seed, best in enumerate([0.90, 0.91, 0.92]):
+        fake_run(tmp_path / "runs", "cifar10_stepnet", "stepnet", seed, [0.6, best])
+    fake_run(tmp_path / "runs", "cifar10_se", "se", 0, [0.4], status="running")
+    records = collect(tmp_path / "runs")
+    stats = group_stats(records)
+    assert set(stats) == {"cifar10_resnet", "cifar10_stepnet"}  # unfinished runs are not averaged
+    np.testing.assert_allclose(stats["cifar10_resnet"]["best_mean"], 0.81)
+    np.testing.assert_allclose(stats["cifar10_resnet"]["best_std"], 0.01)
+    np.testing.assert_allclose(stats["cifar10_resnet"]["last_mean"], 0.80)
+    out, fig = tmp_path / "docs" / "RESULTS.md", tmp_path / "docs" / "figures" / "c.png"
+    main(["--root", str(tmp_path / "runs"), "--out", str(out), "--figure", str(fig)])
+    text = out.read_text()
+    assert "| cifar10_resnet | 3 | 81.00 ± 1.00 | 80.00 ± 1.00 |" in text
+    assert "cifar10_stepnet vs cifar10_resnet: +10.00 points" in text and "significant at 0.05 (better)" in text
+    assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
+    assert "2.000 -> 0.667" in text and "seed=2" in text
+    assert fig.stat().st_size > 1000
+
+
+def test_verdict_says_no_significant_difference():
+    stats = {"a": {"best": np.array([0.90, 0.92, 0.91])}, "b": {"best": np.array([0.91, 0.90, 0.92])}}
+    assert "no significant difference" in verdict(stats, "a", ["b"])[0]
+    assert np.isnan(welch_p(np.array([1.0]), np.array([1.0, 2.0])))
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="No run directories"):
+        main(["--root", str(tmp_path)])
