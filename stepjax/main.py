@@ -21,7 +21,7 @@ def parse_args(argv):
     parser.add_argument("--workdir", help="run directory (default runs/<experiment>)")
     parser.add_argument("--list", action="store_true", help="list experiments and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=10 optim.lr=0.05")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if not args.list and not args.config:
         parser.error("--config is required (see --list)")
     return args

@@ -50,7 +50,7 @@ def main(argv=None):
             continue
         print(command(exp, seed, workdir), flush=True)
         if not args.dry_run:
-            code = train_main(shlex.split(command(exp, seed, workdir))[2:])
+            code = train_main(shlex.split(command(exp, seed, workdir))[3:])
             if code:
                 return code
     return 0

@@ -90,3 +90,10 @@ def test_bad_model_arguments():
         resolve_placement("most", (2, 2))
     with pytest.raises(ValueError, match="Bad override"):
         get_spec("resnet20", colour="red")
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    model = make_model("resnet164", num_classes=5, controller="stepnet", dtype=jnp.bfloat16, **TINY)
+    logits, outputs = forward(model)
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -59,7 +59,7 @@ class EulerStep(nnx.Module):
         h, controller_state = self.controller.adapt_step_size(t0, base, f0, controller_state)
         if active is not True:
             h = jnp.where(active, h, jnp.ones_like(h))
-        y1 = base + h * f0
+        y1 = base + (h * f0).astype(base.dtype)
         if self.projection is not None:
             y1 = self.projection(y1)
         return y1, controller_state, h
