@@ -12,7 +12,7 @@ ifneq ($(DATA),)
 export STEPJAX_DATA_DIR := $(abspath $(DATA))
 endif
 
-.PHONY: setup test train list data summary study results ode-bench ode-bench-quick
+.PHONY: setup test train list data summary study results bench analyze lottery ode-bench ode-bench-quick
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,17 @@ study: setup
 
 results: setup
 	$(PY) -m stepjax.results --root runs/study --out docs/RESULTS.md
+
+# speed, compile time, memory, input pipeline (docs/BENCHMARKS.md); torch for the comparison
+bench: setup
+	$(PY) -m benchmarks.run $(ARGS)
+
+# stiffness analysis of a trained run (or init:EXP for a fresh model)
+analyze: setup
+	$(PY) -m stepjax.analysis --workdir $(WORKDIR) $(ARGS)
+
+lottery: setup
+	$(PY) -m stepjax.analysis.lottery --exp $(EXP) $(ARGS)
 
 summary: setup
 	$(PY) -m stepjax.models --summary

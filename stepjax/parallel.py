@@ -10,6 +10,47 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 COORDINATOR_ENV = ("STEPJAX_COORDINATOR", "STEPJAX_NUM_PROCESSES", "STEPJAX_PROCESS_ID")
+CPU_DEVICES_ENV = "STEPJAX_CPU_DEVICES"
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def host_cores() -> int:
+    """The number of cores this process may run on (its CPU affinity, else `os.cpu_count()`)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def configure_cpu_devices(num_devices: int | None = None) -> int:
+    """Split the host into several XLA CPU devices, so that a batch sharded over the ``data`` mesh
+    keeps every core busy. Call it at start-up, before JAX creates its backends (importing jax
+    is fine; the first `jax.devices()` or computation is too late).
+
+    One XLA CPU device keeps only about 1.5 of 2 cores busy in a ResNet training step; one
+    device per core, with the batch split over them, runs the step faster with the same
+    mathematics (BatchNorm statistics stay global under `jit`).
+
+    **Arguments:**
+
+    - `num_devices`: how many CPU devices. None: ``$STEPJAX_CPU_DEVICES`` if set, else one per
+      core (`host_cores`). A device count already given in ``XLA_FLAGS``
+      (``--xla_force_host_platform_device_count``, as the tests do) is left alone.
+
+    **Returns:**
+
+    The number of CPU devices JAX will create. Only the CPU backend is affected: on a GPU or
+    TPU host the accelerators are still the default devices.
+    """
+    if _DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
+        value = os.environ["XLA_FLAGS"].split(_DEVICE_COUNT_FLAG + "=")[1].split()[0]
+        return int(value)
+    if num_devices is None:
+        num_devices = int(os.environ.get(CPU_DEVICES_ENV) or host_cores())
+    if num_devices < 1:
+        raise ValueError(f"configure_cpu_devices: num_devices must be >= 1, got {num_devices}.")
+    jax.config.update("jax_num_cpu_devices", int(num_devices))
+    return int(num_devices)
 
 
 def initialize_distributed() -> None:

@@ -45,7 +45,7 @@ def plain_logits():
     return forward(make_model("resnet164", num_classes=5, controller="constant", seed=3, **TINY))[0]
 
 
-@pytest.mark.parametrize("controller", ["cbam", "dia", "stepnet"])
+@pytest.mark.parametrize("controller", ["cbam", "dia"])
 def test_zero_placement_is_the_plain_network(controller, plain_logits):
     masked = make_model("resnet164", num_classes=5, controller=controller, placement="none", seed=3, **TINY)
     on = make_model("resnet164", num_classes=5, controller=controller, placement="all", seed=3, **TINY)

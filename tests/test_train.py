@@ -95,7 +95,7 @@ def _main(workdir, *overrides, env=None):
 
 
 def test_killed_process_resumes_to_the_same_result(tmp_path):
-    overrides = ["train.total_steps=40", "train.checkpoint_every_steps=2", "train.log_every_steps=1",
+    overrides = ["train.total_steps=16", "train.checkpoint_every_steps=2", "train.log_every_steps=1",
                  "train.eval_every_epochs=100"]
     straight = _main(tmp_path / "straight", *overrides)
     killed = _main(tmp_path / "killed", *overrides)
@@ -111,7 +111,7 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
     assert resumed.returncode == 0, err[-3000:]
     assert "Resumed from step" in err
     (sa, a), (sb, b) = _restored_state(tmp_path / "straight"), _restored_state(tmp_path / "killed")
-    assert sa == sb == 40
+    assert sa == sb == 16
     assert_same_tree(a["state"], b["state"], rtol=0, atol=0)
 
 

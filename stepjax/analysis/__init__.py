@@ -13,6 +13,7 @@ may import it to resolve ``model.placement='nsi:...'``).
 from stepjax.analysis.indicators import (
     heun_error,
     implied_step,
+    linearised_field,
     relative_increment,
     sample_norm,
     secant_lipschitz,
@@ -20,7 +21,13 @@ from stepjax.analysis.indicators import (
 )
 from stepjax.analysis.metrics import StatsOptions, curve_statistics, representational_ability, step_size_statistics
 from stepjax.analysis.report import Analysed, analyse, build_report, load_images, load_source, write_report
-from stepjax.analysis.stats import CorrelationTest, bootstrap_interval, coefficient_of_variation, correlation_test, spearman
+from stepjax.analysis.stats import (
+    CorrelationTest,
+    bootstrap_interval,
+    coefficient_of_variation,
+    correlation_test,
+    spearman,
+)
 from stepjax.analysis.trace import (
     DEFAULT_NSI,
     INDICATORS,
@@ -49,6 +56,7 @@ __all__ = [
     "curve_statistics",
     "heun_error",
     "implied_step",
+    "linearised_field",
     "load_images",
     "load_source",
     "relative_increment",

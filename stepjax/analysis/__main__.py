@@ -11,10 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from stepjax.analysis import figures
 from stepjax.analysis.metrics import StatsOptions
 from stepjax.analysis.report import INIT_PREFIX, analyse, build_report, write_report
 from stepjax.analysis.trace import TraceOptions
-from stepjax.analysis import figures
 
 DEFAULT_OUT = Path("docs/figures/analysis")
 
@@ -24,7 +24,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help=f"run directory, or {INIT_PREFIX}EXP for a fresh model")
     p.add_argument("--compare", help="second model overlaid on the NSI plots (run directory or init:EXP)")
-    p.add_argument("--num-samples", type=int, default=1000, help="first N images of the split (default 1000)")
+    p.add_argument("--num-samples", type=int, default=1000, help="images: a fixed random subset of the split (default 1000)")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--data-dir", help="read the images from an npz copy here (e.g. /work/shared/data/cifar10)")
     p.add_argument("--out", help=f"output directory (default {DEFAULT_OUT}/<workdir name>)")
@@ -35,7 +35,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=TraceOptions.batch_size)
     p.add_argument("--permutations", type=int, default=StatsOptions.num_permutations)
     p.add_argument("--bootstrap", type=int, default=StatsOptions.num_bootstrap)
-    p.add_argument("--num-curves", type=int, default=100, help="per-sample curves drawn per model")
+    p.add_argument("--num-curves", type=int, default=50, help="per-sample curves drawn per model")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.num_samples < 2:
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     report = build_report(models, stats=stats, num_curves=args.num_curves, settings=settings)
     paths = write_report(report, args.out or default_out(args.workdir))
     for m in models:
-        print(f"{m.key:12s} accuracy on {len(m.trace.logits)} {args.split} images: {100 * m.accuracy:6.2f} %  {m.label}")
+        print(f"{m.key:12s} {100 * m.accuracy:6.2f} % of {len(m.trace.logits)} {args.split} images  {m.label}")
     print(figures.correlation_markdown(report["figures"]["correlations"]))
     print("wrote", *paths, sep="\n  ")
     return 0

@@ -60,30 +60,33 @@ def plot_nsi(figure: dict, path) -> None:
     plt.close(fig)
 
 
-def plot_step_sizes(figure: dict, path) -> None:
-    """Step-size heatmaps: one panel per block (rows: stages), samples x channels, samples sorted
-    by an indicator; each title gives the coefficient of variation across samples.
+def plot_step_sizes(figure: dict, path, max_columns: int = 9) -> None:
+    """Step-size heatmaps: one panel per block, samples x channels, samples sorted by an
+    indicator; each stage starts a new row of at most `max_columns` panels; each title gives the
+    coefficient of variation across samples.
 
     **Arguments:**
 
     - `figure`: ``{"title", "sort_by", "vmin", "vmax", "stages": [{"stage", "panels": [{"block",
       "cv_samples", "matrix"}]}]}``.
     - `path`: the PNG to write.
+    - `max_columns`: panels per row.
     """
     plt = _pyplot()
-    stages = figure["stages"]
-    cols = max(len(s["panels"]) for s in stages)
-    fig, axes = plt.subplots(len(stages), cols, figsize=(1.9 * cols + 1.2, 2.0 * len(stages) + 0.6), squeeze=False)
+    rows = [(stage["stage"], stage["panels"][i : i + max_columns])
+            for stage in figure["stages"] for i in range(0, len(stage["panels"]), max_columns)]
+    cols = max(len(panels) for _, panels in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.7 * cols + 1.4, 1.7 * len(rows) + 0.7), squeeze=False)
     image = None
-    for row, stage in zip(axes, stages):
-        for ax in row[len(stage["panels"]):]:
+    for row, (stage, panels) in zip(axes, rows):
+        for ax in row[len(panels):]:
             ax.axis("off")
-        for ax, panel in zip(row, stage["panels"]):
+        for ax, panel in zip(row, panels):
             image = ax.imshow(panel["matrix"], aspect="auto", interpolation="nearest", cmap="viridis",
                               vmin=figure["vmin"], vmax=figure["vmax"])
-            ax.set_title(f"s{stage['stage']} b{panel['block']}  CV {_fmt(panel['cv_samples'], 3)}", fontsize=7)
-            ax.tick_params(labelsize=6)
-        row[0].set_ylabel(f"samples by\n{figure['sort_by']}", fontsize=7)
+            ax.set_title(f"s{stage} b{panel['block']}  CV {_fmt(panel['cv_samples'], 3)}", fontsize=6.5)
+            ax.tick_params(labelsize=5)
+        row[0].set_ylabel(f"samples by\n{figure['sort_by']}", fontsize=6.5)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="step size h")
     fig.suptitle(figure["title"], fontsize=9)
     fig.savefig(path, dpi=110)
@@ -103,7 +106,7 @@ def correlation_rows(figure: dict) -> list[list[str]]:
         rows.append([
             r["model"], r["indicator"] + (" *" if r["uses_step"] else ""),
             f"{_fmt(r['within_rho'])} {within_ci}", _fmt(r["within_p"], 3),
-            f"{r['num_significant']}/{r['num_tested']}", _fmt(r["across_rho"]),
+            "{}+ {}- of {}".format(*r["significant"], r["num_tested"]), _fmt(r["across_rho"]),
             f"{_fmt(r['partial_rho'])} {partial_ci}", _fmt(r["partial_p"], 3),
         ])
     return rows
@@ -112,7 +115,8 @@ def correlation_rows(figure: dict) -> list[list[str]]:
 def correlation_markdown(figure: dict) -> str:
     """The correlation table in Markdown, with its footnote."""
     lines = ["| " + " | ".join(CORRELATION_COLUMNS) + " |", "|" + " --- |" * len(CORRELATION_COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in correlation_rows(figure)]
+    rows = correlation_rows(figure) or [["no model with varying step sizes"] + ["n/a"] * (len(CORRELATION_COLUMNS) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n\n" + figure["note"] + "\n"
 
 
@@ -126,7 +130,9 @@ def plot_correlations(figure: dict, path) -> None:
     """
     plt = _pyplot()
     rows = correlation_rows(figure)
-    fig, ax = plt.subplots(figsize=(15, 0.26 * len(rows) + 1.4))
+    height = 0.2 * (len(rows) + 1)
+    fig = plt.figure(figsize=(15, height + 1.0))
+    ax = fig.add_axes((0.01, 0.7 / (height + 1.0), 0.98, height / (height + 1.0)))
     ax.axis("off")
     cmap = plt.get_cmap("RdBu_r")
     colours = [
@@ -134,19 +140,22 @@ def plot_correlations(figure: dict, path) -> None:
         + ["white"] * (len(CORRELATION_COLUMNS) - 3)
         for r in figure["rows"]
     ]
-    table = ax.table(cellText=rows, colLabels=CORRELATION_COLUMNS, cellColours=colours, loc="upper center",
-                     cellLoc="left", colWidths=(0.26, 0.25, 0.13, 0.05, 0.06, 0.07, 0.13, 0.05))
-    table.auto_set_font_size(False)
-    table.set_fontsize(6.5)
-    table.scale(1, 1.15)
-    ax.set_title(figure["title"], fontsize=9)
-    fig.text(0.01, 0.01, figure["note"], fontsize=6.5, wrap=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    if rows:
+        table = ax.table(cellText=rows, colLabels=CORRELATION_COLUMNS, cellColours=colours, bbox=(0, 0, 1, 1),
+                         cellLoc="left", colWidths=(0.28, 0.14, 0.15, 0.06, 0.07, 0.08, 0.16, 0.06))
+        table.auto_set_font_size(False)
+        table.set_fontsize(7)
+    else:
+        ax.text(0.5, 0.5, "no analysed model varies its step size: every correlation is undefined",
+                ha="center", va="center", fontsize=9)
+    fig.suptitle(figure["title"], fontsize=9)
+    fig.text(0.01, 0.02, figure["note"], fontsize=6.5, wrap=True, va="bottom")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-LOTTERY_GROUPS = (("none", "none\n(ratio 0)"), ("all", "all\n(ratio 1)"), ("random", "random"),
-                  ("nsi_top", "NSI top"), ("nsi_bottom", "NSI bottom"))
+LOTTERY_GROUPS = ("none", "all", "random", "nsi_top", "nsi_bottom")
+LOTTERY_LABELS = {"none": "none", "all": "all", "random": "random", "nsi_top": "NSI top", "nsi_bottom": "NSI bottom"}
 LOTTERY_STYLES = {"nsi_top": dict(marker="*", s=180, color="tab:red"),
                   "nsi_bottom": dict(marker="v", s=60, color="tab:purple")}
 
@@ -167,8 +176,11 @@ def plot_lottery(figure: dict, path) -> None:
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for x, (group, _) in enumerate(LOTTERY_GROUPS):
-        runs = [r for r in figure["runs"] if _lottery_group(r["name"]) == group and r["status"] == "done"]
+    labels = []
+    for x, group in enumerate(LOTTERY_GROUPS):
+        members = [r for r in figure["runs"] if _lottery_group(r["name"]) == group]
+        labels.append(f"{LOTTERY_LABELS[group]}\n(ratio {members[0]['ratio']:.2f})" if members else LOTTERY_LABELS[group])
+        runs = [r for r in members if r["status"] == "done"]
         offsets = np.linspace(-0.15, 0.15, len(runs)) if len(runs) > 1 else [0.0] * len(runs)
         for dx, r in zip(offsets, runs):
             ax.scatter(x + dx, 100 * r["best_accuracy"], zorder=3,
@@ -176,7 +188,7 @@ def plot_lottery(figure: dict, path) -> None:
             ax.scatter(x + dx, 100 * r["last_accuracy"], zorder=2, facecolors="none", edgecolors="0.5", s=30)
         if group == "random" and runs:
             ax.hlines(100 * np.mean([r["best_accuracy"] for r in runs]), x - 0.25, x + 0.25, color="tab:blue")
-    ax.set_xticks(range(len(LOTTERY_GROUPS)), [label for _, label in LOTTERY_GROUPS])
+    ax.set_xticks(range(len(LOTTERY_GROUPS)), labels)
     ax.set_ylabel("test accuracy (%): best (filled), last (hollow)")
     pending = sum(r["status"] != "done" for r in figure["runs"])
     ax.set_title(figure["title"] + (f"\n({pending} of {len(figure['runs'])} runs not finished)" if pending else ""),

@@ -72,6 +72,46 @@ def secant_lipschitz(f: Callable, y0: jax.Array, f0: jax.Array, eps: float = 1e-
     return _ratio(sample_norm(change), offset)
 
 
+def linearised_field(f: Callable, y0: jax.Array) -> Callable:
+    """A linear map with the eigenvalues of the Jacobian ``J`` of `f` at `y0`, for `spectral_radius`.
+
+    It is ``v -> J v`` by forward mode (`jax.linearize`). Forward mode cannot enter a layer with a
+    custom reverse-mode rule (`jax.custom_vjp`, e.g. a hand-written convolution gradient); for
+    such an `f` it is ``v -> J^T v`` by reverse mode, which has the same eigenvalues. Either way
+    one application costs about one pass through `f`, also inside a loop.
+
+    **Arguments:**
+
+    - `f`: the vector field; `y0`: the point of linearisation.
+
+    **Returns:**
+
+    The linear map, acting on arrays shaped like `y0`.
+    """
+    if _forward_mode_works(f, y0):
+        return jax.linearize(f, y0)[1]
+    _, vjp = jax.vjp(f, y0)
+    return lambda v: vjp(v.astype(y0.dtype))[0]
+
+
+def _forward_mode_works(f, y0) -> bool:
+    """Whether `f` is free of `jax.custom_vjp` calls, which forward mode cannot evaluate (checked on
+    its jaxpr: nothing is computed)."""
+    return not _calls_custom_vjp(jax.make_jaxpr(f)(jax.ShapeDtypeStruct(y0.shape, y0.dtype)).jaxpr)
+
+
+def _calls_custom_vjp(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("custom_vjp"):
+            return True
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(item, "jaxpr", item)  # a ClosedJaxpr holds a Jaxpr
+                if hasattr(sub, "eqns") and _calls_custom_vjp(sub):
+                    return True
+    return False
+
+
 def spectral_radius(linear_map: Callable, v0: jax.Array, num_iters: int = 20) -> jax.Array:
     """NSI candidate (c): spectral radius of a linear map by power iteration, per sample.
 
@@ -83,7 +123,7 @@ def spectral_radius(linear_map: Callable, v0: jax.Array, num_iters: int = 20) ->
 
     **Arguments:**
 
-    - `linear_map`: ``v -> J v`` acting on a batch (e.g. from `jax.linearize`); it must not mix
+    - `linear_map`: ``v -> J v`` acting on a batch (e.g. `linearised_field`); it must not mix
       samples.
     - `v0`: the starting vectors, one per sample (nonzero).
     - `num_iters`: number of iterations (at least 2).

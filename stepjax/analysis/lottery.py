@@ -95,7 +95,7 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
 
 
 def cached_scores(source: str, root, *, indicator: str, num_samples: int) -> np.ndarray:
-    """`nsi_scores` of the reference model on its first `num_samples` training images, cached in
+    """`nsi_scores` of the reference model on `num_samples` training images (`load_images`), cached in
     ``root/nsi_scores.json`` (recomputed when the source or settings differ)."""
     path = Path(root) / "nsi_scores.json"
     key = {"source": str(source), "indicator": indicator, "num_samples": num_samples, "split": "train"}

@@ -98,7 +98,8 @@ def _within_block(h, values, options: StatsOptions) -> dict:
         "rho": test.rho.tolist(), "p_value": test.p_value.tolist(), "ci": ci[:, :-1].tolist(),
         "mean_rho": float(mean_rho), "mean_ci": ci[:, -1].tolist(),
         "mean_p_value": float(permutation_p_value(mean_rho, _nanmean(test.null, axis=0))),
-        "num_significant": int(np.sum(test.p_value <= options.alpha)),
+        "num_significant_positive": int(np.sum((test.p_value <= options.alpha) & (test.rho > 0))),
+        "num_significant_negative": int(np.sum((test.p_value <= options.alpha) & (test.rho < 0))),
         "num_tested": int(np.sum(~np.isnan(test.rho))),
     }
 

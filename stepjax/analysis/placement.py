@@ -68,7 +68,7 @@ def resolve_nsi_placement(model_config):
 
     ``'nsi:SOURCE'`` puts the controller in the ``round(placement_ratio * num_blocks)`` blocks of
     largest mean NSI (`DEFAULT_NSI`) of the reference model SOURCE (a run directory or
-    ``init:EXP``), measured on the first `NSI_SAMPLES` training images (not the test set, which
+    ``init:EXP``), measured on `NSI_SAMPLES` training images (not on the test set, which
     would select the architecture on test data). Other values are returned unchanged.
 
     **Arguments:**

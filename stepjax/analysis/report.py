@@ -7,7 +7,10 @@ import json
 import math
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from stepjax.analysis import figures
 from stepjax.analysis.metrics import StatsOptions, curve_statistics, representational_ability, step_size_statistics
@@ -32,7 +35,7 @@ def load_source(source: str):
 
     `(config, model, step)`; `step` is 0 for a fresh model.
     """
-    from stepjax.config import load_experiment  # the training package imports this one lazily
+    from stepjax.config import load_experiment  # imported here: the training loop imports this package
     from stepjax.train import build_model, load_run
 
     if source.startswith(INIT_PREFIX):
@@ -45,6 +48,8 @@ def load_source(source: str):
                 f"or {INIT_PREFIX}EXP for a freshly initialised model."
             )
         config, model, step = load_run(source)
+        # a restored run is replicated over the training mesh; the analysis runs on one device
+        nnx.update(model, jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), nnx.state(model)))
     model.eval()
     return config, model, step
 
@@ -72,8 +77,9 @@ def model_label(config, step: int) -> str:
     return ", ".join(parts)
 
 
-def load_images(config, num_samples: int, *, split: str = "test", data_dir: str | None = None):
-    """The first `num_samples` images of a split, normalised as in training, and their labels.
+def load_images(config, num_samples: int, *, split: str = "test", data_dir: str | None = None, seed: int = 0):
+    """A fixed random subset of a split, normalised as in training, and its labels (a random subset
+    and not the first images: a split may be stored sorted by class).
 
     **Arguments:**
 
@@ -81,6 +87,7 @@ def load_images(config, num_samples: int, *, split: str = "test", data_dir: str 
     - `num_samples`: how many (at most the split's size).
     - `split`: ``"test"`` or ``"train"``.
     - `data_dir`: read an npz copy from this directory instead of ``config.data``'s source.
+    - `seed`: seed of the subset.
 
     **Returns:**
 
@@ -93,8 +100,8 @@ def load_images(config, num_samples: int, *, split: str = "test", data_dir: str 
         cfg.source, cfg.dir = "npz", data_dir
     images, labels = data.load_split(cfg, split)
     info = data.dataset_info(cfg)
-    images = np.asarray(data.normalize(images[:num_samples], info.mean, info.std), np.float32)
-    return images, np.asarray(labels[:num_samples])
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(labels))[:num_samples])
+    return np.asarray(data.normalize(images[chosen], info.mean, info.std), np.float32), np.asarray(labels[chosen])
 
 
 @dataclasses.dataclass
@@ -124,8 +131,9 @@ def analyse(source: str, *, compare: str | None = None, num_samples: int = 1000,
     - `source`: the model (see `load_source`).
     - `compare`: a second model to overlay, or None. It must use the same dataset.
     - `num_samples`, `split`, `data_dir`: the images (see `load_images`).
-    - `controls`: also trace the randomly initialised network and the network with each gate
-      replaced by its dataset mean.
+    - `controls`: also trace the randomly initialised network (unless the model is one) and the
+      network with each gate replaced by its dataset mean (unless its steps do not vary across
+      samples, as in a plain ResNet).
     - `options`: a `TraceOptions`.
 
     **Returns:**
@@ -133,14 +141,15 @@ def analyse(source: str, *, compare: str | None = None, num_samples: int = 1000,
     A list of `Analysed` (keys ``main``, then ``random_init`` and ``mean_gate``, then ``compare``).
     """
     config, model, step = load_source(source)
-    images, labels = load_images(config, num_samples, split=split, data_dir=data_dir)
+    images, labels = load_images(config, num_samples, split=split, data_dir=data_dir, seed=options.seed)
     label = model_label(config, step)
     main = trace_model(model, images, options=options)
     out = [_analysed("main", label, source, step, main, labels)]
-    if controls:
-        out.append(_analysed("random_init", f"{label} -> control: random init", source, 0,
+    if controls and step:
+        out.append(_analysed("random_init", f"{model_label(config, 0)} [control]", source, 0,
                              trace_model(random_init(config), images, options=options), labels))
-        out.append(_analysed("mean_gate", f"{label} -> control: gate = dataset mean", source, step,
+    if controls and any(np.ptp(stage.step_size, axis=0).max() > 0 for stage in main.stages):
+        out.append(_analysed("mean_gate", f"{label} [control: gate = dataset mean]", source, step,
                              trace_model(model, images, options=options, gate=main.gate_mean), labels))
     if compare is not None:
         other_config, other, other_step = load_source(compare)
@@ -164,45 +173,56 @@ def _nsi_figure(models: list, indicator: str, num_curves: int, title: str) -> di
     return {"title": title, "indicator": indicator, "label": INDICATORS[indicator].label, "stages": stages}
 
 
-def _step_size_figure(model: Analysed, sort_by: str, num_rows: int) -> dict:
+def _step_size_figure(model: Analysed, sort_by: str, num_rows: int, num_columns: int) -> dict:
     stats = step_size_statistics(model.trace)
     stages, high = [], 0.0
     for s, stage in enumerate(model.trace.stages):
         panels = []
         for k, block in enumerate(stage.blocks):
-            h = stage.step_size[:num_rows, k]
+            h = stage.step_size[:num_rows, k, :num_columns]
             order = np.argsort(stage.indicators[sort_by][:num_rows, k])
             panels.append({"block": block, "cv_samples": stats[s]["cv_samples"][k], "matrix": h[order].tolist()})
             high = max(high, float(h.max()))
         stages.append({"stage": s + 1, "panels": panels})
-    return {"title": f"step sizes per block (samples x channels): {model.label}", "sort_by": sort_by,
+    return {"title": f"step sizes per block ({num_rows} samples x first {num_columns} channels): {model.label}",
+            "sort_by": sort_by,
             "vmin": 0.0, "vmax": high, "stages": stages}
+
+
+def _constant_step(ability: dict) -> bool:
+    """Whether every correlation of a model is undefined (its step is the same everywhere)."""
+    return all(math.isnan(r["within_block"]["mean_rho"]) and math.isnan(r["across_blocks"]["rho"])
+               for r in ability.values())
 
 
 def _correlation_figure(models: list, ability: dict, alpha: float) -> dict:
     rows = []
     for m in models:
+        if _constant_step(ability[m.key]):
+            continue
         for name, result in ability[m.key].items():
             w, a = result["within_block"], result["across_blocks"]
             rows.append({
                 "model": m.label, "indicator": name, "uses_step": INDICATORS[name].uses_step,
                 "within_rho": w["mean_rho"], "within_ci": w["mean_ci"], "within_p": w["mean_p_value"],
-                "num_significant": w["num_significant"], "num_tested": w["num_tested"],
+                "significant": [w["num_significant_positive"], w["num_significant_negative"]],
+                "num_tested": w["num_tested"],
                 "across_rho": a["rho"], "partial_rho": a["partial_rho"], "partial_ci": a["partial_ci"],
                 "partial_p": a["partial_p_value"],
             })
     note = (
-        "Spearman correlation of the channel-mean step h with each indicator. Within-block: mean over "
-        f"blocks of the correlation across samples, bootstrap CI over samples, permutation p (samples "
-        f"relabelled); 'blocks p<=a' counts blocks with per-block p <= {alpha}. Across-block: correlation of "
-        "block means; partial = controlling for depth, permutation p over blocks. * = the indicator is a "
-        "function of h (its correlation is partly mechanical). A classical controller would correlate "
-        "positively with h* and negatively with the others. " + RECONSTRUCTION_NOTE
+        "Spearman correlation of the channel-mean step h with each indicator. Within-block: mean over blocks "
+        "of the correlation across samples, bootstrap CI over samples, permutation p (samples relabelled); "
+        f"'blocks p<=a' counts blocks with per-block p <= {alpha} and rho > 0 (+) or < 0 (-). Across-block: correlation of block means; "
+        "partial = controlling for depth, permutation p over blocks. Without *, a classical controller would "
+        "give negative rho (smaller steps where the indicator is larger) and positive rho with h*; * marks "
+        "functions of h, whose correlation with h is partly mechanical and no evidence either way. Models "
+        "whose step never varies (a plain ResNet) have no rows. " + RECONSTRUCTION_NOTE
     )
     return {"title": "representational ability: do the chosen steps track stiffness?", "note": note, "rows": rows}
 
 
-def build_report(models: list, *, stats: StatsOptions = StatsOptions(), num_curves: int = 100,
+def build_report(models: list, *, stats: StatsOptions = StatsOptions(), num_curves: int = 50,
                  settings: dict | None = None) -> dict:
     """The JSON-ready report of analysed models: per model the accuracy, step-size statistics,
     NSI curve statistics and representational ability; under ``figures`` the data of every figure.
@@ -229,7 +249,7 @@ def build_report(models: list, *, stats: StatsOptions = StatsOptions(), num_curv
     if len(controls) > 1:
         figs["nsi_controls"] = _nsi_figure(controls, DEFAULT_NSI, num_curves // 2, "NSI of the model and its controls")
     for m in overlay:
-        figs[f"step_sizes_{m.key}"] = _step_size_figure(m, "implied_step", 64)
+        figs[f"step_sizes_{m.key}"] = _step_size_figure(m, "implied_step", num_rows=32, num_columns=64)
     figs["correlations"] = _correlation_figure(models, ability, stats.alpha)
     return {
         "note": RECONSTRUCTION_NOTE,
@@ -252,8 +272,9 @@ PLOTTERS = {"nsi": figures.plot_nsi, "step_sizes": figures.plot_step_sizes, "cor
 
 
 def _json_ready(value):
+    """NaN and infinities as null, floats to 4 significant digits (figure data, not raw arrays)."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return float(f"{value:.4g}") if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: _json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -278,5 +299,5 @@ def write_report(report: dict, out_dir) -> list[Path]:
     markdown = out_dir / "correlations.md"
     markdown.write_text(figures.correlation_markdown(report["figures"]["correlations"]))
     path = out_dir / "analysis.json"
-    path.write_text(json.dumps(_json_ready(report), indent=1))
+    path.write_text(json.dumps(_json_ready(report), separators=(",", ":")))
     return [path, markdown, *written]

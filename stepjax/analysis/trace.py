@@ -24,25 +24,22 @@ from stepjax.analysis import indicators as ind
 
 @dataclasses.dataclass(frozen=True)
 class Indicator:
-    """How an indicator is reported: its `label`, whether it is a function of the step taken
-    (`uses_step`: its correlation with ``h`` is then partly mechanical) and its expected relation
-    to the step of a classical controller (`classical_sign`: -1 stiffer means smaller steps, +1
-    for the step the classical controller would take)."""
+    """How an indicator is reported: its `label`, and whether it is a function of the step taken
+    (`uses_step`: its correlation with ``h`` is then partly mechanical)."""
 
     label: str
     uses_step: bool
-    classical_sign: int
 
 
 INDICATORS = {
-    "relative_increment": Indicator("(a) relative increment ||x_{k+1}-x_k||/||x_k||", True, -1),
-    "relative_derivative": Indicator("(a') relative derivative ||f(x_k)||/||x_k|| (h = 1)", False, -1),
-    "secant_lipschitz": Indicator("(b) secant Lipschitz L", False, -1),
-    "secant_step": Indicator("(b) h * L", True, -1),
-    "spectral_radius": Indicator("(c) spectral radius rho(df/dx)", False, -1),
-    "stability_number": Indicator("(c) stability number h * rho", True, -1),
-    "heun_error": Indicator("(d) Euler-vs-Heun local error e", True, -1),
-    "implied_step": Indicator("(d) classical step h* = h (tol/e)^1/2", False, 1),
+    "relative_increment": Indicator("(a) relative increment ||x_{k+1}-x_k||/||x_k||", True),
+    "relative_derivative": Indicator("(a') relative derivative ||f(x_k)||/||x_k|| (h = 1)", False),
+    "secant_lipschitz": Indicator("(b) secant Lipschitz L", False),
+    "secant_step": Indicator("(b) h * L", True),
+    "spectral_radius": Indicator("(c) spectral radius rho(df/dx)", False),
+    "stability_number": Indicator("(c) stability number h * rho", True),
+    "heun_error": Indicator("(d) Euler-vs-Heun local error e", True),
+    "implied_step": Indicator("(d) classical step h* = h (tol/e)^1/2", False),
 }
 DEFAULT_NSI = "relative_increment"
 
@@ -103,8 +100,8 @@ def block_indicators(f, y0, f0, h, y1, key, options: TraceOptions) -> dict:
     A dict name -> ``(B,)`` array.
     """
     h_mean = ind.sample_mean(h)
-    _, jvp = jax.linearize(f, y0)
-    rho = ind.spectral_radius(jvp, jax.random.normal(key, y0.shape, y0.dtype), options.power_iters)
+    rho = ind.spectral_radius(ind.linearised_field(f, y0), jax.random.normal(key, y0.shape, y0.dtype),
+                              options.power_iters)
     secant = ind.secant_lipschitz(f, y0, f0, options.eps)
     error = ind.heun_error(f, y0, f0, h)
     return {
@@ -119,20 +116,21 @@ def block_indicators(f, y0, f0, h, y1, key, options: TraceOptions) -> dict:
     }
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8))
-def _run_block(graphdef, params, y0, controller_state, t0, active, gate, valid, options, key):
-    """One block as `EulerStep.__call__` takes it, keeping ``f0`` and the full ``h``. `gate` is
-    None or an ``h`` that replaces the controller's output (the controller still runs and
-    carries its state); `valid` (B,) marks the samples that are not batch padding."""
+@functools.partial(jax.jit, static_argnums=(0, 9))
+def _run_block(graphdef, params, y0, controller_state, t0, active, gate, use_gate, valid, options, key):
+    """One block as `EulerStep.__call__` takes it, keeping ``f0`` and the full ``h``. Where
+    `use_gate`, `gate` replaces the controller's output (the controller still runs and carries its
+    state); `gate` is an array either way, so that both cases share one compilation. `valid`
+    ``(B,)`` marks the samples that are not batch padding."""
     step = nnx.merge(graphdef, params)
     base = y0 if step.change_of_variables is None else step.change_of_variables(y0)
     if controller_state is None:
         controller_state = step.controller.init(base)
     f0 = step.vector_field(y0)
     h, controller_state = step.controller.adapt_step_size(t0, base, f0, controller_state)
-    h = jnp.where(active, h, jnp.ones_like(h)) if gate is None else gate
-    h = jnp.broadcast_to(h, f0.shape).astype(f0.dtype)
-    y1 = base + h * f0
+    h = jnp.where(active, h, jnp.ones_like(h))
+    h = jnp.where(use_gate, gate, jnp.broadcast_to(h, f0.shape))
+    y1 = base + (h * f0).astype(base.dtype)
     if step.projection is not None:
         y1 = step.projection(y1)
     h32 = h.astype(jnp.float32)
@@ -171,16 +169,29 @@ _stem_jit = nnx.jit(_stem)
 _head_jit = nnx.jit(_head)
 
 
-def _trace_batch(model, x, valid, blocks, gate, options):
+def _gate_shapes(model, blocks, x):
+    """Per stage and block, the shape ``(1, ...)`` of one sample's ``f`` (a gate's shape)."""
+    y = jax.eval_shape(_stem_jit, model, x)
+    shapes = []
+    for stage_steps in blocks:
+        shapes.append([])
+        for graphdef, params in stage_steps:
+            y = jax.eval_shape(lambda p, y, g=graphdef: nnx.merge(g, p).vector_field(y), params, y)
+            shapes[-1].append((1, *y.shape[1:]))
+    return shapes
+
+
+def _trace_batch(model, x, valid, blocks, gates, options):
     y = _stem_jit(model, x)
     records = []
     for s, (stage, stage_steps) in enumerate(zip(model.stages, blocks)):
         controller_state, stage_records = None, []
         for k, (graphdef, params) in enumerate(stage_steps):
             key = jax.random.fold_in(jax.random.key(options.seed), 1000 * s + k)
+            gate, use_gate = gates[s][k]
             y, controller_state, record = _run_block(
                 graphdef, params, y, controller_state, jnp.asarray(k), jnp.asarray(stage.placement[k]),
-                None if gate is None else jnp.asarray(gate[s][k]), valid, options, key,
+                gate, use_gate, valid, options, key,
             )
             stage_records.append(jax.device_get(record))
         records.append(stage_records)
@@ -219,8 +230,15 @@ def trace_model(model, images, *, options: TraceOptions = TraceOptions(), gate=N
     if len(images) == 0:
         raise ValueError("trace_model needs at least one image.")
     blocks = [[nnx.split(step) for step in stage_blocks(stage)] for stage in model.stages]
+    shapes = _gate_shapes(model, blocks, jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32))
+    gates = [
+        [(jnp.ones(shape), jnp.asarray(False)) if gate is None else
+         (jnp.broadcast_to(jnp.asarray(gate[s][k], jnp.float32), shape), jnp.asarray(True))
+         for k, shape in enumerate(stage_shapes)]
+        for s, stage_shapes in enumerate(shapes)
+    ]
     batches = [
-        _trace_batch(model, jnp.asarray(x), jnp.asarray(valid), blocks, gate, options)
+        _trace_batch(model, jnp.asarray(x), jnp.asarray(valid), blocks, gates, options)
         for x, valid in _batches(images, options.batch_size)
     ]
     n = len(images)

@@ -41,9 +41,10 @@ class CBAM(StepController):
         h_channel = jax.nn.sigmoid(self.mlp(f.mean(axis=(1, 2))) + self.mlp(f.max(axis=(1, 2))))
         g = f * as_channel_step(h_channel)
         pooled = jnp.stack([g.mean(axis=-1), g.max(axis=-1)], axis=-1)
-        s = jax.lax.conv_general_dilated(
-            pooled, self.spatial_kernel[...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+        # "same" padding; conv2d's gradient stays fast inside the scan over blocks
+        from stepjax.models.layers import conv2d  # noqa: PLC0415 (stepjax.models imports this module)
+
+        s = conv2d(pooled, self.spatial_kernel[...])
         h_spatial = jax.nn.sigmoid(self.spatial_norm(s))
         return as_channel_step(h_channel) * h_spatial, controller_state
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stepjax.ode.controller import StageShared, StepController
+CONV_OUTPUT = "conv_output"
 
 
 class EulerStep(nnx.Module):
@@ -201,6 +203,8 @@ class EulerStage(nnx.Module):
             return (y_next, state), (nnx.state(step, _MUTABLE), _summarise_step(h, y_next), saved)
 
         xs = (stacked, t0s, active)
+        if os.environ.get("STEPJAX_REMAT", "1") == "1":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT), prevent_cse=False)
         if self.scan:
             (y, _), (new_stats, h, saved) = jax.lax.scan(body, (y, state), xs)
         else:

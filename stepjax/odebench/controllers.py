@@ -80,7 +80,7 @@ class TuneResult:
     solves: int
 
 
-_BOX = np.array([[-0.3, 0.7], [0.1, 1.0], [-0.1, 0.2], [0.75, 0.98]])  # p, i, d, safety
+_BOX = np.array([[-0.3, 0.8], [0.05, 1.0], [-0.1, 0.25], [0.7, 0.98]])  # p, i, d, safety
 
 
 def tune_pid(
@@ -129,5 +129,6 @@ def tune_pid(
         history.append({"gains": dataclasses.asdict(gains), "score": score})
         if score < best_score:
             best, best_score = x, score
-            log(f"    tuned PID candidate {k + 1}/{n}: score {score:+.4f} {gains}")
+        if score == best_score or (k + 1) % 10 == 0:
+            log(f"    tuned PID candidate {k + 1}/{n}: score {score:+.4f}, best {best_score:+.4f} {PIDGains(*(round(float(v), 3) for v in best))}")
     return TuneResult(PIDGains(*map(float, best)), float(best_score), history, n * per_candidate)

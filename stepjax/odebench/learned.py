@@ -8,9 +8,13 @@ Acceptance stays classical (`error < 1`): the error guarantee never comes from t
 network. Unlike diffrax, the combined factor may shrink the step after an accepted step
 (down to `factormin`); after a rejection it stays at most `safety`.
 
-Training is imitation (with DAgger-style on-policy rounds): at every visited state the
-target is the largest step whose error estimate is at most `target_error`, found by
-bisection on single solver steps.
+Training is imitation with DAgger-style on-policy rounds. At every visited state the
+oracle step is the largest one whose error estimate is at most `target_error`, found by
+bisection on single solver steps. The targets are centred per solve (the median over its
+accepted steps is subtracted): rescaling all steps uniformly only moves a controller
+along its work-precision curve, so at matched error only the pattern of steps relative
+to each other can save evaluations. The fit is a cautious expectile, because a step that
+comes out too large is rejected and costs a whole step.
 """
 
 import dataclasses
@@ -28,10 +32,10 @@ import optax
 import optimistix as optx
 
 from ._x64 import callback_f64, x64
-from .controllers import training_score
+from .controllers import classical_gains, training_score
 from .problems import Problem
 from .solve import is_explicit, make_solver, solve
-from .workprecision import Curve, primary_metric
+from .workprecision import Curve, measure_curve, primary_metric
 
 FEATURES = (
     "log_error",
@@ -362,12 +366,14 @@ def oracle_log_steps(problem: Problem, t, y, log_guess, rtol, *, span: float, ta
     pad = -n % _ORACLE_CHUNK
     t, y, guess = (np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in (t, y, log_guess))
     args = tuple(jnp.asarray(a) for a in problem.args)
-    rtol, atol = jnp.asarray(rtol), jnp.asarray(rtol * problem.atol_factor)
-    out = [
-        _bisect_chunk(problem.vector_field, problem.solver, args, rtol, atol, jnp.asarray(t[i : i + _ORACLE_CHUNK]), jnp.asarray(y[i : i + _ORACLE_CHUNK]), jnp.asarray(guess[i : i + _ORACLE_CHUNK] - span), jnp.asarray(guess[i : i + _ORACLE_CHUNK] + span), target, iters)
-        for i in range(0, len(t), _ORACLE_CHUNK)
-    ]
-    return np.concatenate(out)[:n]
+    tolerances = jnp.asarray(rtol), jnp.asarray(rtol * problem.atol_factor)
+
+    def chunk(start):
+        part = slice(start, start + _ORACLE_CHUNK)
+        bounds = jnp.asarray(guess[part] - span), jnp.asarray(guess[part] + span)
+        return _bisect_chunk(problem.vector_field, problem.solver, args, *tolerances, jnp.asarray(t[part]), jnp.asarray(y[part]), *bounds, target, iters)
+
+    return np.concatenate([chunk(start) for start in range(0, len(t), _ORACLE_CHUNK)])[:n]
 
 
 @dataclasses.dataclass
@@ -375,10 +381,10 @@ class TrainResult:
     """Outcome of [`train_imitation`][].
 
     - `policy`: the best policy by training score (possibly the untrained one, = PI34).
-    - `baselines`: PI34 curves on the training problems (round 0 runs).
+    - `baselines`: diffrax PI34 curves on the training problems.
     - `history`: per round, the score of the policy that collected the data, and sizes.
-    - `solves`: cost in solve-equivalents: every collection solve counts 1, and the
-      bisection steps count as solves of the same problem with as many steps.
+    - `solves`: cost in solve-equivalents: every solve (baseline and collection) counts
+      1, and the bisection steps count as solves of the same problem with as many steps.
     """
 
     policy: LearnedPolicy
@@ -387,7 +393,15 @@ class TrainResult:
     solves: float
 
 
-def _collect(policy, problem, rtols, reference, *, max_records, span, target, iters, center, rng):
+class _Collected(NamedTuple):
+    curve: Curve  # the collecting policy's work-precision curve
+    inputs: list  # per solve: features of the kept attempts
+    targets: list  # per solve: centred log ratio of oracle to classical step
+    weights: list  # per solve: 1 / number kept, so that every solve weighs the same
+    cost: float  # solve-equivalents spent
+
+
+def _collect(policy, problem, rtols, reference, *, max_records, span, target, iters, center, rng) -> _Collected:
     """Run `policy` on `problem` at each tolerance, recording states and oracle targets."""
     curve, inputs, targets, weights, cost = Curve("learned", primary_metric(problem)), [], [], [], 0.0
     for rtol in rtols:
@@ -406,10 +420,10 @@ def _collect(policy, problem, rtols, reference, *, max_records, span, target, it
         targets.append(np.clip(gap, -0.95 * span, 0.95 * span))
         weights.append(np.full(len(keep), 1.0 / len(keep)))
         cost += 1 + len(keep) * iters / stats.num_steps
-    return curve, inputs, targets, weights, cost
+    return _Collected(curve, inputs, targets, weights, cost)
 
 
-def _fit(policy, inputs, targets, weights, *, steps, batch, learning_rate, key):
+def _fit(policy, inputs, targets, weights, *, steps, batch, learning_rate, overshoot, key):
     x, r, w = (jnp.asarray(np.concatenate(a)) for a in (inputs, targets, weights))
     params, static = eqx.partition(policy.net, eqx.is_inexact_array)
     optimiser = optax.adam(learning_rate)
@@ -418,7 +432,9 @@ def _fit(policy, inputs, targets, weights, *, steps, batch, learning_rate, key):
     def loss(params, idx):
         net = eqx.combine(params, static)
         pred = policy.max_log_residual * jnp.tanh(jax.vmap(net)(x[idx])[:, 0])
-        return jnp.sum(w[idx] * (pred - r[idx]) ** 2) / jnp.sum(w[idx])
+        miss = pred - r[idx]
+        weight = w[idx] * jnp.where(miss > 0, overshoot, 1 - overshoot)
+        return jnp.sum(weight * miss**2) / jnp.sum(w[idx])
 
     @jax.jit
     def update(params, opt_state, key):
@@ -442,7 +458,8 @@ def train_imitation(
     rounds: int = 3,
     fit_steps: int = 2000,
     batch: int = 512,
-    learning_rate: float = 3e-3,
+    learning_rate: float = 1e-3,
+    overshoot: float = 0.8,
     max_records: int = 1500,
     target_error: float = 0.8,
     center: bool = True,
@@ -452,10 +469,11 @@ def train_imitation(
 ) -> TrainResult:
     """Train a [`LearnedPolicy`][] by imitating the bisection oracle, with on-policy rounds.
 
-    Round 0 collects states with the untrained controller (= PI34); each later round
-    collects with the latest policy, adds the data and refits. Every policy is scored on
-    the training problems by its NFE ratio to PI34 at matched error, and the best one
-    (which may be the untrained one) is returned.
+    Round 0 collects states with the untrained controller (PI34's steps); each later
+    round collects with the latest policy, adds the data and refits. Every policy is
+    scored on the training problems by its NFE ratio to diffrax's PI34 at matched error
+    (its own evaluations included), and the best one (possibly the untrained one) is
+    returned.
 
     **Arguments:**
 
@@ -464,8 +482,12 @@ def train_imitation(
     - `stiffness`: use the secant feature.
     - `rounds`: number of fits.
     - `fit_steps`, `batch`, `learning_rate`: Adam on the weighted squared log error.
+    - `overshoot`: weight in (0, 1) of errors where the predicted step is too large
+      (`1 - overshoot` for too small): above 0.5 fits a cautious expectile.
     - `max_records`: states kept per solve for the oracle.
     - `target_error`: error estimate the oracle's step lands on.
+    - `center`: subtract each solve's median target over accepted steps (see the
+      module docstring); without it the network mostly learns a larger safety factor.
     - `oracle_iters`: bisection steps per state.
     - `seed`: random seed.
     - `log`: progress printer.
@@ -477,23 +499,24 @@ def train_imitation(
     rng = np.random.default_rng(seed)
     policy = LearnedPolicy(init_network(init_key, stiffness=stiffness), stiffness)
     settings = dict(max_records=max_records, span=policy.max_log_residual, target=target_error, iters=oracle_iters, center=center, rng=rng)
-    data, history, candidates, solves, baselines = ([], [], []), [], [], 0.0, None
+    pi34 = classical_gains("PI34").controller
+    baselines = [measure_curve(p, "PI34", pi34, rtols, ref, repeats=0) for p, ref in zip(problems, references)]
+    data, history, candidates, solves = ([], [], []), [], [], float(len(problems) * len(rtols))
     for rnd in range(rounds + 1):
         collected = [_collect(policy, p, rtols, ref, **settings) for p, ref in zip(problems, references)]
-        curves = [c[0] for c in collected]
-        if rnd == 0:
-            baselines = curves
-        score = training_score(curves, baselines)
-        solves += sum(c[4] for c in collected)
+        score = training_score([c.curve for c in collected], baselines)
+        solves += sum(c.cost for c in collected)
         candidates.append((score, rnd, policy))
-        entry = {"round": rnd, "score": score, "records": int(sum(len(t) for c in collected for t in c[2]))}
+        entry = {"round": rnd, "score": score, "records": int(sum(len(t) for c in collected for t in c.targets))}
         if rnd < rounds:
-            for store, i in zip(data, (1, 2, 3)):
-                store.extend(x for c in collected for x in c[i])
+            for c in collected:
+                for store, part in zip(data, (c.inputs, c.targets, c.weights)):
+                    store.extend(part)
             key, fit_key = jax.random.split(key)
-            policy, entry["loss"] = _fit(policy, *data, steps=fit_steps, batch=batch, learning_rate=learning_rate, key=fit_key)
+            policy, entry["loss"] = _fit(policy, *data, steps=fit_steps, batch=batch, learning_rate=learning_rate, overshoot=overshoot, key=fit_key)
         history.append(entry)
-        log(f"    round {rnd}: training score {score:+.4f} (log NFE ratio to PI34), {entry['records']} states, loss {entry.get('loss', float('nan')):.4f}")
+        fitted = f", then fit (loss {entry['loss']:.4f})" if "loss" in entry else ""
+        log(f"    round {rnd}: training score {score:+.4f} (mean log NFE ratio to PI34), {entry['records']} states{fitted}")
     score, rnd, best = min(candidates, key=lambda c: c[0])
     log(f"    kept the policy of round {rnd} (score {score:+.4f}); {solves:.0f} solve-equivalents")
     return TrainResult(best, baselines, history, solves)

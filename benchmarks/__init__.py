@@ -1,0 +1,1 @@
+"""`make bench`: training-step speed, compile time, memory, input pipeline, PyTorch comparison."""

@@ -1,0 +1,260 @@
+"""Stiffness analysis against closed forms, a hand-built trajectory, synthetic statistics, and the
+CLI on a smoke run."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from flax import nnx
+
+from stepjax.analysis import (
+    INDICATORS,
+    Analysed,
+    StageTrace,
+    StatsOptions,
+    Trace,
+    build_report,
+    TraceOptions,
+    correlation_test,
+    heun_error,
+    implied_step,
+    linearised_field,
+    relative_increment,
+    secant_lipschitz,
+    spearman,
+    spectral_radius,
+    trace_model,
+    write_report,
+)
+from stepjax.analysis.__main__ import main as analysis_main
+from stepjax.analysis.lottery import placement_configs, run_lottery
+from stepjax.analysis.placement import nsi_placement
+from stepjax.config import apply_overrides, load_experiment
+from stepjax.models import Conv, make_model
+
+FAST = TraceOptions(power_iters=3, batch_size=12)  # the CLI test's settings: compilations are shared
+
+
+def _similar(eigenblock, rng):
+    """A non-normal matrix with the spectrum of `eigenblock`."""
+    s = np.eye(len(eigenblock)) + 0.3 * rng.normal(size=eigenblock.shape)
+    return s @ eigenblock @ np.linalg.inv(s)
+
+
+def _linear_field(a):
+    """f(y) = A_b y for a batch of matrices, on states (B, n)."""
+    a = jnp.asarray(a, jnp.float32)
+    return lambda y: jnp.einsum("bij,bj->bi", a, y)
+
+
+def test_power_iteration_recovers_spectral_radius():
+    rng = np.random.default_rng(0)
+    real = np.diag([-3.0, 2.0, 1.5, -1.0, 0.5, 0.2, 0.1, 0.0])
+    rotation = 2.0 * np.array([[np.cos(0.7), -np.sin(0.7)], [np.sin(0.7), np.cos(0.7)]])  # eigenvalues 2 e^{+-0.7i}
+    complex_pair = np.zeros((8, 8))
+    complex_pair[:2, :2], complex_pair[2:, 2:] = rotation, np.diag([1.2, -1.0, 0.5, 0.3, 0.2, 0.1])
+    f = _linear_field(np.stack([_similar(real, rng), _similar(complex_pair, rng)]))
+    rho = np.asarray(spectral_radius(f, jnp.ones((2, 8)), num_iters=40))
+    np.testing.assert_allclose(rho[0], 3.0, rtol=1e-3)
+    np.testing.assert_allclose(rho[1], 2.0, rtol=1e-2)
+    with pytest.raises(ValueError, match="at least 2"):
+        spectral_radius(f, jnp.ones((2, 8)), num_iters=1)
+
+
+def test_linearised_field_is_the_jacobian_or_its_transpose():
+    rng = np.random.default_rng(2)
+    a = jnp.asarray(_similar(np.diag([-3.0, 2.0, 1.0, 0.5, 0.2]), rng), jnp.float32)
+    y, v = jnp.asarray(rng.normal(size=(2, 2, 5)), jnp.float32)
+    smooth = lambda z: jnp.tanh(z @ a)
+    np.testing.assert_allclose(linearised_field(smooth, y)(v), jax.jvp(smooth, (y,), (v,))[1], rtol=1e-5, atol=1e-6)
+
+    @jax.custom_vjp
+    def matmul(z):  # a layer with its own reverse-mode rule: forward mode cannot enter it
+        return z @ a
+
+    matmul.defvjp(lambda z: (z @ a, None), lambda _, g: (g @ a.T,))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(matmul, (y,), (v,))
+    np.testing.assert_allclose(linearised_field(matmul, y)(v), v @ a.T, rtol=1e-5, atol=1e-6)  # J^T v
+    for g in (lambda z: z @ a, matmul):  # J and J^T: the same spectral radius
+        np.testing.assert_allclose(spectral_radius(linearised_field(g, y[:1]), y[:1], 40), [3.0], rtol=1e-3)
+
+
+def test_secant_heun_and_implied_step_closed_forms():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(3, 6, 6))
+    f = _linear_field(a)
+    y = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+    f0 = f(y)
+    a_f = np.einsum("bij,bj->bi", a, np.asarray(f0))
+    a2_y = np.einsum("bij,bj->bi", a, np.einsum("bij,bj->bi", a, np.asarray(y)))
+    norm = lambda v: np.linalg.norm(v, axis=-1)
+    for eps in (1e-2, 0.1, 1.0):  # exact for every offset (up to float32 rounding): the map is linear
+        np.testing.assert_allclose(secant_lipschitz(f, y, f0, eps), norm(a_f) / norm(np.asarray(f0)), rtol=2e-4)
+    tol = 1e-2
+    for h in (0.3, jnp.asarray([0.1, 0.5, 1.0])[:, None]):
+        error = heun_error(f, y, f0, h)
+        h_sample = np.broadcast_to(np.asarray(h).reshape(-1), (3,))
+        np.testing.assert_allclose(error, h_sample**2 / 2 * norm(a2_y) / norm(np.asarray(y)), rtol=1e-4)
+        # h* = h (tol/e)^(1/2) = sqrt(2 tol ||y|| / ||A^2 y||): the classical step does not depend on h
+        classical = np.sqrt(2 * tol * norm(np.asarray(y)) / norm(a2_y))
+        np.testing.assert_allclose(implied_step(h_sample, error, tol), classical, rtol=1e-4)
+
+
+def test_relative_increment_by_hand():
+    y0 = jnp.asarray([[3.0, 4.0], [1.0, 0.0]]).reshape(2, 1, 1, 2)
+    y1 = jnp.asarray([[3.0, 4.5], [1.0, 2.0]]).reshape(2, 1, 1, 2)
+    np.testing.assert_allclose(relative_increment(y0, y1), [0.5 / 5.0, 2.0], rtol=1e-6)
+
+
+def _constant_field_resnet(stem, drift, shortcut):
+    """A basic-block ResNet whose trajectory is known by hand: every convolution is zero, so (BN
+    at its initial running statistics) the stem outputs `stem`, every vector field is the constant
+    `drift` (the second BN's bias) and every shortcut projection outputs `shortcut`."""
+    model = make_model("resnet20", num_classes=3, depths=(3, 3, 3), widths=(4, 8, 8), stem_width=4)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Conv):
+            module.kernel[...] = jnp.zeros_like(module.kernel[...])
+    model.stem_norm.bias[...] = jnp.full_like(model.stem_norm.bias[...], stem)
+    for stage in model.stages:
+        steps = [stage.steps] + ([] if stage.first is None else [stage.first])
+        for step in steps:
+            step.vector_field.norms[1].bias[...] = jnp.full_like(step.vector_field.norms[1].bias[...], drift)
+        if stage.first is not None:
+            norm = stage.first.change_of_variables.norm
+            norm.bias[...] = jnp.full_like(norm.bias[...], shortcut)
+    model.eval()
+    return model
+
+
+def test_nsi_on_constructed_trajectory_and_shapes():
+    b, c, p = 1.0, 0.5, 2.0
+    model = _constant_field_resnet(b, c, p)
+    trace = trace_model(model, np.zeros((5, 8, 8, 3), np.float32), options=FAST)
+    # stage 1 keeps its shape (states b, b+c, b+2c); stages 2, 3 start with a projection to p, then p+c, p+2c
+    expected = [[c / b, c / (b + c), c / (b + 2 * c)], [c / (p + c), c / (p + 2 * c)], [c / (p + c), c / (p + 2 * c)]]
+    assert [s.blocks for s in trace.stages] == [(1, 2, 3), (2, 3), (2, 3)]
+    for stage, values, width in zip(trace.stages, expected, (4, 8, 8)):
+        np.testing.assert_allclose(stage.indicators["relative_increment"], np.tile(values, (5, 1)), rtol=1e-5)
+        np.testing.assert_allclose(stage.indicators["spectral_radius"], 0.0, atol=1e-6)  # f is constant
+        assert stage.step_size.shape == (5, len(values), width)
+        assert set(stage.indicators) == set(INDICATORS)
+        assert all(v.shape == (5, len(values)) for v in stage.indicators.values())
+
+
+def test_trace_reproduces_the_network_and_the_mean_gate_control():
+    model = make_model("resnet164", num_classes=10, controller="se", depths=(2, 2, 2), widths=(2, 4, 4), stem_width=4)
+    model.eval()  # the smoke architecture, as in the CLI test
+    images = np.random.default_rng(0).normal(size=(20, 8, 8, 3)).astype(np.float32)
+    trace = trace_model(model, images, options=FAST)  # 20 images in batches of 12: the last one padded
+    logits, outputs = model.solve(jnp.asarray(images))
+    np.testing.assert_allclose(trace.logits, logits, rtol=1e-4, atol=1e-5)
+    for stage, out in zip(trace.stages, outputs):
+        chosen = np.moveaxis(np.asarray(out.step_size), 0, 1)  # (samples, blocks, channels)
+        np.testing.assert_allclose(stage.step_size, chosen[:, np.asarray(stage.blocks) - 1], rtol=1e-5)
+    gated = trace_model(model, images, options=FAST, gate=trace.gate_mean)
+    for stage, original in zip(gated.stages, trace.stages):
+        np.testing.assert_allclose(stage.step_size, np.broadcast_to(original.step_size.mean(0), stage.step_size.shape),
+                                   rtol=1e-5)
+    model.train()
+    with pytest.raises(ValueError, match="evaluation mode"):
+        trace_model(model, images)
+
+
+def test_spearman_zero_one_partial_and_ties():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 4000))
+    assert abs(spearman(x, y)) < 0.05
+    assert spearman(x, np.exp(x)) == pytest.approx(1.0)
+    assert spearman(x, -(x**3)) == pytest.approx(-1.0)
+    ties = np.round(x[:200]), np.round(y[:200] + x[:200])
+    assert spearman(*ties) == pytest.approx(scipy.stats.spearmanr(*ties).statistic)
+    z = rng.normal(size=4000)
+    confounded = z + 0.5 * x, z + 0.5 * y  # correlated only through z
+    assert spearman(*confounded) > 0.5
+    assert abs(spearman(*confounded, controls=z)) < 0.05
+    assert np.isnan(spearman(np.ones(10), x[:10]))
+
+
+def test_permutation_null_has_the_right_size_and_power():
+    rng = np.random.default_rng(0)
+    alpha, draws = 0.1, 400
+    x, y = rng.normal(size=(2, draws, 25))
+    null_p = correlation_test(x, y, num_permutations=199, seed=1).p_value
+    rate = np.mean(null_p <= alpha)
+    assert abs(rate - alpha) < 3.5 * np.sqrt(alpha * (1 - alpha) / draws), rate
+    related = correlation_test(x, x + 0.5 * y, num_permutations=199, seed=1).p_value
+    assert np.mean(related <= alpha) > 0.95
+    z = rng.normal(size=25)
+    partial_p = correlation_test(x + z, y + z, z, num_permutations=199, seed=2).p_value
+    assert abs(np.mean(partial_p <= alpha) - alpha) < 3.5 * np.sqrt(alpha * (1 - alpha) / draws)
+
+
+def test_report_of_a_model_with_constant_steps(tmp_path):
+    rng = np.random.default_rng(0)
+    stages = tuple(StageTrace((2, 3), {name: rng.uniform(0.1, 1.0, (8, 2)) for name in INDICATORS}, np.ones((8, 2, 4)))
+                   for _ in range(3))
+    plain = Analysed("main", "plain (h = 1)", "synthetic", 10, Trace(stages, rng.normal(size=(8, 10)), ()), 0.5)
+    report = build_report([plain], stats=StatsOptions(num_permutations=10, num_bootstrap=5), num_curves=3)
+    assert report["figures"]["correlations"]["rows"] == []  # nothing varies: every correlation undefined
+    assert report["models"]["main"]["step_size"][0]["cv_samples"] == [0.0, 0.0]
+    paths = write_report(report, tmp_path)
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert "no model with varying step sizes" in (tmp_path / "correlations.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from stepjax.train import train
+
+    workdir = tmp_path_factory.mktemp("analysis") / "run"
+    config = apply_overrides(load_experiment("cifar10_se:smoke"),
+                             ["train.progress=False", "train.total_steps=2"])
+    train(config, workdir)
+    return workdir
+
+
+def test_cli_on_a_smoke_run_writes_json_and_figures(smoke_run, tmp_path):
+    out = tmp_path / "figures"
+    assert analysis_main(["--workdir", str(smoke_run), "--num-samples", "12", "--batch-size", str(FAST.batch_size),
+                          "--power-iters", str(FAST.power_iters), "--permutations", "20", "--bootstrap", "10",
+                          "--num-curves", "5", "--out", str(out)]) == 0
+    report = json.loads((out / "analysis.json").read_text())
+    assert set(report["models"]) == {"main", "random_init", "mean_gate"}
+    assert "OUR RECONSTRUCTION" in report["note"]
+    nsi = report["figures"]["nsi_relative_increment"]
+    assert [s["blocks"] for s in nsi["stages"]] == [[2], [2], [2]]  # every smoke stage starts with a projection
+    assert len(nsi["stages"][0]["models"][0]["samples"]) == 5
+    # the mean gate removes every per-sample variation of h: within-block correlations are undefined
+    assert report["models"]["mean_gate"]["representational_ability"]["implied_step"]["within_block"]["mean_rho"] is None
+    for name in report["figures"]:
+        assert (out / f"{name}.png").stat().st_size > 1000
+    assert "| model |" in (out / "correlations.md").read_text()
+
+
+def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
+    scores = [np.nan, 0.5, np.nan, 0.9, np.nan, 0.1]  # the smoke net: 3 stages of 2 blocks
+    assert nsi_placement(scores, 0.34) == [1, 3]
+    assert nsi_placement(scores, 0.34, top=False) == [1, 5]
+    with pytest.raises(ValueError, match="at most 0.50"):
+        nsi_placement(scores, 0.8)
+    config = load_experiment("cifar10_se:smoke")
+    configs = placement_configs(config, ratio=0.34, num_random=2, scores=scores)
+    assert list(configs) == ["none", "all", "random_0", "random_1", "nsi_top", "nsi_bottom"]
+    calls = []
+
+    def fake_train(cfg, workdir):
+        calls.append(workdir.name)
+        summary = {"status": "done", "best_accuracy": 0.5 + 0.01 * len(calls), "last_accuracy": 0.5}
+        workdir.mkdir(parents=True)
+        (workdir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    results = run_lottery(configs, tmp_path, train_fn=fake_train)
+    assert calls == list(configs)
+    assert results["nsi_top"]["blocks"] == [1, 3] and results["all"]["ratio"] == 1.0
+    assert results["random_0"]["ratio"] == results["nsi_top"]["ratio"] == pytest.approx(2 / 6)
+    assert run_lottery(configs, tmp_path, train_fn=fake_train) == results and len(calls) == len(configs)  # resumed
