@@ -207,6 +207,7 @@ def worker_pipeline(spec):
 def worker_torch(spec):
     """The same network and step (ResNet-164 post-activation bottleneck, batch 128, SGD with
     momentum 0.9 and weight decay 1e-4, random crop + flip + normalisation) in PyTorch."""
+    sys.path.insert(0, str(ROOT))
     from benchmarks.torch_resnet import time_torch_step
 
     result = time_torch_step(
@@ -260,8 +261,13 @@ def _worker_main(spec):
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         from stepjax import parallel
 
-        parallel.configure_cpu_devices(spec.get("devices"))
-    sys.path.insert(0, str(ROOT))
+        if hasattr(parallel, "configure_cpu_devices"):
+            parallel.configure_cpu_devices(spec.get("devices"))
+        else:  # an older stepjax (--src): the same setting by hand
+            import jax
+
+            jax.config.update("jax_num_cpu_devices", spec.get("devices") or os.cpu_count() or 1)
+    sys.path.insert(1, str(ROOT))
     result = WORKERS[spec["kind"]](spec)
     print("BENCH_RESULT " + json.dumps(result, default=_jsonable), flush=True)
 
@@ -286,12 +292,13 @@ def run_worker(spec, timeout=1200):
     """Run one measurement in a fresh interpreter; its result dict (or an error entry)."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    first = [spec["src"], str(ROOT)] if spec.get("src") else [str(ROOT)]
+    env["PYTHONPATH"] = os.pathsep.join(first + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     t = time.perf_counter()
     load_before = _load()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.run", "--worker", json.dumps(spec)],
+            [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--worker", json.dumps(spec)],
             capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
         )
     except subprocess.TimeoutExpired:
@@ -308,20 +315,23 @@ def run_worker(spec, timeout=1200):
 def plan(args):
     """The list of measurements to run."""
     quick = args.quick
-    common = {"data_dir": args.data_dir, "devices": args.devices}
-    warm, reps = (1, 2) if quick else (2, args.repeats)
+    common = {"data_dir": args.data_dir, "devices": args.devices, "src": args.src}
+    warm, reps = (1, 2) if quick else (1, args.repeats)
     specs = []
     r164 = ("resnet",) if quick else CONTROLLERS
     for c in r164:
         specs.append({**common, "kind": "train", "name": f"resnet164/{c}", "exp": _controller_exp(c),
-                      "warmup": warm, "repeats": reps, "eval": True, "eval_repeats": 2 if quick else 3})
+                      "warmup": warm, "repeats": reps, "eval": not quick, "eval_repeats": 2})
+    if not quick and args.devices is None:  # what one device per core buys, same run
+        specs.append({**common, "devices": 1, "kind": "train", "name": "resnet164/resnet (1 device)",
+                      "exp": "cifar10_resnet", "warmup": warm, "repeats": reps, "eval": False})
     specs.append({**common, "kind": "train", "name": "resnet20/resnet (cpu protocol)", "exp": CPU_PROTOCOL,
                   "warmup": 2, "repeats": 5 if quick else 10, "eval": True})
     specs.append({**common, "kind": "train", "name": "resnet56/resnet (compile)", "exp": "cifar10_resnet",
                   "overrides": ["model.preset='resnet56'"], "compile_only": True})
     specs.append({**common, "kind": "pipeline", "name": "input pipeline", "exp": "cifar10_resnet",
                   "batches": 40 if quick else 150})
-    if args.torch:
+    if args.torch and not quick:
         specs.append({"kind": "torch", "name": "pytorch resnet164", "depths": [18, 18, 18], "batch": 128,
                       "warmup": warm, "repeats": reps, "channels_last": True})
     if args.only:
@@ -426,16 +436,19 @@ def table(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="plain ResNet-164 only, fewer repeats (< 3 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="plain ResNet-164 only, fewer repeats, no evaluation of it, no PyTorch (< 3 min)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latest.json"), help="JSON output file")
     parser.add_argument("--devices", type=int, default=None,
                         help="CPU devices (default: one per core, see stepjax.parallel.configure_cpu_devices)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed training steps per configuration")
+    parser.add_argument("--repeats", type=int, default=3, help="timed ResNet-164 training steps per configuration")
     parser.add_argument("--data-dir", default=DEFAULT_DATA, help="directory with train.npz / test.npz")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch comparison")
     parser.add_argument("--only", nargs="*", help="run only the measurements whose name contains one of these")
     parser.add_argument("--gpu", action="store_true",
                         help="accelerator figures: ResNet-164 fp32/bf16 at batch 128/1024 on the default backend")
+    parser.add_argument("--src", help="measure the stepjax package in this directory (e.g. an older checkout, "
+                        "for before/after figures) instead of this one")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

@@ -71,6 +71,28 @@ def test_scanned_model_gradient_matches_python_loop(controller):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("controller", ["stepnet", "dia"])
+def test_recomputation_in_scan_keeps_gradients_and_statistics(monkeypatch, controller):
+    """Storing only the convolution outputs (STEPJAX_REMAT, default on) changes nothing computed."""
+    kwargs = dict(num_classes=3, controller=controller, depths=(3, 2, 2), widths=(2, 4, 4), stem_width=4)
+    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
+
+    def run(remat):
+        monkeypatch.setenv("STEPJAX_REMAT", remat)
+        graphdef, params, rest = nnx.split(make_model("resnet164", **kwargs), nnx.Param, ...)
+
+        def loss(params):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            return (model(x) ** 2).mean(), nnx.state(model, nnx.Not(nnx.Param))
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    ((l1, s1), g1), ((l2, s2), g2) = run("1"), run("0")
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves((g1, s1)), jax.tree.leaves((g2, s2))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_benchmark_summary_and_table():
     from benchmarks.run import summarise, table
 

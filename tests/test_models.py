@@ -97,3 +97,10 @@ def test_bfloat16_compute_keeps_float32_parameters():
     logits, outputs = forward(model)
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_saved_states_enter_the_shape_preserving_steps():
+    model = make_model("resnet164", num_classes=5, controller="se", **TINY)
+    model.eval()
+    _, outputs = model.solve(X, save_states=True)
+    assert [o.states.shape for o in outputs] == [(1, 2, 8, 8, 8), (2, 2, 4, 4, 16), (1, 2, 2, 2, 16)]

@@ -24,7 +24,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help=f"run directory, or {INIT_PREFIX}EXP for a fresh model")
     p.add_argument("--compare", help="second model overlaid on the NSI plots (run directory or init:EXP)")
-    p.add_argument("--num-samples", type=int, default=1000, help="images: a fixed random subset of the split (default 1000)")
+    p.add_argument("--num-samples", type=int, default=1000,
+                   help="size of the fixed random subset of the split (default 1000)")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--data-dir", help="read the images from an npz copy here (e.g. /work/shared/data/cifar10)")
     p.add_argument("--out", help=f"output directory (default {DEFAULT_OUT}/<workdir name>)")

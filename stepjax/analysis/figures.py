@@ -76,7 +76,8 @@ def plot_step_sizes(figure: dict, path, max_columns: int = 9) -> None:
     rows = [(stage["stage"], stage["panels"][i : i + max_columns])
             for stage in figure["stages"] for i in range(0, len(stage["panels"]), max_columns)]
     cols = max(len(panels) for _, panels in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.7 * cols + 1.4, 1.7 * len(rows) + 0.7), squeeze=False)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.7 * cols + 1.4, 1.8 * len(rows) + 0.7), squeeze=False,
+                             layout="constrained")
     image = None
     for row, (stage, panels) in zip(axes, rows):
         for ax in row[len(panels):]:
@@ -179,7 +180,8 @@ def plot_lottery(figure: dict, path) -> None:
     labels = []
     for x, group in enumerate(LOTTERY_GROUPS):
         members = [r for r in figure["runs"] if _lottery_group(r["name"]) == group]
-        labels.append(f"{LOTTERY_LABELS[group]}\n(ratio {members[0]['ratio']:.2f})" if members else LOTTERY_LABELS[group])
+        ratio = f"\n(ratio {members[0]['ratio']:.2f})" if members else ""
+        labels.append(LOTTERY_LABELS[group] + ratio)
         runs = [r for r in members if r["status"] == "done"]
         offsets = np.linspace(-0.15, 0.15, len(runs)) if len(runs) > 1 else [0.0] * len(runs)
         for dx, r in zip(offsets, runs):

@@ -213,11 +213,11 @@ def _correlation_figure(models: list, ability: dict, alpha: float) -> dict:
     note = (
         "Spearman correlation of the channel-mean step h with each indicator. Within-block: mean over blocks "
         "of the correlation across samples, bootstrap CI over samples, permutation p (samples relabelled); "
-        f"'blocks p<=a' counts blocks with per-block p <= {alpha} and rho > 0 (+) or < 0 (-). Across-block: correlation of block means; "
-        "partial = controlling for depth, permutation p over blocks. Without *, a classical controller would "
-        "give negative rho (smaller steps where the indicator is larger) and positive rho with h*; * marks "
-        "functions of h, whose correlation with h is partly mechanical and no evidence either way. Models "
-        "whose step never varies (a plain ResNet) have no rows. " + RECONSTRUCTION_NOTE
+        f"'blocks p<=a' counts blocks with per-block p <= {alpha} and rho > 0 (+) or < 0 (-). Across-block: "
+        "correlation of block means; partial = controlling for depth, permutation p over blocks. Without *, a "
+        "classical controller would give negative rho (smaller steps where the indicator is larger) and "
+        "positive rho with h*; * marks functions of h, whose correlation with h is partly mechanical and no "
+        "evidence either way. Models whose step never varies (a plain ResNet) have no rows. " + RECONSTRUCTION_NOTE
     )
     return {"title": "representational ability: do the chosen steps track stiffness?", "note": note, "rows": rows}
 

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from stepjax.ode.euler import SAVED
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
-CONV_OUTPUT = "conv_output"  # `checkpoint_name` of every convolution's output (see EulerStage)
 
 
 def conv2d(x, w, stride=1):
@@ -38,7 +39,7 @@ def conv2d(x, w, stride=1):
         y = _pointwise(x[:, ::stride, ::stride, :], w[0, 0])
     else:
         y = _conv_same(x, w, stride)
-    return checkpoint_name(y, CONV_OUTPUT)
+    return checkpoint_name(y, SAVED)  # kept for the backward pass of a scanned stage
 
 
 @jax.custom_vjp

@@ -17,6 +17,7 @@ from flax import nnx
 
 from stepjax import data, parallel
 from stepjax.config import validate
+from stepjax.analysis.placement import resolve_nsi_placement
 from stepjax.models import make_model
 from stepjax.train.checkpoint import Checkpointer
 from stepjax.train.metrics import MetricWriter, Progress, format_summary
@@ -42,7 +43,7 @@ def build_model(config: ml_collections.ConfigDict):
     m = config.model
     return make_model(
         m.preset, num_classes=config.data.num_classes, controller=m.controller,
-        controller_options=dict(m.controller_options), placement=_placement(m.placement),
+        controller_options=dict(m.controller_options), placement=_placement(resolve_nsi_placement(m)),
         placement_seed=m.placement_seed, placement_ratio=m.placement_ratio, seed=config.seed,
         dtype=DTYPES[m.dtype], scan=m.get("scan", True), depths=m.depths, widths=m.widths, stem_width=m.stem_width,
     )
