@@ -157,6 +157,63 @@ def worker_train(spec):
     return result
 
 
+def _build_step(exp, overrides, data_dir):
+    """(compiled train step, state, batch, config) of one experiment, as `train` builds them."""
+    import jax
+
+    from stepjax import data, parallel
+    from stepjax.train.loop import build_model
+    from stepjax.train.step import init_state, learning_rate_schedule, make_optimizer, make_train_step
+
+    config = _experiment(exp, overrides, data_dir)
+    mesh = parallel.data_mesh(config.mesh.num_devices)
+    info = data.dataset_info(config.data)
+    loader = data.TrainLoader(config.data, seed=config.seed, global_batch=config.train.global_batch)
+    schedule = learning_rate_schedule(config.optim, loader.steps_per_epoch, config.train.epochs * loader.steps_per_epoch)
+    tx = make_optimizer(config.optim, schedule)
+    graphdef, state = init_state(build_model(config), tx)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    batch = parallel.global_batch(next(loader), mesh)
+    step = make_train_step(graphdef, tx, schedule, config, info, mesh)
+    return step.lower(state, batch).compile(), state, batch, config
+
+
+def worker_interleaved(spec):
+    """Same-time comparison on a shared machine: the steps of several configurations (and
+    PyTorch's) compiled in one process and run in turn, round after round, so that every
+    configuration sees the same background load. Ratios come from the per-configuration medians."""
+    import jax
+
+    runners = {}
+    for name, exp in spec["configs"]:
+        compiled, state, batch, config = _build_step(exp, (), spec["data_dir"])
+        holder = {"state": state}
+
+        def run(compiled=compiled, holder=holder, batch=batch):
+            holder["state"], metrics = compiled(holder["state"], batch)
+            jax.block_until_ready(metrics)
+
+        runners[name] = run
+    if spec.get("torch"):
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.torch_resnet import make_torch_step
+
+        runners["pytorch resnet164"] = make_torch_step(depths=(18, 18, 18), batch=128)
+    times = {name: [] for name in runners}
+    for name, run in runners.items():  # warm-up
+        run()
+    loads = []
+    for _ in range(spec["rounds"]):
+        for name, run in runners.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+        loads.append(_load())
+    medians = {name: _median(ts) for name, ts in times.items()}
+    return {"step_s": medians, "step_times_s": times, "rounds": spec["rounds"], "load": loads,
+            "devices": jax.device_count()}
+
+
 def _flops(compiled):
     try:
         cost = compiled.cost_analysis()
@@ -253,7 +310,7 @@ def _peak_flops(kind, dtype):
     return None
 
 
-WORKERS = {"train": worker_train, "pipeline": worker_pipeline, "torch": worker_torch, "gpu": worker_gpu}
+WORKERS = {"interleaved": worker_interleaved, "train": worker_train, "pipeline": worker_pipeline, "torch": worker_torch, "gpu": worker_gpu}
 
 
 def _worker_main(spec):
@@ -319,9 +376,10 @@ def plan(args):
     warm, reps = (1, 2) if quick else (1, args.repeats)
     specs = []
     r164 = ("resnet",) if quick else CONTROLLERS
-    for c in r164:
+    for c in r164:  # controllers: fewer repeats, their ratios come from the interleaved run
         specs.append({**common, "kind": "train", "name": f"resnet164/{c}", "exp": _controller_exp(c),
-                      "warmup": warm, "repeats": reps, "eval": not quick, "eval_repeats": 2})
+                      "warmup": warm, "repeats": reps if c == "resnet" else min(reps, 2), "eval": not quick,
+                      "eval_repeats": 2 if c == "resnet" else 1})
     if not quick and args.devices is None:  # what one device per core buys, same run
         specs.append({**common, "devices": 1, "kind": "train", "name": "resnet164/resnet (1 device)",
                       "exp": "cifar10_resnet", "warmup": warm, "repeats": reps, "eval": False})
@@ -331,6 +389,10 @@ def plan(args):
                   "overrides": ["model.preset='resnet56'"], "compile_only": True})
     specs.append({**common, "kind": "pipeline", "name": "input pipeline", "exp": "cifar10_resnet",
                   "batches": 40 if quick else 150})
+    if not quick:
+        configs = [[f"resnet164/{c}", _controller_exp(c)] for c in CONTROLLERS]
+        specs.append({**common, "kind": "interleaved", "name": "interleaved", "configs": configs,
+                      "rounds": args.rounds, "torch": args.torch})
     if args.torch and not quick:
         specs.append({"kind": "torch", "name": "pytorch resnet164", "depths": [18, 18, 18], "batch": 128,
                       "warmup": warm, "repeats": reps, "channels_last": True})
@@ -382,15 +444,25 @@ def summarise(results):
     r56 = by.get("resnet56/resnet (compile)")
     torch = by.get("pytorch resnet164")
     pipe = by.get("input pipeline")
-    if plain:
+    inter = by.get("interleaved")
+    if inter:  # same-time medians: the ratios that the targets use
+        steps = inter["step_s"]
+        base = steps.get("resnet164/resnet")
+        for c in CONTROLLERS[1:]:
+            if base and f"resnet164/{c}" in steps:
+                out[f"step_ratio_{c}_vs_plain"] = steps[f"resnet164/{c}"] / base
+        if base and "pytorch resnet164" in steps:
+            out["speed_ratio_jax_vs_torch"] = steps["pytorch resnet164"] / base
+    elif plain:
         for c in CONTROLLERS[1:]:
             if f"resnet164/{c}" in by:
                 out[f"step_ratio_{c}_vs_plain"] = by[f"resnet164/{c}"]["step_s"] / plain["step_s"]
+    if plain:
         out["compile_resnet164_s"] = plain["compile_s"]
     if plain and r56:
         out["compile_ratio_164_vs_56"] = plain["compile_s"] / r56["compile_s"]
     if plain and torch:
-        out["speed_ratio_jax_vs_torch"] = torch["step_s"] / plain["step_s"]
+        out.setdefault("speed_ratio_jax_vs_torch", torch["step_s"] / plain["step_s"])
         out["peak_rss_ratio_jax_vs_torch"] = plain["step_peak_rss_gib"] / torch["step_peak_rss_gib"]
     if pipe and plain:
         fastest = max(r["images_per_s"] for n, r in by.items() if "images_per_s" in r and n.startswith("resnet"))
@@ -422,6 +494,11 @@ def table(results):
         if "error" in r:
             rows.append(f"| {r['name']} | error: {r['error'].splitlines()[-1][:80]} | | | | | | | |")
             continue
+        if r["name"] == "interleaved":
+            for name, t in r["step_s"].items():
+                rows.append(f"| {name} (interleaved, same time) | {r['devices'] if 'pytorch' not in name else '-'} | - | "
+                            f"{t:.3f} | {128 / t:.1f} | - | - | - | {r['load'][-1]} |")
+            continue
         if r["name"] == "input pipeline":
             rows.append(f"| {r['name']} (loader alone / + augment) | {r['devices']} | - | - | "
                         f"{r['loader_images_per_s']:.0f} / {r['loader_augment_images_per_s']:.0f} | - | - | - | {r['load']} |")
@@ -442,6 +519,8 @@ def main(argv=None):
     parser.add_argument("--devices", type=int, default=None,
                         help="CPU devices (default: one per core, see stepjax.parallel.configure_cpu_devices)")
     parser.add_argument("--repeats", type=int, default=3, help="timed ResNet-164 training steps per configuration")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the interleaved same-time comparison (all controllers and PyTorch)")
     parser.add_argument("--data-dir", default=DEFAULT_DATA, help="directory with train.npz / test.npz")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch comparison")
     parser.add_argument("--only", nargs="*", help="run only the measurements whose name contains one of these")
@@ -475,9 +554,10 @@ def main(argv=None):
         if "error" in result:
             print(f"   ERROR: {result['error']}", flush=True)
         else:
-            keys = ("compile_s", "step_s", "images_per_s", "eval_images_per_s", "step_peak_rss_gib",
+            keys = ("compile_s", "images_per_s", "eval_images_per_s", "step_peak_rss_gib",
                     "loader_images_per_s", "loader_augment_images_per_s", "mfu")
-            print("   " + ", ".join(f"{k}={result[k]:.3g}" for k in keys if result.get(k) is not None), flush=True)
+            print("   " + ", ".join(f"{k}={result[k]:.3g}" for k in keys if result.get(k) is not None)
+                  + (f", step_s={result['step_s']}" if "step_s" in result else ""), flush=True)
     summary = summarise(results)
     out = {"environment": env, "quick": args.quick, "gpu": args.gpu, "total_wall_s": time.perf_counter() - start,
            "results": results, "summary": summary}

@@ -49,15 +49,8 @@ def _build(depths, num_classes=10):
     return nn.Sequential(*layers)
 
 
-def time_torch_step(*, depths=(18, 18, 18), batch=128, warmup=2, repeats=5, channels_last=True,
-                    reset_peak=None, seed=0):
-    """Median time of one training step of the PyTorch ResNet on the CPU.
-
-    **Returns:**
-
-    A dict with ``step_s``, ``step_times_s``, ``images_per_s``, ``losses``, ``threads`` and the
-    torch version.
-    """
+def make_torch_step(*, depths=(18, 18, 18), batch=128, channels_last=True, seed=0):
+    """A function that runs one training step of the PyTorch ResNet and returns the loss."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -93,6 +86,21 @@ def time_torch_step(*, depths=(18, 18, 18), batch=128, warmup=2, repeats=5, chan
         return float(loss)
 
     model.train()
+    return step
+
+
+def time_torch_step(*, depths=(18, 18, 18), batch=128, warmup=2, repeats=5, channels_last=True,
+                    reset_peak=None, seed=0):
+    """Median time of one training step of the PyTorch ResNet on the CPU.
+
+    **Returns:**
+
+    A dict with ``step_s``, ``step_times_s``, ``images_per_s``, ``losses``, ``threads`` and the
+    torch version.
+    """
+    import torch
+
+    step = make_torch_step(depths=depths, batch=batch, channels_last=channels_last, seed=seed)
     losses = [step() for _ in range(warmup)]
     if reset_peak is not None:
         reset_peak()

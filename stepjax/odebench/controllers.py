@@ -80,6 +80,7 @@ class TuneResult:
     solves: int
 
 
+SEARCH_MAX_STEPS = 50_000  # a candidate needing more on a training solve has lost anyway
 _BOX = np.array([[-0.3, 0.8], [0.05, 1.0], [-0.1, 0.25], [0.7, 0.98]])  # p, i, d, safety
 
 
@@ -97,7 +98,8 @@ def tune_pid(
 
     Half the candidates are uniform in a box around the published filters, the rest are
     Gaussian perturbations of the best so far with a shrinking radius. PI34 is the first
-    candidate, so the result is never worse than PI34 on the training set.
+    candidate, so the result is never worse than PI34 on the training set. A candidate
+    solve that needs more than `SEARCH_MAX_STEPS` steps counts as a failure (score inf).
 
     **Arguments:**
 
@@ -124,7 +126,7 @@ def tune_pid(
             radius = 0.15 * (1 - (k - n // 2) / max(1, n - n // 2)) + 0.02
             x = np.clip(best + radius * (_BOX[:, 1] - _BOX[:, 0]) * rng.standard_normal(4), _BOX[:, 0], _BOX[:, 1])
         gains = PIDGains(*map(float, x))
-        curves = [measure_curve(p, "candidate", gains.controller, rtols, ref, repeats=0) for p, ref in zip(problems, references)]
+        curves = [measure_curve(p, "candidate", gains.controller, rtols, ref, repeats=0, max_steps=SEARCH_MAX_STEPS) for p, ref in zip(problems, references)]
         score = training_score(curves, baselines)
         history.append({"gains": dataclasses.asdict(gains), "score": score})
         if score < best_score:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .problems import Problem
-from .solve import SolveStats, is_explicit, solve
+from .solve import MAX_STEPS, SolveStats, is_explicit, solve
 
 
 def global_error(problem: Problem, ys: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -84,7 +84,7 @@ class Curve:
         return e[order], c[order]
 
 
-def measured_solve(problem: Problem, controller, repeats: int) -> SolveStats:
+def measured_solve(problem: Problem, controller, repeats: int, max_steps: int = MAX_STEPS) -> SolveStats:
     """A solve with its NFE and, if `repeats > 0`, its wall time.
 
     Explicit solves get both from one uncounted run; implicit ones need a counted run
@@ -93,11 +93,11 @@ def measured_solve(problem: Problem, controller, repeats: int) -> SolveStats:
     **Returns:** [`stepjax.odebench.solve.SolveStats`][].
     """
     if is_explicit(problem.solver):
-        return solve(problem, controller, repeats=repeats)
-    counted = solve(problem, controller, count=True)
+        return solve(problem, controller, repeats=repeats, max_steps=max_steps)
+    counted = solve(problem, controller, count=True, max_steps=max_steps)
     if repeats == 0:
         return counted
-    timed = solve(problem, controller, repeats=repeats)
+    timed = solve(problem, controller, repeats=repeats, max_steps=max_steps)
     return dataclasses.replace(timed, nfe=counted.nfe, jacobians=counted.jacobians)
 
 
@@ -109,6 +109,7 @@ def measure_curve(
     reference: np.ndarray,
     *,
     repeats: int = 1,
+    max_steps: int = MAX_STEPS,
 ) -> Curve:
     """Solve `problem` at each tolerance and record cost and achieved error.
 
@@ -120,12 +121,13 @@ def measure_curve(
     - `rtols`: relative tolerances; `atol = rtol * problem.atol_factor`.
     - `reference`: from [`stepjax.odebench.reference_solution`][].
     - `repeats`: timed repeats per solve (minimum kept); 0 for no timing.
+    - `max_steps`: attempted steps after which a solve counts as failed.
 
     **Returns:** a [`Curve`][].
     """
     curve = Curve(name, primary_metric(problem))
     for rtol in rtols:
-        stats = measured_solve(problem, make_controller(rtol, rtol * problem.atol_factor), repeats)
+        stats = measured_solve(problem, make_controller(rtol, rtol * problem.atol_factor), repeats, max_steps)
         curve.add(problem, rtol, stats, reference)
     return curve
 
