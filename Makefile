@@ -45,7 +45,7 @@ results: setup
 
 # speed, compile time, memory, input pipeline (docs/BENCHMARKS.md); torch for the comparison
 bench: setup
-	$(PY) -m benchmarks.run $(ARGS)
+	$(PY) -m benchmarks.run --docs docs/BENCHMARKS.md $(ARGS)
 
 # stiffness analysis of a trained run (or init:EXP for a fresh model)
 analyze: setup

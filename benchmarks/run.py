@@ -510,6 +510,49 @@ def table(results):
     return "\n".join(rows)
 
 
+def markdown(out):
+    """The results section of docs/BENCHMARKS.md from a JSON written by this script."""
+    env = out["environment"]
+    lines = [f"Machine: {env.get('cpu')}, {env['cores']} cores, {env.get('memory_gib')} GiB; "
+             f"Python {env['python']}, jax/jaxlib {env['jax']}/{env['jaxlib']}, flax {env['flax']}, "
+             f"optax {env['optax']}, grain {env['grain']}, torch {env['torch']}; {env['date']}; "
+             f"total {out['total_wall_s'] / 60:.1f} min.", "", table(out["results"]), ""]
+    s = out["summary"]
+    names = {"speed_ratio_jax_vs_torch": "ResNet-164 step speed, JAX / PyTorch (same time)",
+             "peak_rss_ratio_jax_vs_torch": "ResNet-164 step peak RSS, JAX / PyTorch",
+             "compile_ratio_164_vs_56": "compile ResNet-164 / ResNet-56",
+             "compile_resnet164_s": "compile ResNet-164 (s)",
+             "pipeline_vs_fastest_step": "input pipeline (loader + augment) / fastest training step"}
+    lines += ["| ratio | value |", "| --- | --- |"]
+    for key, value in s.items():
+        if key != "targets_met":
+            label = names.get(key, key.replace("step_ratio_", "step time ").replace("_vs_plain", " / plain"))
+            lines.append(f"| {label} | {value:.2f} |")
+    figures = {"resnet164 step >= pytorch": ("speed_ratio_jax_vs_torch", "x PyTorch's speed"),
+               "se step <= 1.15x plain": ("step_ratio_se_vs_plain", "x plain"),
+               "stepnet step <= 1.15x plain": ("step_ratio_stepnet_vs_plain", "x plain"),
+               "compile 164 <= 1.5x 56 and < 30 s": ("compile_ratio_164_vs_56", "x ResNet-56"),
+               "pipeline >= 3x step": ("pipeline_vs_fastest_step", "x the fastest step"),
+               "peak memory <= pytorch": ("peak_rss_ratio_jax_vs_torch", "x PyTorch's")}
+    lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
+    for k, v in s["targets_met"].items():
+        key, unit = figures[k]
+        lines.append(f"| {k} | {s[key]:.2f}{unit} | {'met' if v else 'MISSED'} |")
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- bench:results -->", "<!-- /bench:results -->"
+
+
+def write_docs(out, path):
+    """Replace the results block of `path` (between the BEGIN and END markers) with `markdown(out)`."""
+    text = Path(path).read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to replace; add the two markers where the results go")
+    head, rest = text.split(BEGIN, 1)
+    Path(path).write_text(head + BEGIN + "\n" + markdown(out) + "\n" + END + rest.split(END, 1)[1])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -528,8 +571,16 @@ def main(argv=None):
                         help="accelerator figures: ResNet-164 fp32/bf16 at batch 128/1024 on the default backend")
     parser.add_argument("--src", help="measure the stepjax package in this directory (e.g. an older checkout, "
                         "for before/after figures) instead of this one")
+    parser.add_argument("--markdown", metavar="JSON", help="print the markdown results of a JSON written before "
+                        "(with --docs, write them into that file instead)")
+    parser.add_argument("--docs", help="markdown file whose results block a full CPU run (or --markdown) rewrites "
+                        "(make bench: docs/BENCHMARKS.md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.markdown:
+        saved = json.loads(Path(args.markdown).read_text())
+        write_docs(saved, args.docs) if args.docs else print(markdown(saved))
+        return 0
     if args.worker:
         _worker_main(json.loads(args.worker))
         return 0
@@ -568,6 +619,9 @@ def main(argv=None):
     print()
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out} ({out['total_wall_s']:.0f} s)")
+    if args.docs and not (args.quick or args.gpu or args.only):
+        write_docs(out, args.docs)
+        print(f"updated the results in {args.docs}")
     return 0
 
 

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     from stepjax import parallel  # imports jax: keep `--list` fast
     from stepjax.train import train
 
+    parallel.configure_cpu_devices()  # one CPU device per core; no effect on accelerators
     parallel.initialize_distributed()
     config = apply_overrides(load_experiment(args.config), args.overrides)
     workdir = Path(args.workdir or f"runs/{args.config.replace(':', '_')}")

@@ -49,7 +49,8 @@ def configure_cpu_devices(num_devices: int | None = None) -> int:
         num_devices = int(os.environ.get(CPU_DEVICES_ENV) or host_cores())
     if num_devices < 1:
         raise ValueError(f"configure_cpu_devices: num_devices must be >= 1, got {num_devices}.")
-    jax.config.update("jax_num_cpu_devices", int(num_devices))
+    if jax.config.jax_num_cpu_devices != num_devices:  # a second call (e.g. the study's next run) is a no-op
+        jax.config.update("jax_num_cpu_devices", int(num_devices))
     return int(num_devices)
 
 

@@ -93,10 +93,8 @@ def test_recomputation_in_scan_keeps_gradients_and_statistics(monkeypatch, contr
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_benchmark_summary_and_table():
-    from benchmarks.run import summarise, table
-
-    results = [
+def _fake_results():
+    return [
         {"name": "resnet164/resnet", "compile_s": 10.0, "step_s": 2.0, "images_per_s": 64.0, "step_peak_rss_gib": 2.0,
          "peak_rss_gib": 3.0, "devices": 2, "load": [1, 1, 1]},
         {"name": "resnet164/se", "compile_s": 11.0, "step_s": 2.2, "images_per_s": 58.0, "step_peak_rss_gib": 2.0,
@@ -107,6 +105,12 @@ def test_benchmark_summary_and_table():
          "devices": 2, "load": [1, 1, 1]},
         {"name": "resnet164/dia", "error": "boom"},
     ]
+
+
+def test_benchmark_summary_and_table():
+    from benchmarks.run import summarise, table
+
+    results = _fake_results()
     s = summarise(results)
     assert s["step_ratio_se_vs_plain"] == pytest.approx(1.1)
     assert s["compile_ratio_164_vs_56"] == pytest.approx(1.25)
@@ -117,3 +121,19 @@ def test_benchmark_summary_and_table():
     }
     text = table(results)
     assert "resnet164/se" in text and "error: boom" in text
+
+
+def test_benchmark_results_replace_only_the_marked_block(tmp_path):
+    from benchmarks.run import BEGIN, END, environment, summarise, write_docs
+
+    results = _fake_results()
+    out = {"environment": environment(), "results": results, "summary": summarise(results), "total_wall_s": 60.0}
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"intro\n{BEGIN}\nold figures\n{END}\nprose after\n")
+    write_docs(out, doc)
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("prose after\n") and "old figures" not in text
+    assert "| resnet164 step >= pytorch | 1.25x PyTorch's speed | met |" in text
+    doc.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="no <!-- bench:results -->"):
+        write_docs(out, doc)

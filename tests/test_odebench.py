@@ -1,6 +1,7 @@
 """Tests of stepjax.odebench against exact oracles (bitwise step sequences, counted
 evaluations, published reference values, analytic work-precision curves)."""
 
+import json
 import math
 
 import diffrax
@@ -23,7 +24,8 @@ from stepjax.odebench import (
     solve,
 )
 from stepjax.odebench._x64 import callback_f64
-from stepjax.odebench.report import verdict
+from stepjax.odebench.benchmark import rejudge
+from stepjax.odebench.report import compare, verdict, write_json
 
 
 def _logging(vector_field, times):
@@ -128,6 +130,35 @@ def test_nfe_ratio_at_matched_error_on_power_laws():
     assert np.isnan(cost_ratio(a, b, np.array([1e-1]))).all()  # outside the data: no extrapolation
 
 
+def test_compare_picks_the_hardest_baseline():
+    errors = np.logspace(-9, -3, 7)
+    curves = {
+        "learned": _power_curve("learned", 80.0, 0.2, errors),
+        "weak": _power_curve("weak", 200.0, 0.2, errors),
+        "strong": _power_curve("strong", 90.0, 0.2, errors),
+        "sloppy": _power_curve("sloppy", 50.0, 0.2, [0.5, 0.2]),  # errors too large to match
+    }
+    result = compare(curves, "learned", ["weak", "strong", "sloppy"])
+    assert result["best_classical"] == "strong"
+    np.testing.assert_allclose(result["ratios"], 80 / 90, rtol=1e-12)
+    np.testing.assert_allclose(result["vs"]["weak"], 0.4, rtol=1e-12)
+    assert result["wins"] == 0 and math.isnan(result["vs"]["sloppy"]) and result["unmatched"] == ["sloppy"]
+
+
+def test_rejudge_from_saved_json_matches_the_direct_comparison(tmp_path):
+    errors = np.logspace(-9, -3, 7)
+    curves = {"learned": _power_curve("learned", 80.0, 0.2, errors), "PI34": _power_curve("PI34", 90.0, 0.25, errors)}
+    curves["PI34"].success[2], curves["PI34"].error[2] = False, math.nan  # a failed solve: NaN in memory, null on disk
+    direct = compare(curves, "learned", ["PI34"])
+    result = {"problem": "p", "family": "vdp", "solver": "tsit5", "stiff": True, "sanity": False, "curves": curves, "comparison": {}}
+    write_json({"classical": ["PI34"], "results": [result]}, tmp_path / "results.json")
+    payload = rejudge(json.loads((tmp_path / "results.json").read_text()))
+    again = payload["results"][0]["comparison"]
+    assert again["best_classical"] == "PI34" and len(again["ratios"]) == 4
+    np.testing.assert_allclose(again["ratios"], direct["ratios"], rtol=1e-12)
+    assert payload["verdict"]["win"] is False and payload["verdict_words"]
+
+
 def test_error_levels_need_overlap():
     a = _power_curve("a", 1.0, 0.2, [1e-3, 1e-2])
     b = _power_curve("b", 1.0, 0.2, [1e-6, 1e-5])
@@ -151,7 +182,8 @@ def test_float64_callback_round_trip():
 
 
 def _result(family, stiff, sanity, ratios, failures=0):
-    return {"family": family, "stiff": stiff, "sanity": sanity, "comparison": {"ratios": ratios, "wins": sum(r <= 0.85 for r in ratios), "failures": {"learned": failures}, "vs": {"tuned PID": 0.9}}}
+    comparison = {"ratios": ratios, "wins": sum(r <= 0.85 for r in ratios), "unmatched": [], "failures": {"learned": failures}, "vs": {"tuned PID": 0.9}}
+    return {"family": family, "stiff": stiff, "sanity": sanity, "comparison": comparison}
 
 
 def test_verdict_applies_the_design_criterion():
@@ -162,6 +194,9 @@ def test_verdict_applies_the_design_criterion():
     assert not verdict(stiff_win + [_result("b", True, False, [0.9, 0.8, 0.9, 0.8])] + nonstiff_ok)["win"]
     assert not verdict(stiff_win + [_result("c", False, True, [1.0, 1.06, 0.9, 0.99])])["win"]
     assert not verdict(stiff_win[:1] + [_result("b", True, False, [0.7, 0.8, 0.8, 0.8], failures=1)] + nonstiff_ok)["win"]
+    unmatched = _result("b", True, False, [0.7, 0.8, 0.84, 0.85])
+    unmatched["comparison"]["unmatched"] = ["tuned PID"]
+    assert not verdict(stiff_win[:1] + [unmatched] + nonstiff_ok)["win"]
 
 
 def test_oracle_step_is_the_largest_with_error_below_target():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, NamedTuple, Sequence
 
@@ -17,6 +18,21 @@ from stepjax.ode.controller import StageShared, StepController
 # update) is recomputed from them. Same gradients; about half the stored activations, fewer
 # memory passes, and on 2 CPU cores a faster step. ``STEPJAX_REMAT=0`` turns it off.
 SAVED = "euler_saved"
+_SMALL = 1 << 20  # elements: a reduction's output up to this size is stored, not recomputed
+_REDUCTIONS = (jax.lax.reduce_sum_p, jax.lax.reduce_max_p, jax.lax.reduce_min_p)
+
+
+def _save_policy(prim, *avals, **params):
+    """Store the tagged values and the small outputs of reductions (BatchNorm statistics, a
+    controller's pooled features): recomputing those would read whole activations again."""
+    if prim in _REDUCTIONS:
+        shape = avals[0].shape
+        kept = [n for i, n in enumerate(shape) if i not in params.get("axes", ())]
+        return math.prod(kept) <= _SMALL
+    return _SAVE_NAMED(prim, *avals, **params)
+
+
+_SAVE_NAMED = jax.checkpoint_policies.save_only_these_names(SAVED)
 
 
 class EulerStep(nnx.Module):
@@ -208,7 +224,7 @@ class EulerStage(nnx.Module):
 
         xs = (stacked, t0s, active)
         if os.environ.get("STEPJAX_REMAT", "1") != "0":
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(SAVED), prevent_cse=False)
+            body = jax.checkpoint(body, policy=_save_policy, prevent_cse=False)
         if self.scan:
             (y, _), (new_stats, h, saved) = jax.lax.scan(body, (y, state), xs)
         else:

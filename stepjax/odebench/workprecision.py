@@ -27,6 +27,9 @@ def global_error(problem: Problem, ys: np.ndarray, reference: np.ndarray) -> tup
     return float(np.sqrt(np.mean(scaled**2))), float(np.sqrt(np.mean(scaled[-1] ** 2)))
 
 
+MAX_ERROR = 1e-2
+
+
 def primary_metric(problem: Problem) -> str:
     """The error used to match controllers on `problem`.
 
@@ -42,8 +45,9 @@ class Curve:
     """One controller's work-precision data on one problem, one entry per tolerance.
 
     `metric` names the error (`"error"` or `"final_error"`) used by default when curves
-    are compared. Failed solves keep their row with `success = False` and are left out
-    of interpolation (`points`).
+    are compared. Failed solves keep their row with `success = False`; they, and solves
+    with an error above `MAX_ERROR` (fewer than two correct digits, where curves of
+    orbits and oscillators fold back), are left out of interpolation (`points`).
     """
 
     controller: str
@@ -77,7 +81,7 @@ class Curve:
         """**Returns:** `(errors, costs)` of the successful solves, sorted by error
         (`error` defaults to `self.metric`)."""
         error = error or self.metric
-        ok = [i for i, s in enumerate(self.success) if s and getattr(self, error)[i] > 0]
+        ok = [i for i, s in enumerate(self.success) if s and 0 < getattr(self, error)[i] <= MAX_ERROR]
         e = np.array([getattr(self, error)[i] for i in ok], dtype=float)
         c = np.array([getattr(self, cost)[i] for i in ok], dtype=float)
         order = np.argsort(e)
