@@ -45,6 +45,17 @@ def test_results_tables_and_figure(tmp_path):
     assert fig.stat().st_size > 1000
 
 
+def test_resumed_run_counts_each_step_once_and_eval_time(tmp_path):
+    fake_run(tmp_path, "cifar10_se", "se", 0, [0.5, 0.6, 0.7])
+    d = tmp_path / "cifar10_se_s0"
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    (d / "metrics.jsonl").write_text("\n".join(lines[:2] + lines[1:2] + lines[2:] + lines[4:5]) + "\n")  # re-logged after a kill
+    (d / "summary.json").write_text(json.dumps({"status": "done", "wall_time_s": 600.0, "eval_time_s": 60.0}))
+    (record,) = collect(tmp_path)
+    assert record["epochs"] == [1, 2, 3] and record["train_steps"] == [10, 20, 30]
+    assert record["wall_time_s"] == 660.0
+
+
 def test_verdict_says_no_significant_difference():
     stats = {"a": {"best": np.array([0.90, 0.92, 0.91])}, "b": {"best": np.array([0.91, 0.90, 0.92])}}
     assert "no significant difference" in verdict(stats, "a", ["b"])[0]

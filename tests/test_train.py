@@ -46,6 +46,7 @@ def test_make_train_smoke_end_to_end(tmp_path):
     assert "best test accuracy" in result.stdout
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "done" and summary["steps"] == 16
+    assert summary["eval_time_s"] > 0 and summary["wall_time_s"] > 0
     records = read_metrics(workdir / "metrics.jsonl")
     test_records = [r for r in records if r["split"] == "test"]
     assert len(test_records) == 2 and len(test_records[0]["step_size"]) == 6  # one mean step per block

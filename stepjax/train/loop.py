@@ -189,7 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         save_interval_steps=config.train.checkpoint_every_steps,
     )
     record = {"best_accuracy": None, "best_epoch": None, "last_accuracy": None, "last_epoch": None,
-              "wall_time_s": 0.0, "trained_images": 0}
+              "wall_time_s": 0.0, "eval_time_s": 0.0, "trained_images": 0}
     restored = checkpointer.restore_latest(_abstract(state._asdict(), mesh))
     if restored is not None:
         step, saved, extra = restored
@@ -247,10 +247,12 @@ def _run(config, state, loader, train_step, eval_step, checkpointer, writer, pro
             window_start, window_images = time.time(), 0
         epoch = math.ceil(step / steps_per_epoch)
         if end_of_epoch and (epoch % config.train.eval_every_epochs == 0 or step == total_steps):
+            eval_start = time.time()
             result = evaluate(eval_step, state, config, mesh)
             writer.write(step, {**result, "epoch": epoch}, split="test")
             _update_record(record, result["accuracy"], epoch)
             window_start = time.time()
+            record["eval_time_s"] = record.get("eval_time_s", 0.0) + window_start - eval_start
         if checkpointer.should_save(step) or (end_of_epoch and step == total_steps):
             _save(checkpointer, state, loader, record, force=step == total_steps)
     return "done", step
