@@ -60,12 +60,18 @@ def apply_variant(c, arg, *, cpu=None):
 
 
 def cifar_cpu(c):
-    """The CPU protocol: a basic-block ResNet-20, 16 epochs of batch 128 with a cosine schedule.
-    Sized from measured speed (`make bench`, 2 cores, one CPU device per core): 0.38 s per plain
-    step and about 0.42 s with StepNet, i.e. 41-45 minutes per run including evaluation."""
+    """The CPU protocol: a basic-block ResNet-20, 18 epochs of batch 32, SGD with Nesterov momentum,
+    peak lr 0.05 after one warm-up epoch, cosine decay, wd 5e-4, label smoothing 0.1.
+
+    Sized from measured speed (2 cores, one CPU device per core, see README): a ResNet-20 step
+    costs 0.067 s at batch 32 (480 images/s) against 0.41 s at batch 128 (310 images/s), so the
+    small batch gives both more images and four times more updates per minute; StepNet's step
+    costs 0.094 s, i.e. 18 epochs in about 45 minutes. The first protocol (batch 128, lr 0.1,
+    16 epochs) reached 85.1 % with the plain network, below the 87 % asked for.
+    """
     c.model.preset = "resnet20"
-    c.optim.update(schedule="cosine", lr=0.1, warmup_epochs=1, weight_decay=5e-4)
-    c.train.update(epochs=16, global_batch=128, log_every_steps=20, checkpoint_every_steps=200)
+    c.optim.update(schedule="cosine", lr=0.05, nesterov=True, warmup_epochs=1, weight_decay=5e-4, label_smoothing=0.1)
+    c.train.update(epochs=18, global_batch=32, log_every_steps=50, checkpoint_every_steps=500)
     return c
 
 

@@ -36,6 +36,7 @@ def load_run_record(workdir: Path) -> dict:
         "seed": config["seed"],
         "data": f"{config['data']['name']} ({config['data']['source']}{', ' + str(config['data'].get('dir')) if config['data'].get('dir') else ''})",
         "command": command,
+        "protocol": protocol(config),
         "status": summary.get("status", "running"),
         "wall_time_s": summary["wall_time_s"] + summary.get("eval_time_s", 0.0) if "wall_time_s" in summary else None,
         "epochs": [m["epoch"] for m in test],
@@ -43,9 +44,20 @@ def load_run_record(workdir: Path) -> dict:
         "test_loss": [m["loss"] for m in test],
         "train_steps": [m["step"] for m in train],
         "train_loss": [m["loss"] for m in train],
+        "steps_per_epoch": test[0]["step"] / test[0]["epoch"] if test else None,
         "best_accuracy": max(accuracy) if accuracy else None,
         "last_accuracy": accuracy[-1] if accuracy else None,
     }
+
+
+def protocol(config: dict) -> str:
+    """One line naming the training protocol of a run's config (what differs between protocols)."""
+    m, o, t = config.get("model", {}), config.get("optim", {}), config.get("train", {})
+    if not o or not t:
+        return ""
+    return (f"{m.get('preset')}, {t['epochs']} epochs of batch {t['global_batch']}, SGD momentum {o['momentum']}"
+            f"{' (Nesterov)' if o.get('nesterov') else ''}, lr {o['lr']} {o['schedule']}, {o.get('warmup_epochs', 0)} warm-up "
+            f"epoch(s), wd {o['weight_decay']}, label smoothing {o.get('label_smoothing', 0.0)}, {m.get('dtype', 'float32')}")
 
 
 def collect(root: Path) -> list[dict]:
@@ -119,6 +131,8 @@ def render(records: list[dict], stats: dict, figure: str | None, ours: str, othe
         losses = f"{r['train_loss'][0]:.3f} -> {r['train_loss'][-1]:.3f}" if r["train_loss"] else ""
         out.append(f"| `{r['workdir']}` | {r['controller']} | {r['seed']} | {r['status']} | {_pct(r['best_accuracy'])} | "
                    f"{_pct(r['last_accuracy'])} | {_duration(r['wall_time_s'])} | {losses} | {r['data']} |")
+    protocols = sorted({(r["group"], r["protocol"]) for r in records if r["protocol"]})
+    out += ["", "Protocol (from each run's config.json):", ""] + [f"- {g}: {p}" for g, p in protocols]
     out += ["", "Commands (each resumes if rerun):", ""]
     out += [f"    {r['command']}" for r in records if r["command"]]
     out += ["", "## Per experiment (finished runs)", "", "| experiment | seeds | best % mean ± std | last % mean ± std |",
@@ -145,9 +159,11 @@ def plot_curves(records: list[dict], path: Path) -> None:
         colour = colours.setdefault(r["group"], f"C{len(colours)}")
         label = r["group"] if sum(q["group"] == r["group"] for q in records[: records.index(r) + 1]) == 1 else None
         ax_acc.plot(r["epochs"], [100 * a for a in r["test_accuracy"]], color=colour, label=label, lw=1)
-        ax_loss.plot(r["train_steps"], r["train_loss"], color=colour, label=label, lw=0.8)
+        if r["steps_per_epoch"]:
+            ax_loss.plot(np.array(r["train_steps"]) / r["steps_per_epoch"], r["train_loss"], color=colour, label=label, lw=0.6, alpha=0.7)
+        ax_loss.plot(r["epochs"], r["test_loss"], color=colour, lw=1.2, ls="--")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
-    ax_loss.set(xlabel="step", ylabel="train loss", title="training loss", yscale="log")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss (solid) and test loss (dashed)", yscale="log")
     ax_acc.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

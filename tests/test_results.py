@@ -11,7 +11,9 @@ from stepjax.results import collect, group_stats, main, verdict, welch_p
 def fake_run(root, group, controller, seed, accuracies, status="done"):
     d = root / f"{group}_s{seed}"
     d.mkdir(parents=True)
-    config = {"experiment": f"{group}:cpu", "seed": seed, "model": {"controller": controller},
+    config = {"experiment": f"{group}:cpu", "seed": seed, "model": {"controller": controller, "preset": "resnet20"},
+              "optim": {"momentum": 0.9, "nesterov": True, "lr": 0.05, "schedule": "cosine", "weight_decay": 5e-4},
+              "train": {"epochs": len(accuracies), "global_batch": 32},
               "data": {"name": "cifar10", "source": "npz", "dir": "/data"}}
     (d / "config.json").write_text(json.dumps(config))
     lines = [{"step": 10 * (e + 1), "split": "train", "time": 0, "loss": 2.0 / (e + 1), "accuracy": 0.1}
@@ -42,6 +44,7 @@ def test_results_tables_and_figure(tmp_path):
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points" in text and "significant at 0.05 (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
     assert "2.000 -> 0.667" in text and "seed=2" in text
+    assert "- cifar10_resnet: resnet20, 3 epochs of batch 32, SGD momentum 0.9 (Nesterov), lr 0.05 cosine" in text
     assert fig.stat().st_size > 1000
 
 
