@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = os.environ.get("STEPJAX_DATA_DIR") or str(ROOT.parent / "shared" / "data" / "cifar10")
 CONTROLLERS = ("resnet", "se", "cbam", "eca", "srm", "dia", "stepnet")
-CPU_PROTOCOL = "cifar10_resnet:cpu"  # ResNet-20, batch 128
+CPU_PROTOCOL = "cifar10_resnet:cpu"  # ResNet-20 at the protocol's batch (32), and at batch 128
 
 
 def _load():
@@ -385,6 +385,8 @@ def plan(args):
                       "exp": "cifar10_resnet", "warmup": warm, "repeats": reps, "eval": False})
     specs.append({**common, "kind": "train", "name": "resnet20/resnet (cpu protocol)", "exp": CPU_PROTOCOL,
                   "warmup": 2, "repeats": 5 if quick else 10, "eval": True})
+    specs.append({**common, "kind": "train", "name": "resnet20/resnet (batch 128)", "exp": CPU_PROTOCOL,
+                  "overrides": ["train.global_batch=128"], "warmup": 2, "repeats": 5 if quick else 10, "eval": False})
     specs.append({**common, "kind": "train", "name": "resnet56/resnet (compile)", "exp": "cifar10_resnet",
                   "overrides": ["model.preset='resnet56'"], "compile_only": True})
     specs.append({**common, "kind": "pipeline", "name": "input pipeline", "exp": "cifar10_resnet",
@@ -484,27 +486,27 @@ def summarise(results):
 
 
 def table(results):
-    rows = ["| configuration | devices | compile s | step s | images/s | eval images/s | step peak RSS GiB | process peak GiB | load (1/5/15 min) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| configuration | devices | batch | compile s | step s | images/s | eval images/s | step peak RSS GiB | process peak GiB | load (1/5/15 min) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def f(v, fmt="{:.2f}"):
         return "-" if v is None else fmt.format(v)
 
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['name']} | error: {r['error'].splitlines()[-1][:80]} | | | | | | | |")
+            rows.append(f"| {r['name']} | error: {r['error'].splitlines()[-1][:80]} | | | | | | | | |")
             continue
         if r["name"] == "interleaved":
             for name, t in r["step_s"].items():
-                rows.append(f"| {name} (interleaved, same time) | {r['devices'] if 'pytorch' not in name else '-'} | - | "
+                rows.append(f"| {name} (interleaved, same time) | {r['devices'] if 'pytorch' not in name else '-'} | 128 | - | "
                             f"{t:.3f} | {128 / t:.1f} | - | - | - | {r['load'][-1]} |")
             continue
         if r["name"] == "input pipeline":
-            rows.append(f"| {r['name']} (loader alone / + augment) | {r['devices']} | - | - | "
+            rows.append(f"| {r['name']} (loader alone / + augment) | {r['devices']} | {r.get('batch', '-')} | - | - | "
                         f"{r['loader_images_per_s']:.0f} / {r['loader_augment_images_per_s']:.0f} | - | - | - | {r['load']} |")
             continue
         rows.append(
-            f"| {r['name']} | {r.get('devices', '-')} | {f(r.get('compile_s'), '{:.1f}')} | {f(r.get('step_s'), '{:.3f}')} | "
+            f"| {r['name']} | {r.get('devices', '-')} | {r.get('batch', '-')} | {f(r.get('compile_s'), '{:.1f}')} | {f(r.get('step_s'), '{:.3f}')} | "
             f"{f(r.get('images_per_s'), '{:.1f}')} | {f(r.get('eval_images_per_s'), '{:.0f}')} | "
             f"{f(r.get('step_peak_rss_gib'))} | {f(r.get('peak_rss_gib'))} | {r.get('load')} |")
     return "\n".join(rows)
