@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -48,7 +49,9 @@ def main(argv=None) -> int:
     config = apply_overrides(load_experiment(args.config), args.overrides)
     workdir = Path(args.workdir or f"runs/{args.config.replace(':', '_')}")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "command.txt").write_text(shlex.join(["python", "-m", "stepjax.main", *argv_used(argv)]) + "\n")
+    data_dir = os.environ.get("STEPJAX_DATA_DIR")  # part of what the command reads: keep it with the command
+    env = [f"STEPJAX_DATA_DIR={os.path.abspath(data_dir)}"] if data_dir else []
+    (workdir / "command.txt").write_text(shlex.join([*env, "python", "-m", "stepjax.main", *argv_used(argv)]) + "\n")
     summary = train(config, workdir)
     return 0 if summary["status"] == "done" else 3
 
