@@ -81,28 +81,46 @@ def _controller_exp(controller):
     return "cifar10_resnet" if controller == "resnet" else f"cifar10_{controller}"
 
 
-def worker_train(spec):
-    """Compile and time the training step (and the evaluation step) of one configuration."""
+def _setup(exp, overrides, data_dir):
+    """What `stepjax.train.loop.train` builds before its first step: config, mesh, dataset info,
+    replicated train state, the jitted train step and a first global batch (plus the seconds
+    spent building and placing the model)."""
+    import types
+
     import jax
-    import numpy as np
 
     from stepjax import data, parallel
     from stepjax.train.loop import build_model
-    from stepjax.train.step import init_state, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
+    from stepjax.train.step import init_state, learning_rate_schedule, make_optimizer, make_train_step
 
-    config = _experiment(spec["exp"], spec.get("overrides", ()), spec["data_dir"])
+    config = _experiment(exp, overrides, data_dir)
     mesh = parallel.data_mesh(config.mesh.num_devices)
     info = data.dataset_info(config.data)
-    batch_size = config.train.global_batch
-    loader = data.TrainLoader(config.data, seed=config.seed, global_batch=batch_size)
+    loader = data.TrainLoader(config.data, seed=config.seed, global_batch=config.train.global_batch)
     schedule = learning_rate_schedule(config.optim, loader.steps_per_epoch, config.train.epochs * loader.steps_per_epoch)
     tx = make_optimizer(config.optim, schedule)
     t0 = time.perf_counter()
     graphdef, state = init_state(build_model(config), tx)
     state = jax.device_put(state, parallel.replicated(mesh))
     build_s = time.perf_counter() - t0
-    train_step = make_train_step(graphdef, tx, schedule, config, info, mesh)
-    batch = parallel.global_batch(next(loader), mesh)
+    return types.SimpleNamespace(
+        config=config, mesh=mesh, info=info, graphdef=graphdef, state=state, build_s=build_s,
+        train_step=make_train_step(graphdef, tx, schedule, config, info, mesh),
+        batch=parallel.global_batch(next(loader), mesh),
+    )
+
+
+def worker_train(spec):
+    """Compile and time the training step (and the evaluation step) of one configuration."""
+    import jax
+
+    from stepjax import data, parallel
+    from stepjax.train.step import make_eval_step
+
+    run = _setup(spec["exp"], spec.get("overrides", ()), spec["data_dir"])
+    config, mesh, info, graphdef = run.config, run.mesh, run.info, run.graphdef
+    state, batch, train_step, build_s = run.state, run.batch, run.train_step, run.build_s
+    batch_size = config.train.global_batch
 
     t0 = time.perf_counter()
     lowered = train_step.lower(state, batch)
@@ -159,23 +177,8 @@ def worker_train(spec):
 
 def _build_step(exp, overrides, data_dir):
     """(compiled train step, state, batch, config) of one experiment, as `train` builds them."""
-    import jax
-
-    from stepjax import data, parallel
-    from stepjax.train.loop import build_model
-    from stepjax.train.step import init_state, learning_rate_schedule, make_optimizer, make_train_step
-
-    config = _experiment(exp, overrides, data_dir)
-    mesh = parallel.data_mesh(config.mesh.num_devices)
-    info = data.dataset_info(config.data)
-    loader = data.TrainLoader(config.data, seed=config.seed, global_batch=config.train.global_batch)
-    schedule = learning_rate_schedule(config.optim, loader.steps_per_epoch, config.train.epochs * loader.steps_per_epoch)
-    tx = make_optimizer(config.optim, schedule)
-    graphdef, state = init_state(build_model(config), tx)
-    state = jax.device_put(state, parallel.replicated(mesh))
-    batch = parallel.global_batch(next(loader), mesh)
-    step = make_train_step(graphdef, tx, schedule, config, info, mesh)
-    return step.lower(state, batch).compile(), state, batch, config
+    run = _setup(exp, overrides, data_dir)
+    return run.train_step.lower(run.state, run.batch).compile(), run.state, run.batch, run.config
 
 
 def worker_interleaved(spec):
