@@ -41,7 +41,7 @@ study: setup
 	$(PY) -m stepjax.study --plan cpu --root runs/study
 
 results: setup
-	$(PY) -m stepjax.results --root runs/study --out docs/RESULTS.md
+	$(PY) -m stepjax.results --root runs/study runs/gpu --out docs/RESULTS.md
 
 # speed, compile time, memory, input pipeline (docs/BENCHMARKS.md); torch for the comparison
 bench: setup

@@ -226,6 +226,49 @@ def _flops(compiled):
         return None
 
 
+def _jaxpr_flops(jaxpr):
+    """Multiply-add FLOPs (2 per MAC) of the convolutions and matmuls in a jaxpr, sub-jaxprs included
+    (a scan's body counted `length` times). Backend-independent, unlike XLA's cost analysis, which
+    does not count the convolutions that XLA:GPU hands to cuDNN."""
+    import numpy as np
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            dn = eqn.params["dimension_numbers"]
+            kernel = np.prod([rhs[i] for i in dn.rhs_spec[2:]]) * rhs[dn.rhs_spec[1]]  # spatial x in-features
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * kernel
+        elif name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([eqn.invars[0].aval.shape[d] for d in contract])
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                if isinstance(sub, ClosedJaxpr):
+                    total += times * _jaxpr_flops(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    total += times * _jaxpr_flops(sub)
+    return total
+
+
+def model_flops_per_step(graphdef, state, batch, config, info):
+    """Model FLOPs of one training step: 3x the forward pass's convolution and matmul FLOPs (the
+    backward pass costs about twice the forward), the usual convention for model FLOP utilisation."""
+    import jax
+    from flax import nnx
+
+    from stepjax.train.step import model_inputs
+
+    def forward(state, image):
+        model = nnx.merge(graphdef, state.params, state.rest, copy=True)
+        return model.solve(model_inputs(config, info, image))[0]
+
+    return 3.0 * _jaxpr_flops(jax.make_jaxpr(forward)(state, batch["image"]).jaxpr)
+
+
 def worker_pipeline(spec):
     """Images/s of the grain training loader alone, and of loader + on-device augmentation."""
     import jax
@@ -281,26 +324,32 @@ def worker_torch(spec):
 
 def worker_gpu(spec):
     """Accelerator figures of one (dtype, batch) configuration (see `--gpu`)."""
-    result = worker_train(spec)
     import jax
 
+    run = _setup(spec["exp"], spec.get("overrides", ()), spec["data_dir"])
+    model_flops = model_flops_per_step(run.graphdef, run.state, run.batch, run.config, run.info)
+    del run
+    result = worker_train(spec)
     device = jax.devices()[0]
     result["device_kind"] = device.device_kind
+    result["model_flops_per_step"] = model_flops
     peak = _peak_flops(device.device_kind, spec["dtype"])
-    if peak and result.get("flops_per_step"):
+    if peak:
         result["peak_flops"] = peak
-        result["mfu"] = result["flops_per_step"] / result["step_s"] / peak
+        result["mfu"] = model_flops / result["step_s"] / peak
     result["paper_epoch_s"] = 50_000 // result["batch"] * result["step_s"] + (
         10_000 / result["eval_images_per_s"] if result.get("eval_images_per_s") else 0.0)
     return result
 
 
-# dense peak FLOP/s per chip (fp32 without TF32, bf16 tensor cores), from the vendors' data sheets
+# dense peak FLOP/s per chip from the vendors' data sheets. "float32" is the TF32 tensor-core peak on
+# NVIDIA parts: at jax's default precision, XLA lets cuDNN and cuBLAS run fp32 convolutions and matmuls
+# in TF32, so that is the ceiling an fp32 step can reach.
 _PEAKS = {
-    "H100": {"float32": 67e12, "bfloat16": 989e12},
-    "H200": {"float32": 67e12, "bfloat16": 989e12},
-    "A100": {"float32": 19.5e12, "bfloat16": 312e12},
-    "L4": {"float32": 30e12, "bfloat16": 121e12},
+    "H100": {"float32": 495e12, "bfloat16": 989e12},
+    "H200": {"float32": 495e12, "bfloat16": 989e12},
+    "A100": {"float32": 156e12, "bfloat16": 312e12},
+    "L4": {"float32": 60e12, "bfloat16": 121e12},
     "TPU v4": {"float32": 275e12, "bfloat16": 275e12},
     "TPU v5 lite": {"float32": 197e12, "bfloat16": 197e12},
 }
@@ -407,13 +456,15 @@ def plan(args):
 
 
 def plan_gpu(args):
-    specs = []
-    for dtype in ("float32", "bfloat16"):
-        for batch in (128, 1024):
-            specs.append({"kind": "gpu", "name": f"gpu resnet164/{dtype}/b{batch}", "exp": "cifar10_resnet",
-                          "data_dir": args.data_dir, "dtype": dtype, "warmup": 3, "repeats": 20,
-                          "overrides": [f"model.dtype='{dtype}'", f"train.global_batch={batch}",
-                                        "train.eval_batch=1000"]})
+    """Plain ResNet-164 in fp32 and bf16 at batch 128 and 1024, then SE and StepNet (fp32, batch 128)."""
+    configs = [("resnet", dtype, batch) for dtype in ("float32", "bfloat16") for batch in (128, 1024)]
+    configs += [(c, "float32", 128) for c in ("se", "stepnet")]
+    specs = [{"kind": "gpu", "name": f"gpu {c}/{dtype}/b{batch}", "exp": _controller_exp(c),
+              "data_dir": args.data_dir, "dtype": dtype, "warmup": 3, "repeats": 20,
+              "overrides": [f"model.dtype='{dtype}'", f"train.global_batch={batch}", "train.eval_batch=1000"]}
+             for c, dtype, batch in configs]
+    if args.only:
+        specs = [s for s in specs if any(o in s["name"] for o in args.only)]
     return specs
 
 
@@ -515,9 +566,29 @@ def table(results):
     return "\n".join(rows)
 
 
+def gpu_table(results):
+    """The accelerator rows: device, dtype, batch, compile, step, images/s, MFU, memory, paper epoch."""
+    rows = ["| configuration | device | compile s | step ms | images/s | eval images/s | MFU | peak GPU memory GiB | epoch s (50k train + 10k test, this batch) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['name']} | error: {r['error'].splitlines()[-1][:80]} | | | | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
+        peak = (r.get("memory_stats") or {}).get("peak_bytes_in_use")
+        rows.append(f"| {r['name']} | {r.get('device_kind')} | {r['compile_s']:.1f} | {1000 * r['step_s']:.1f} | "
+                    f"{r['images_per_s']:.0f} | {r.get('eval_images_per_s', 0):.0f} | {mfu} | "
+                    f"{'-' if peak is None else f'{peak / 2**30:.2f}'} | {r['paper_epoch_s']:.1f} |")
+    return "\n".join(rows)
+
+
 def markdown(out):
     """The results section of docs/BENCHMARKS.md from a JSON written by this script."""
     env = out["environment"]
+    if out.get("gpu"):
+        return "\n".join([f"Host: {env.get('cpu')}, {env['cores']} cores; Python {env['python']}, jax/jaxlib "
+                          f"{env['jax']}/{env['jaxlib']}, flax {env['flax']}, optax {env['optax']}, grain {env['grain']}; "
+                          f"{env['date']}; total {out['total_wall_s'] / 60:.1f} min.", "", gpu_table(out["results"])])
     lines = [f"Machine: {env.get('cpu')}, {env['cores']} cores, {env.get('memory_gib')} GiB; "
              f"Python {env['python']}, jax/jaxlib {env['jax']}/{env['jaxlib']}, flax {env['flax']}, "
              f"optax {env['optax']}, grain {env['grain']}, torch {env['torch']}; {env['date']}; "
@@ -546,16 +617,35 @@ def markdown(out):
     return "\n".join(lines)
 
 
-BEGIN, END = "<!-- bench:results -->", "<!-- /bench:results -->"
+MARKERS = {False: ("<!-- bench:results -->", "<!-- /bench:results -->"),
+           True: ("<!-- bench:gpu -->", "<!-- /bench:gpu -->")}
 
 
 def write_docs(out, path):
-    """Replace the results block of `path` (between the BEGIN and END markers) with `markdown(out)`."""
+    """Replace the results block of `path` (between the markers of a CPU or a GPU run) with `markdown(out)`."""
+    BEGIN, END = MARKERS[bool(out.get("gpu"))]
     text = Path(path).read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{path} has no {BEGIN} ... {END} block to replace; add the two markers where the results go")
     head, rest = text.split(BEGIN, 1)
     Path(path).write_text(head + BEGIN + "\n" + markdown(out) + "\n" + END + rest.split(END, 1)[1])
+
+
+def _write(path, env, args, results, start):
+    out = {"environment": env, "quick": args.quick, "gpu": args.gpu, "total_wall_s": time.perf_counter() - start,
+           "results": results, "summary": summarise(results)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2, default=_jsonable))
+    return out
+
+
+def merge(outs):
+    """One result set from several JSONs of the same kind (e.g. a GPU session split over calls)."""
+    if len({bool(o.get("gpu")) for o in outs}) > 1:
+        raise SystemExit("--markdown: cannot merge CPU and GPU result files; give one kind at a time")
+    results = [r for o in outs for r in o["results"]]
+    return {**outs[0], "results": results, "summary": summarise(results),
+            "total_wall_s": sum(o["total_wall_s"] for o in outs)}
 
 
 def main(argv=None):
@@ -576,14 +666,15 @@ def main(argv=None):
                         help="accelerator figures: ResNet-164 fp32/bf16 at batch 128/1024 on the default backend")
     parser.add_argument("--src", help="measure the stepjax package in this directory (e.g. an older checkout, "
                         "for before/after figures) instead of this one")
-    parser.add_argument("--markdown", metavar="JSON", help="print the markdown results of a JSON written before "
-                        "(with --docs, write them into that file instead)")
+    parser.add_argument("--markdown", metavar="JSON", nargs="+", help="print the markdown results of JSONs written "
+                        "before, their results in order, the first one's environment (with --docs, write them into that "
+                        "file instead)")
     parser.add_argument("--docs", help="markdown file whose results block a full CPU run (or --markdown) rewrites "
                         "(make bench: docs/BENCHMARKS.md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.markdown:
-        saved = json.loads(Path(args.markdown).read_text())
+        saved = merge([json.loads(Path(f).read_text()) for f in args.markdown])
         write_docs(saved, args.docs) if args.docs else print(markdown(saved))
         return 0
     if args.worker:
@@ -607,6 +698,7 @@ def main(argv=None):
         print(f"-- {spec['name']} (load {_load()})", flush=True)
         result = run_worker(spec)
         results.append(result)
+        _write(args.out, env, args, results, start)  # after every measurement: a killed run keeps what it measured
         if "error" in result:
             print(f"   ERROR: {result['error']}", flush=True)
         else:
@@ -614,17 +706,14 @@ def main(argv=None):
                     "loader_images_per_s", "loader_augment_images_per_s", "mfu")
             print("   " + ", ".join(f"{k}={result[k]:.3g}" for k in keys if result.get(k) is not None)
                   + (f", step_s={result['step_s']}" if "step_s" in result else ""), flush=True)
-    summary = summarise(results)
-    out = {"environment": env, "quick": args.quick, "gpu": args.gpu, "total_wall_s": time.perf_counter() - start,
-           "results": results, "summary": summary}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2, default=_jsonable))
+    out = _write(args.out, env, args, results, start)
+    summary = out["summary"]
     print()
-    print(table(results))
+    print(gpu_table(results) if args.gpu else table(results))
     print()
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out} ({out['total_wall_s']:.0f} s)")
-    if args.docs and not (args.quick or args.gpu or args.only):
+    if args.docs and not (args.quick or args.only):
         write_docs(out, args.docs)
         print(f"updated the results in {args.docs}")
     return 0

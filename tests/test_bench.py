@@ -124,8 +124,9 @@ def test_benchmark_summary_and_table():
 
 
 def test_benchmark_results_replace_only_the_marked_block(tmp_path):
-    from benchmarks.run import BEGIN, END, environment, summarise, write_docs
+    from benchmarks.run import MARKERS, environment, summarise, write_docs
 
+    BEGIN, END = MARKERS[False]
     results = _fake_results()
     out = {"environment": environment(), "results": results, "summary": summarise(results), "total_wall_s": 60.0}
     doc = tmp_path / "BENCHMARKS.md"
@@ -137,3 +138,37 @@ def test_benchmark_results_replace_only_the_marked_block(tmp_path):
     doc.write_text("no markers here\n")
     with pytest.raises(SystemExit, match="no <!-- bench:results -->"):
         write_docs(out, doc)
+
+
+def test_gpu_results_merge_and_fill_their_own_block(tmp_path):
+    from benchmarks.run import MARKERS, merge, write_docs
+
+    env = {"cpu": "x", "cores": 16, "python": "3.12", "jax": "j", "jaxlib": "j", "flax": "f", "optax": "o",
+           "grain": "g", "date": "d"}
+    row = {"name": "gpu resnet/float32/b128", "device_kind": "NVIDIA H200", "compile_s": 12.0, "step_s": 0.025,
+           "images_per_s": 5120.0, "eval_images_per_s": 48000.0, "mfu": 0.016,
+           "memory_stats": {"peak_bytes_in_use": 2 * 2**30}, "paper_epoch_s": 9.9}
+    first = {"environment": env, "gpu": True, "total_wall_s": 60.0, "results": [row]}
+    second = {**first, "results": [{"name": "gpu se/float32/b128", "error": "boom"}]}
+    out = merge([first, second])
+    assert [r["name"] for r in out["results"]] == ["gpu resnet/float32/b128", "gpu se/float32/b128"]
+    assert out["total_wall_s"] == 120.0
+    begin, end = MARKERS[True]
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"{MARKERS[False][0]}\ncpu\n{MARKERS[False][1]}\n{begin}\n{end}\n")
+    write_docs(out, doc)
+    text = doc.read_text()
+    assert "\ncpu\n" in text and "| gpu resnet/float32/b128 | NVIDIA H200 | 12.0 | 25.0 | 5120 | 48000 | 1.6 % | 2.00 | 9.9 |" in text
+    assert "error: boom" in text
+    with pytest.raises(SystemExit, match="cannot merge CPU and GPU"):
+        merge([first, {**first, "gpu": False}])
+
+
+def test_jaxpr_flops_count_convolutions_matmuls_and_scan_bodies():
+    from benchmarks.run import _jaxpr_flops
+
+    x, w = jnp.zeros((2, 8, 8, 16)), jnp.zeros((3, 3, 16, 32))
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert _jaxpr_flops(jax.make_jaxpr(conv)(x, w).jaxpr) == 2 * (2 * 4 * 4 * 32) * (3 * 3 * 16)
+    power = lambda a: jax.lax.scan(lambda c, _: (c @ c, None), a, length=5)[0]
+    assert _jaxpr_flops(jax.make_jaxpr(jax.jit(power))(jnp.zeros((4, 6, 6))).jaxpr) == 5 * 2 * 4 * 6 * 6 * 6

@@ -94,7 +94,24 @@ def test_stepnet_features_by_hand():
     f = jnp.array([1.0, -1.0, 3.0, -3.0]).reshape(1, 2, 2, 1)
     mean_f, mean_y, relative, spread = step_features(y, f, eps=0.0)
     np.testing.assert_allclose([mean_f[0, 0], mean_y[0, 0], relative[0, 0], spread[0, 0]],
-                               [0.0, 2.0, 1.0, np.sqrt(5.0)], rtol=1e-6)
+                               [0.0, 2.0, 0.5, np.sqrt(5.0)], rtol=1e-6)  # r = 2 / 2 = 1 -> r / (1 + r)
+
+
+def test_stepnet_relative_increment_is_bounded_on_a_dead_channel():
+    # a channel zeroed by a ReLU (GAP(|y|) = 0) must not give a huge feature or a huge gradient
+    y = jnp.ones((4, 3, 3, C)).at[..., 0].set(0.0)
+    f = 0.01 * jax.random.normal(jax.random.key(1), (4, 3, 3, C))
+    relative = step_features(y, f)[2]
+    assert jnp.all((relative >= 0) & (relative <= 1)) and relative[:, 0].min() > 0.99
+    stepnet = make_controller("stepnet", C, rngs=nnx.Rngs(0), history=False)
+    graphdef, params = nnx.split(stepnet)
+
+    def mean_step(params):
+        h, _ = nnx.merge(graphdef, params).adapt_step_size(0.0, y, f, ())
+        return h.mean()
+
+    grad_mix = jax.grad(mean_step)(params)["feature_mix"][...]
+    assert jnp.all(jnp.isfinite(grad_mix)) and float(jnp.abs(grad_mix).max()) < 1.0
 
 
 def test_eca_kernel_sizes():

@@ -8,10 +8,10 @@ import pytest
 from stepjax.results import collect, group_stats, main, verdict, welch_p
 
 
-def fake_run(root, group, controller, seed, accuracies, status="done"):
-    d = root / f"{group}_s{seed}"
+def fake_run(root, group, controller, seed, accuracies, status="done", variant=":cpu"):
+    d = root / f"{group}{variant.replace(':', '_')}_s{seed}"
     d.mkdir(parents=True)
-    config = {"experiment": f"{group}:cpu", "seed": seed, "model": {"controller": controller, "preset": "resnet20"},
+    config = {"experiment": f"{group}{variant}", "seed": seed, "model": {"controller": controller, "preset": "resnet20"},
               "optim": {"momentum": 0.9, "nesterov": True, "lr": 0.05, "schedule": "cosine", "weight_decay": 5e-4},
               "train": {"epochs": len(accuracies), "global_batch": 32},
               "data": {"name": "cifar10", "source": "npz", "dir": "/data"}}
@@ -37,20 +37,26 @@ def test_results_tables_and_figure(tmp_path):
     np.testing.assert_allclose(stats["cifar10_resnet"]["best_mean"], 0.81)
     np.testing.assert_allclose(stats["cifar10_resnet"]["best_std"], 0.01)
     np.testing.assert_allclose(stats["cifar10_resnet"]["last_mean"], 0.80)
+    fake_run(tmp_path / "gpu", "cifar10_stepnet", "stepnet", 0, [0.3, 0.35], status="preempted", variant="")
     out, fig = tmp_path / "docs" / "RESULTS.md", tmp_path / "docs" / "figures" / "c.png"
-    main(["--root", str(tmp_path / "runs"), "--out", str(out), "--figure", str(fig)])
+    main(["--root", str(tmp_path / "runs"), str(tmp_path / "gpu"), str(tmp_path / "missing"), "--out", str(out),
+          "--figure", str(fig)])
     text = out.read_text()
     assert "| cifar10_resnet | 3 | 81.00 ± 1.00 | 80.00 ± 1.00 |" in text
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points" in text and "significant at 0.05 (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
     assert "2.000 -> 0.667" in text and "seed=2" in text
     assert "- cifar10_resnet: resnet20, 3 epochs of batch 32, SGD momentum 0.9 (Nesterov), lr 0.05 cosine" in text
-    assert fig.stat().st_size > 1000
+    cpu, paper = text.split("## cpu protocol")[1].split("## paper protocol")
+    assert "cifar10_stepnet_s0" not in cpu and "| stepnet | 0 | preempted after 2 of 2 epochs | 35.00 |" in paper
+    assert "cifar10_stepnet vs cifar10_resnet: not enough finished runs yet." in paper  # a stopped run is not averaged
+    for variant in ("cpu", "paper"):
+        assert (fig.parent / f"c_{variant}.png").stat().st_size > 1000 and f"(figures/c_{variant}.png)" in text
 
 
 def test_resumed_run_counts_each_step_once_and_eval_time(tmp_path):
     fake_run(tmp_path, "cifar10_se", "se", 0, [0.5, 0.6, 0.7])
-    d = tmp_path / "cifar10_se_s0"
+    d = tmp_path / "cifar10_se_cpu_s0"
     lines = (d / "metrics.jsonl").read_text().splitlines()
     (d / "metrics.jsonl").write_text("\n".join(lines[:2] + lines[1:2] + lines[2:] + lines[4:5]) + "\n")  # re-logged after a kill
     (d / "summary.json").write_text(json.dumps({"status": "done", "wall_time_s": 600.0, "eval_time_s": 60.0}))

@@ -6,8 +6,8 @@ attention module, finer stiffness information than SE's ``GAP(f)``) and classica
 control:
 
 - per-channel features of the step: the derivative summary ``GAP(f)``, the state summary
-  ``GAP(y)``, the relative increment ``GAP(|f|) / (GAP(|y|) + eps)`` and the spatial spread
-  ``std(f)``;
+  ``GAP(y)``, the relative increment ``r = GAP(|f|) / GAP(|y|)`` taken bounded as ``r / (1 + r)``,
+  and the spatial spread ``std(f)``;
 - with ``history=True`` also the controller state carried along the stage: the previous step
   size and the change of the derivative summary since the previous step (a secant estimate of
   the Jacobian's action, the classical stiffness signal);
@@ -30,12 +30,17 @@ def step_features(y0, f0, eps=1e-5):
 
     **Returns:**
 
-    ``[GAP(f), GAP(y), GAP(|f|) / (GAP(|y|) + eps), std(f)]`` stacked on axis 0.
+    ``[GAP(f), GAP(y), r / (1 + r), std(f)]`` stacked on axis 0, with the relative increment
+    ``r = GAP(|f|) / GAP(|y|)``. The bounded form matters: a channel that a ReLU has zeroed has
+    ``GAP(|y|) = 0``, and the raw ratio ``GAP(|f|) / (GAP(|y|) + eps)`` then reaches ``1e5``;
+    its gradient into the feature mix made ResNet-164 with StepNet diverge at the paper's
+    learning rate (0.1, no warm-up).
     """
     f = f0.astype(jnp.float32)
     y = y0.astype(jnp.float32)
     mean_f = f.mean(axis=(1, 2))
-    relative = jnp.abs(f).mean(axis=(1, 2)) / (jnp.abs(y).mean(axis=(1, 2)) + eps)
+    abs_f = jnp.abs(f).mean(axis=(1, 2))
+    relative = abs_f / (abs_f + jnp.abs(y).mean(axis=(1, 2)) + eps)
     spread = jnp.sqrt(f.var(axis=(1, 2)) + eps)
     return jnp.stack([mean_f, y.mean(axis=(1, 2)), relative, spread])
 

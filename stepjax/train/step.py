@@ -53,7 +53,8 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation):
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
 
 
-def _inputs(config, info, images, key=None):
+def model_inputs(config, info, images, key=None):
+    """uint8 images -> normalised model inputs in the model's dtype (augmented when `key` is given)."""
     if key is not None:
         images = augment(images, key, padding=config.data.crop_padding, flip=config.data.flip)
     return normalize(images, info.mean, info.std).astype(DTYPES[config.model.dtype])
@@ -70,7 +71,7 @@ def make_train_step(graphdef, tx, schedule, config, info, mesh):
     base_key = jax.random.key(config.seed)
 
     def train_step(state: TrainState, batch):
-        x = _inputs(config, info, batch["image"], jax.random.fold_in(base_key, state.step))
+        x = model_inputs(config, info, batch["image"], jax.random.fold_in(base_key, state.step))
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state.rest, copy=True)
@@ -103,7 +104,7 @@ def make_eval_step(graphdef, config, info, mesh):
     def eval_step(state: TrainState, batch):
         model = nnx.merge(graphdef, state.params, state.rest, copy=True)
         model.eval()
-        logits, outputs = model.solve(_inputs(config, info, batch["image"]))
+        logits, outputs = model.solve(model_inputs(config, info, batch["image"]))
         mask = batch["mask"].astype(jnp.float32)
         loss = cross_entropy(logits, batch["label"], info.num_classes)
         step_size = jnp.concatenate([(o.step_size.mean(-1) * mask).sum(-1) for o in outputs])
