@@ -6,9 +6,11 @@ Re-running the same command resumes from the latest checkpoint in the workdir.
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +30,20 @@ def parse_args(argv):
     return args
 
 
+def code_version(directory=Path(__file__).resolve().parents[1]) -> str:
+    """The git commit of the code in `directory` (short hash, ``+dirty`` with uncommitted changes
+    to tracked files), or ``unknown`` outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def argv_used(argv):
     return sys.argv[1:] if argv is None else argv
 
@@ -41,7 +57,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from stepjax import parallel  # imports jax: keep `--list` fast
+    import jax  # imported here, not at the top: keeps `--list` fast
+
+    from stepjax import parallel
     from stepjax.train import train
 
     parallel.configure_cpu_devices()  # one CPU device per core; no effect on accelerators
@@ -52,6 +70,9 @@ def main(argv=None) -> int:
     data_dir = os.environ.get("STEPJAX_DATA_DIR")  # part of what the command reads: keep it with the command
     env = [f"STEPJAX_DATA_DIR={os.path.abspath(data_dir)}"] if data_dir else []
     (workdir / "command.txt").write_text(shlex.join([*env, "python", "-m", "stepjax.main", *argv_used(argv)]) + "\n")
+    if jax.process_index() == 0:  # one line per start: a resumed run may span code versions
+        with open(workdir / "code.txt", "a") as f:
+            f.write(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} {code_version()}\n")
     summary = train(config, workdir)
     return 0 if summary["status"] == "done" else 3
 

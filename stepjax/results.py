@@ -29,6 +29,8 @@ def load_run_record(workdir: Path) -> dict:
     train = list({m["step"]: m for m in metrics if m["split"] == "train"}.values())
     summary = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else {}
     command = (workdir / "command.txt").read_text().strip() if (workdir / "command.txt").exists() else ""
+    starts = (workdir / "code.txt").read_text().split("\n") if (workdir / "code.txt").exists() else []
+    code = list(dict.fromkeys(line.split()[-1] for line in starts if line.strip()))  # versions, in order
     accuracy = [m["accuracy"] for m in test]
     experiment = config.get("experiment", workdir.name)
     return {
@@ -40,6 +42,7 @@ def load_run_record(workdir: Path) -> dict:
         "seed": config["seed"],
         "data": f"{config['data']['name']} ({config['data']['source']}{', ' + str(config['data'].get('dir')) if config['data'].get('dir') else ''})",
         "command": command,
+        "code": ", ".join(code) or "not recorded",
         "protocol": protocol(config),
         "status": summary.get("status", "running"),
         "wall_time_s": summary["wall_time_s"] + summary.get("eval_time_s", 0.0) if "wall_time_s" in summary else None,
@@ -136,11 +139,11 @@ def _status(r):
 def render_protocol(variant: str, records: list[dict], figure: str | None, ours: str, others: list[str]) -> list[str]:
     """The markdown section of one protocol."""
     out = [f"## {variant} protocol", "", "| run | controller | seed | status | best % | last % | wall time (train + eval) | "
-           "first -> last train loss | data |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "first -> last train loss | data | code |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         losses = f"{r['train_loss'][0]:.3f} -> {r['train_loss'][-1]:.3f}" if r["train_loss"] else ""
         out.append(f"| `{r['workdir']}` | {r['controller']} | {r['seed']} | {_status(r)} | {_pct(r['best_accuracy'])} | "
-                   f"{_pct(r['last_accuracy'])} | {_duration(r['wall_time_s'])} | {losses} | {r['data']} |")
+                   f"{_pct(r['last_accuracy'])} | {_duration(r['wall_time_s'])} | {losses} | {r['data']} | {r['code']} |")
     protocols = sorted({(r["group"], r["protocol"]) for r in records if r["protocol"]})
     out += ["", "Protocol (from each run's config.json):", ""] + [f"- {g}: {p}" for g, p in protocols]
     out += ["", "Commands (each resumes if rerun):", ""]

@@ -23,6 +23,8 @@ def fake_run(root, group, controller, seed, accuracies, status="done", variant="
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     (d / "summary.json").write_text(json.dumps({"status": status, "wall_time_s": 60.0}))
     (d / "command.txt").write_text(f"python -m stepjax.main --config {group}:cpu seed={seed}\n")
+    (d / "code.txt").write_text("2026-11-26T00:00:00+00:00 abc1234\n2026-11-26T01:00:00+00:00 abc1234\n"
+                                "2026-11-26T02:00:00+00:00 def5678+dirty\n")
 
 
 def test_results_tables_and_figure(tmp_path):
@@ -45,7 +47,7 @@ def test_results_tables_and_figure(tmp_path):
     assert "| cifar10_resnet | 3 | 81.00 ± 1.00 | 80.00 ± 1.00 |" in text
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points" in text and "significant at 0.05 (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
-    assert "2.000 -> 0.667" in text and "seed=2" in text
+    assert "2.000 -> 0.667" in text and "seed=2" in text and "| abc1234, def5678+dirty |" in text
     assert "- cifar10_resnet: resnet20, 3 epochs of batch 32, SGD momentum 0.9 (Nesterov), lr 0.05 cosine" in text
     cpu, paper = text.split("## cpu protocol")[1].split("## paper protocol")
     assert "cifar10_stepnet_s0" not in cpu and "| stepnet | 0 | preempted after 2 of 2 epochs | 35.00 |" in paper

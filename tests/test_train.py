@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from stepjax.config import apply_overrides, load_experiment, validate
+from stepjax.main import code_version
 from stepjax.train import NonFiniteLossError, load_run, read_metrics, restore_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,7 @@ def test_make_train_smoke_end_to_end(tmp_path):
     assert len(test_records) == 2 and len(test_records[0]["step_size"]) == 6  # one mean step per block
     assert (workdir / "checkpoints" / "16").is_dir()
     assert any((workdir / "tb").iterdir())
+    assert (workdir / "code.txt").read_text().split()[-1] == code_version()
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
     assert train_losses[-1] < train_losses[0]
 
@@ -141,6 +143,20 @@ def test_two_processes_equal_one(tmp_path):
 
 
 # ---- bad input: each error names the problem and the fix ----
+
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    assert code_version(tmp_path) == "unknown"  # not a checkout
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    assert code_version(tmp_path) == git("rev-parse", "--short", "HEAD")
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == git("rev-parse", "--short", "HEAD") + "+dirty"
+
 
 def test_unknown_experiment_lists_what_exists():
     with pytest.raises(ValueError, match="Unknown experiment 'cifar10_stepnett'.*cifar10_stepnet"):
