@@ -1,7 +1,7 @@
 """`make bench`: speed, compile time and memory of the real training step, on this machine.
 
     python -m benchmarks.run [--quick] [--out FILE] [--devices N] [--no-torch] [--only NAME ...]
-    python -m benchmarks.run --gpu [--out FILE]        # accelerator figures (fp32/bf16, batch 128/1024)
+    python -m benchmarks.run --gpu [--out FILE]        # accelerator figures (fp32/bf16, batch 128/1024; SE, StepNet)
 
 Every measurement runs in a fresh subprocess, so that compile times are cold and the peak memory
 (`ru_maxrss`, and the resident high-water mark of the steady-state steps alone) belongs to one
