@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -144,6 +145,7 @@ def test_two_processes_equal_one(tmp_path):
 
 # ---- bad input: each error names the problem and the fix ----
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
     def git(*args):
         return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout.strip()
