@@ -172,3 +172,19 @@ def test_jaxpr_flops_count_convolutions_matmuls_and_scan_bodies():
     assert _jaxpr_flops(jax.make_jaxpr(conv)(x, w).jaxpr) == 2 * (2 * 4 * 4 * 32) * (3 * 3 * 16)
     power = lambda a: jax.lax.scan(lambda c, _: (c @ c, None), a, length=5)[0]
     assert _jaxpr_flops(jax.make_jaxpr(jax.jit(power))(jnp.zeros((4, 6, 6))).jaxpr) == 5 * 2 * 4 * 6 * 6 * 6
+
+
+def test_gpu_worker_runs_on_any_backend_and_counts_model_flops(tmp_path):
+    from benchmarks.run import worker_gpu
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        np.savez(tmp_path / f"{split}.npz", image=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 label=rng.integers(0, 10, n, dtype=np.uint8))
+    spec = {"exp": "cifar10_se", "data_dir": str(tmp_path), "dtype": "float32", "warmup": 1, "repeats": 2,
+            "eval_repeats": 1, "overrides": ["model.depths=(2,2,2)", "model.widths=(4,4,4)", "model.stem_width=4",
+                                              "train.global_batch=8", "train.eval_batch=16"]}
+    result = worker_gpu(spec)
+    assert result["device_kind"] == jax.devices()[0].device_kind
+    assert result["model_flops_per_step"] > 0 and result["step_s"] > 0
+    assert result["paper_epoch_s"] == pytest.approx(50_000 // 8 * result["step_s"] + 10_000 / result["eval_images_per_s"])
