@@ -44,6 +44,11 @@ def code_version(directory=Path(__file__).resolve().parents[1]) -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+# the checkout's version when this module was loaded: a long-lived process (the study) keeps running
+# the code it imported, whatever the checkout says later
+LOADED_CODE = code_version()
+
+
 def argv_used(argv):
     return sys.argv[1:] if argv is None else argv
 
@@ -72,7 +77,7 @@ def main(argv=None) -> int:
     (workdir / "command.txt").write_text(shlex.join([*env, "python", "-m", "stepjax.main", *argv_used(argv)]) + "\n")
     if jax.process_index() == 0:  # one line per start: a resumed run may span code versions
         with open(workdir / "code.txt", "a") as f:
-            f.write(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} {code_version()}\n")
+            f.write(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} {LOADED_CODE}\n")
     summary = train(config, workdir)
     return 0 if summary["status"] == "done" else 3
 
