@@ -110,14 +110,15 @@ def _setup(exp, overrides, data_dir):
     )
 
 
-def worker_train(spec):
-    """Compile and time the training step (and the evaluation step) of one configuration."""
+def worker_train(spec, run=None):
+    """Compile and time the training step (and the evaluation step) of one configuration
+    (`run`: its `_setup`, when the caller has built it already)."""
     import jax
 
     from stepjax import data, parallel
     from stepjax.train.step import make_eval_step
 
-    run = _setup(spec["exp"], spec.get("overrides", ()), spec["data_dir"])
+    run = run or _setup(spec["exp"], spec.get("overrides", ()), spec["data_dir"])
     config, mesh, info, graphdef = run.config, run.mesh, run.info, run.graphdef
     state, batch, train_step, build_s = run.state, run.batch, run.train_step, run.build_s
     batch_size = config.train.global_batch
@@ -328,8 +329,7 @@ def worker_gpu(spec):
 
     run = _setup(spec["exp"], spec.get("overrides", ()), spec["data_dir"])
     model_flops = model_flops_per_step(run.graphdef, run.state, run.batch, run.config, run.info)
-    del run
-    result = worker_train(spec)
+    result = worker_train(spec, run)
     device = jax.devices()[0]
     result["device_kind"] = device.device_kind
     result["model_flops_per_step"] = model_flops
