@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stepjax.evaluate import read_evaluation
 from stepjax.train.metrics import read_metrics
 
 
@@ -33,6 +34,7 @@ def load_run_record(workdir: Path) -> dict:
     code = list(dict.fromkeys(line.split()[-1] for line in starts if line.strip()))  # versions, in order
     accuracy = [m["accuracy"] for m in test]
     experiment = config.get("experiment", workdir.name)
+    evaluation = read_evaluation(workdir, summary.get("steps")) if summary.get("status") == "done" else None
     return {
         "workdir": str(workdir),
         "experiment": experiment,
@@ -55,6 +57,7 @@ def load_run_record(workdir: Path) -> dict:
         "steps_per_epoch": test[0]["step"] / test[0]["epoch"] if test else None,
         "best_accuracy": max(accuracy) if accuracy else None,
         "last_accuracy": accuracy[-1] if accuracy else None,
+        "flip_accuracy": evaluation["flip_accuracy"] if evaluation else None,
     }
 
 
@@ -76,20 +79,20 @@ def collect(*roots: Path) -> list[dict]:
 
 
 def group_stats(records: list[dict]) -> dict[str, dict]:
-    """Per experiment: mean and sample standard deviation of best and last accuracy over seeds."""
+    """Per experiment: over its finished runs, the accuracies (``best``, ``last``, ``flip``: last with
+    flip TTA, from the runs that have it) and their mean and sample standard deviation."""
     groups = defaultdict(list)
     for r in records:
         if r["status"] == "done":
             groups[r["group"]].append(r)
     stats = {}
     for name, runs in groups.items():
-        best = np.array([r["best_accuracy"] for r in runs])
-        last = np.array([r["last_accuracy"] for r in runs])
-        stats[name] = {
-            "n": len(runs), "best": best, "last": last,
-            "best_mean": best.mean(), "best_std": best.std(ddof=1) if len(runs) > 1 else float("nan"),
-            "last_mean": last.mean(), "last_std": last.std(ddof=1) if len(runs) > 1 else float("nan"),
-        }
+        stats[name] = {"n": len(runs)}
+        for key in ("best", "last", "flip"):
+            values = np.array([r[f"{key}_accuracy"] for r in runs if r[f"{key}_accuracy"] is not None])
+            stats[name][key] = values
+            stats[name][f"{key}_mean"] = values.mean() if len(values) else float("nan")
+            stats[name][f"{key}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
     return stats
 
 
@@ -138,22 +141,23 @@ def _status(r):
 
 def render_protocol(variant: str, records: list[dict], figure: str | None, ours: str, others: list[str]) -> list[str]:
     """The markdown section of one protocol."""
-    out = [f"## {variant} protocol", "", "| run | controller | seed | status | best % | last % | wall time (train + eval) | "
-           "first -> last train loss | data | code |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = [f"## {variant} protocol", "", "| run | controller | seed | status | best % | last % | last % flip TTA | wall time (train + eval) | "
+           "first -> last train loss | data | code |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         losses = f"{r['train_loss'][0]:.3f} -> {r['train_loss'][-1]:.3f}" if r["train_loss"] else ""
         out.append(f"| `{r['workdir']}` | {r['controller']} | {r['seed']} | {_status(r)} | {_pct(r['best_accuracy'])} | "
-                   f"{_pct(r['last_accuracy'])} | {_duration(r['wall_time_s'])} | {losses} | {r['data']} | {r['code']} |")
+                   f"{_pct(r['last_accuracy'])} | {_pct(r['flip_accuracy'])} | {_duration(r['wall_time_s'])} | {losses} | {r['data']} | {r['code']} |")
     protocols = sorted({(r["group"], r["protocol"]) for r in records if r["protocol"]})
     out += ["", "Protocol (from each run's config.json):", ""] + [f"- {g}: {p}" for g, p in protocols]
     out += ["", "Commands (each resumes if rerun):", ""]
     out += [f"    {r['command']}" for r in records if r["command"]]
     stats = group_stats(records)
-    out += ["", "Per experiment (finished runs only):", "", "| experiment | seeds | best % mean ± std | last % mean ± std |",
-            "| --- | --- | --- | --- |"]
+    out += ["", "Per experiment (finished runs only):", "", "| experiment | seeds | best % mean ± std | last % mean ± std | "
+            "last % flip TTA mean ± std (runs) |", "| --- | --- | --- | --- | --- |"]
     for name, s in sorted(stats.items()):
         out.append(f"| {name} | {s['n']} | {_pct(s['best_mean'])} ± {_pct(s['best_std'])} | "
-                   f"{_pct(s['last_mean'])} ± {_pct(s['last_std'])} |")
+                   f"{_pct(s['last_mean'])} ± {_pct(s['last_std'])} | "
+                   f"{_pct(s['flip_mean'])} ± {_pct(s['flip_std'])} ({len(s['flip'])}) |")
     out += ["", "Verdict (finished runs only):", ""] + verdict(stats, ours, others)
     if figure:
         out += ["", f"![{variant} curves]({figure})"]

@@ -1,7 +1,8 @@
 """The accuracy study: a plan of (experiment, seed) runs trained one after another, resumably.
 
 ``python -m stepjax.study [--plan cpu] [--root runs/study]`` trains every run of the plan that is
-not finished yet (each in ``<root>/<experiment>_s<seed>``, resuming from its checkpoints), then
+not finished yet (each in ``<root>/<experiment>_s<seed>``, resuming from its checkpoints) and
+evaluates each finished run with flip test-time augmentation (`stepjax.evaluate`); then
 ``python -m stepjax.results`` turns the run directories into docs/RESULTS.md.
 """
 
@@ -25,9 +26,11 @@ def run_dir(root: Path, exp: str, seed: int) -> Path:
     return Path(root) / f"{exp.replace(':', '_')}_s{seed}"
 
 
-def is_done(workdir: Path) -> bool:
+def finished_steps(workdir: Path) -> int | None:
+    """The step count of a finished run, None while it is not finished."""
     summary = workdir / "summary.json"
-    return summary.exists() and json.loads(summary.read_text()).get("status") == "done"
+    saved = json.loads(summary.read_text()) if summary.exists() else {}
+    return saved.get("steps") if saved.get("status") == "done" else None
 
 
 def command(exp: str, seed: int, workdir: Path) -> str:
@@ -42,17 +45,24 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="print the commands of pending runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from stepjax import parallel
+    from stepjax.evaluate import evaluate_run, read_evaluation
     from stepjax.main import main as train_main
 
+    parallel.configure_cpu_devices()
     for exp, seed in PLANS[args.plan]:
         workdir = run_dir(args.root, exp, seed)
-        if is_done(workdir):
-            continue
-        print(command(exp, seed, workdir), flush=True)
-        if not args.dry_run:
+        if finished_steps(workdir) is None:
+            print(command(exp, seed, workdir), flush=True)
+            if args.dry_run:
+                continue
             code = train_main(shlex.split(command(exp, seed, workdir))[3:])
             if code:
                 return code
+        if not args.dry_run and read_evaluation(workdir, finished_steps(workdir)) is None:
+            result = evaluate_run(workdir)
+            print(f"{workdir}: test accuracy {100 * result['accuracy']:.2f} %, with flip TTA "
+                  f"{100 * result['flip_accuracy']:.2f} %", flush=True)
     return 0
 
 

@@ -21,7 +21,7 @@ def fake_run(root, group, controller, seed, accuracies, status="done", variant="
     lines += [{"step": 10 * (e + 1), "split": "test", "time": 0, "epoch": e + 1, "accuracy": a, "loss": 1.0}
               for e, a in enumerate(accuracies)]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    (d / "summary.json").write_text(json.dumps({"status": status, "wall_time_s": 60.0}))
+    (d / "summary.json").write_text(json.dumps({"status": status, "wall_time_s": 60.0, "steps": 10 * len(accuracies)}))
     (d / "command.txt").write_text(f"python -m stepjax.main --config {group}:cpu seed={seed}\n")
     (d / "code.txt").write_text("2026-11-26T00:00:00+00:00 abc1234\n2026-11-26T01:00:00+00:00 abc1234\n"
                                 "2026-11-26T02:00:00+00:00 def5678+dirty\n")
@@ -30,8 +30,12 @@ def fake_run(root, group, controller, seed, accuracies, status="done", variant="
 def test_results_tables_and_figure(tmp_path):
     for seed, best in enumerate([0.80, 0.82, 0.81]):
         fake_run(tmp_path / "runs", "cifar10_resnet", "constant", seed, [0.5, best, best - 0.01])
+        evaluation = {"step": 30, "accuracy": best - 0.01, "flip_accuracy": best + 0.01}
+        (tmp_path / "runs" / f"cifar10_resnet_cpu_s{seed}" / "evaluation.json").write_text(json.dumps(evaluation))
     for seed, best in enumerate([0.90, 0.91, 0.92]):
         fake_run(tmp_path / "runs", "cifar10_stepnet", "stepnet", seed, [0.6, best])
+    stale = {"step": 10, "accuracy": 0.6, "flip_accuracy": 0.7}  # of an earlier checkpoint: not shown
+    (tmp_path / "runs" / "cifar10_stepnet_cpu_s0" / "evaluation.json").write_text(json.dumps(stale))
     fake_run(tmp_path / "runs", "cifar10_se", "se", 0, [0.4], status="running")
     records = collect(tmp_path / "runs")
     stats = group_stats(records)
@@ -44,7 +48,8 @@ def test_results_tables_and_figure(tmp_path):
     main(["--root", str(tmp_path / "runs"), str(tmp_path / "gpu"), str(tmp_path / "missing"), "--out", str(out),
           "--figure", str(fig)])
     text = out.read_text()
-    assert "| cifar10_resnet | 3 | 81.00 ± 1.00 | 80.00 ± 1.00 |" in text
+    assert "| cifar10_resnet | 3 | 81.00 ± 1.00 | 80.00 ± 1.00 | 82.00 ± 1.00 (3) |" in text
+    assert "| cifar10_stepnet | 3 | 91.00 ± 1.00 | 91.00 ± 1.00 |  ±  (0) |" in text
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points" in text and "significant at 0.05 (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
     assert "2.000 -> 0.667" in text and "seed=2" in text and "| abc1234, def5678+dirty |" in text

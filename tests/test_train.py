@@ -10,14 +10,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from stepjax import study
+from stepjax.analysis.report import load_images, load_source
 from stepjax.config import apply_overrides, load_experiment, validate
+from stepjax.evaluate import read_evaluation
 from stepjax.main import code_version
+from stepjax.results import collect
 from stepjax.train import NonFiniteLossError, load_run, read_metrics, restore_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,3 +239,27 @@ def test_resuming_a_different_model_is_refused(tmp_path):
     train(smoke_config("train.total_steps=1"), tmp_path / "run")
     with pytest.raises(ValueError, match="different `model` config"):
         train(smoke_config("train.total_steps=1", "model.controller='se'"), tmp_path / "run")
+
+
+def test_study_trains_then_evaluates_with_flip_tta(tmp_path, monkeypatch):
+    monkeypatch.setitem(study.PLANS, "tiny", [(SMOKE, 0)])
+    assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == 0
+    workdir = study.run_dir(tmp_path, SMOKE, 0)
+    summary = json.loads((workdir / "summary.json").read_text())
+    evaluation = read_evaluation(workdir, summary["steps"])
+    last_test = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "test"][-1]
+    # the single view repeats training's last evaluation; the flip figure is checked by hand
+    assert evaluation["accuracy"] == summary["last_accuracy"] == last_test["accuracy"]
+    np.testing.assert_allclose(evaluation["loss"], last_test["loss"], rtol=1e-5)
+    config, model, _ = load_source(str(workdir))
+    images, labels = load_images(config, 10**6)
+    probs = sum(jax.nn.softmax(model.solve(jnp.asarray(x))[0]) for x in (images, images[:, :, ::-1]))
+    np.testing.assert_allclose(evaluation["flip_accuracy"], np.mean(np.argmax(probs, -1) == labels), atol=1e-9)
+    flip_loss = -np.mean(np.log(np.asarray(probs)[np.arange(len(labels)), labels] / 2))
+    np.testing.assert_allclose(evaluation["flip_loss"], flip_loss, rtol=1e-4)
+    assert abs(evaluation["flip_loss"] - evaluation["loss"]) > 1e-4  # the mirror image changes the prediction
+    assert collect(tmp_path)[0]["flip_accuracy"] == evaluation["flip_accuracy"]
+    (workdir / "evaluation.json").unlink()  # a rerun trains nothing and only evaluates again
+    assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == 0
+    assert json.loads((workdir / "summary.json").read_text()) == summary
+    assert read_evaluation(workdir, summary["steps"]) == {**evaluation, "seconds": ANY}

@@ -97,14 +97,22 @@ def make_train_step(graphdef, tx, schedule, config, info, mesh):
     )
 
 
-def make_eval_step(graphdef, config, info, mesh):
+def make_eval_step(graphdef, config, info, mesh, *, flip: bool = False):
     """The jitted ``eval_step(state, batch) -> sums`` over the masked examples of a batch:
-    correct predictions, loss, count, and per-block step sizes (mean over channels)."""
+    correct predictions, loss, count, and per-block step sizes (mean over channels).
+
+    With `flip`, the prediction is the mean of the softmax probabilities of each image and its
+    mirror image (flip test-time augmentation); step sizes stay those of the image itself."""
 
     def eval_step(state: TrainState, batch):
         model = nnx.merge(graphdef, state.params, state.rest, copy=True)
         model.eval()
-        logits, outputs = model.solve(model_inputs(config, info, batch["image"]))
+        x = model_inputs(config, info, batch["image"])
+        logits, outputs = model.solve(x)
+        if flip:
+            mirrored, _ = model.solve(x[:, :, ::-1])
+            probs = (jax.nn.softmax(logits.astype(jnp.float32)) + jax.nn.softmax(mirrored.astype(jnp.float32))) / 2
+            logits = jnp.log(probs)
         mask = batch["mask"].astype(jnp.float32)
         loss = cross_entropy(logits, batch["label"], info.num_classes)
         step_size = jnp.concatenate([(o.step_size.mean(-1) * mask).sum(-1) for o in outputs])
