@@ -12,7 +12,7 @@ ifneq ($(DATA),)
 export STEPJAX_DATA_DIR := $(abspath $(DATA))
 endif
 
-.PHONY: setup test train list data summary study results bench analyze lottery ode-bench ode-bench-quick
+.PHONY: setup test train list data summary study results evaluate bench analyze lottery ode-bench ode-bench-quick
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ results: setup
 # speed, compile time, memory, input pipeline (docs/BENCHMARKS.md); torch for the comparison
 bench: setup
 	$(PY) -m benchmarks.run --docs docs/BENCHMARKS.md $(ARGS)
+
+# test accuracy of a run's latest checkpoint, single view and flip TTA (DIR/evaluation.json)
+evaluate: setup
+	$(PY) -m stepjax.evaluate --workdir $(WORKDIR) $(ARGS)
 
 # stiffness analysis of a trained run (or init:EXP for a fresh model)
 analyze: setup

@@ -58,7 +58,19 @@ def load_run_record(workdir: Path) -> dict:
         "best_accuracy": max(accuracy) if accuracy else None,
         "last_accuracy": accuracy[-1] if accuracy else None,
         "flip_accuracy": evaluation["flip_accuracy"] if evaluation else None,
+        "config": config,
     }
+
+
+def param_millions(config: dict) -> float:
+    """Trainable parameters (millions) of a run's model, counted on abstract shapes."""
+    import ml_collections
+    from flax import nnx
+
+    from stepjax.models.resnet import count_params
+    from stepjax.train import build_model
+
+    return count_params(nnx.eval_shape(lambda: build_model(ml_collections.ConfigDict(config)))) / 1e6
 
 
 def protocol(config: dict) -> str:
@@ -87,7 +99,7 @@ def group_stats(records: list[dict]) -> dict[str, dict]:
             groups[r["group"]].append(r)
     stats = {}
     for name, runs in groups.items():
-        stats[name] = {"n": len(runs)}
+        stats[name] = {"n": len(runs), "params_m": param_millions(runs[0]["config"])}
         for key in ("best", "last", "flip"):
             values = np.array([r[f"{key}_accuracy"] for r in runs if r[f"{key}_accuracy"] is not None])
             stats[name][key] = values
@@ -152,10 +164,10 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, ours:
     out += ["", "Commands (each resumes if rerun):", ""]
     out += [f"    {r['command']}" for r in records if r["command"]]
     stats = group_stats(records)
-    out += ["", "Per experiment (finished runs only):", "", "| experiment | seeds | best % mean ± std | last % mean ± std | "
-            "last % flip TTA mean ± std (runs) |", "| --- | --- | --- | --- | --- |"]
+    out += ["", "Per experiment (finished runs only):", "", "| experiment | params (M) | seeds | best % mean ± std | "
+            "last % mean ± std | last % flip TTA mean ± std (runs) |", "| --- | --- | --- | --- | --- | --- |"]
     for name, s in sorted(stats.items()):
-        out.append(f"| {name} | {s['n']} | {_pct(s['best_mean'])} ± {_pct(s['best_std'])} | "
+        out.append(f"| {name} | {s['params_m']:.3f} | {s['n']} | {_pct(s['best_mean'])} ± {_pct(s['best_std'])} | "
                    f"{_pct(s['last_mean'])} ± {_pct(s['last_std'])} | "
                    f"{_pct(s['flip_mean'])} ± {_pct(s['flip_std'])} ({len(s['flip'])}) |")
     out += ["", "Verdict (finished runs only):", ""] + verdict(stats, ours, others)

@@ -258,3 +258,37 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
     assert results["nsi_top"]["blocks"] == [1, 3] and results["all"]["ratio"] == 1.0
     assert results["random_0"]["ratio"] == results["nsi_top"]["ratio"] == pytest.approx(2 / 6)
     assert run_lottery(configs, tmp_path, train_fn=fake_train) == results and len(calls) == len(configs)  # resumed
+
+
+def test_lottery_reuses_only_the_same_training(tmp_path):
+    configs = placement_configs(load_experiment("cifar10_se:smoke"), ratio=0.34, num_random=1,
+                                scores=[np.nan, 0.5, np.nan, 0.9, np.nan, 0.1])
+
+    def finished_run(name, config, status="done"):
+        workdir = tmp_path / "study" / name
+        workdir.mkdir(parents=True)
+        (workdir / "config.json").write_text(config.to_json())
+        (workdir / "summary.json").write_text(json.dumps({"status": status, "best_accuracy": 0.7, "last_accuracy": 0.7}))
+        return workdir
+
+    plain = finished_run("plain", load_experiment("cifar10_resnet:smoke"))  # the constant step == SE nowhere
+    calls = []
+
+    def fake_train(cfg, workdir):
+        calls.append(workdir.name)
+        return {"status": "done", "best_accuracy": 0.5, "last_accuracy": 0.5}
+
+    results = run_lottery(configs, tmp_path / "lottery", train_fn=fake_train, reuse={"none": str(plain)})
+    assert "none" not in calls and len(calls) == len(configs) - 1
+    assert results["none"]["workdir"] == str(plain) and results["none"]["best_accuracy"] == 0.7
+    assert results["none"]["blocks"] == []
+    other_seed = finished_run("seed1", apply_overrides(load_experiment("cifar10_se:smoke"), ["seed=1"]))
+    with pytest.raises(ValueError, match="seed: 1 instead of 0"):
+        run_lottery(configs, tmp_path / "lottery", train_fn=fake_train, reuse={"all": str(other_seed)})
+    with pytest.raises(ValueError, match="blocks: \\[\\] instead of"):  # plain is not SE everywhere
+        run_lottery(configs, tmp_path / "lottery", train_fn=fake_train, reuse={"all": str(plain)})
+    running = finished_run("running", load_experiment("cifar10_se:smoke"), status="preempted")
+    with pytest.raises(ValueError, match="not a finished run"):
+        run_lottery(configs, tmp_path / "lottery", train_fn=fake_train, reuse={"all": str(running)})
+    with pytest.raises(ValueError, match="does not train"):
+        run_lottery(configs, tmp_path / "lottery", train_fn=fake_train, reuse={"top": str(plain)})

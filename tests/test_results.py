@@ -5,17 +5,19 @@ import json
 import numpy as np
 import pytest
 
+from stepjax.config import apply_overrides, load_experiment
+from stepjax.models.__main__ import param_count
 from stepjax.results import collect, group_stats, main, verdict, welch_p
 
 
 def fake_run(root, group, controller, seed, accuracies, status="done", variant=":cpu"):
     d = root / f"{group}{variant.replace(':', '_')}_s{seed}"
     d.mkdir(parents=True)
-    config = {"experiment": f"{group}{variant}", "seed": seed, "model": {"controller": controller, "preset": "resnet20"},
-              "optim": {"momentum": 0.9, "nesterov": True, "lr": 0.05, "schedule": "cosine", "weight_decay": 5e-4},
-              "train": {"epochs": len(accuracies), "global_batch": 32},
-              "data": {"name": "cifar10", "source": "npz", "dir": "/data"}}
-    (d / "config.json").write_text(json.dumps(config))
+    config = apply_overrides(load_experiment(f"{group}:cpu"), [f"seed={seed}", f"train.epochs={len(accuracies)}",
+                                                                 "data.source='npz'", "data.dir='/data'"])
+    assert config.model.controller == controller
+    config.experiment = f"{group}{variant}"
+    (d / "config.json").write_text(config.to_json())
     lines = [{"step": 10 * (e + 1), "split": "train", "time": 0, "loss": 2.0 / (e + 1), "accuracy": 0.1}
              for e in range(len(accuracies))]
     lines += [{"step": 10 * (e + 1), "split": "test", "time": 0, "epoch": e + 1, "accuracy": a, "loss": 1.0}
@@ -48,8 +50,9 @@ def test_results_tables_and_figure(tmp_path):
     main(["--root", str(tmp_path / "runs"), str(tmp_path / "gpu"), str(tmp_path / "missing"), "--out", str(out),
           "--figure", str(fig)])
     text = out.read_text()
-    assert "| cifar10_resnet | 3 | 81.00 ± 1.00 | 80.00 ± 1.00 | 82.00 ± 1.00 (3) |" in text
-    assert "| cifar10_stepnet | 3 | 91.00 ± 1.00 | 91.00 ± 1.00 |  ±  (0) |" in text
+    plain, stepnet = (param_count("resnet20", 10, c) / 1e6 for c in ("constant", "stepnet"))
+    assert f"| cifar10_resnet | {plain:.3f} | 3 | 81.00 ± 1.00 | 80.00 ± 1.00 | 82.00 ± 1.00 (3) |" in text
+    assert f"| cifar10_stepnet | {stepnet:.3f} | 3 | 91.00 ± 1.00 | 91.00 ± 1.00 |  ±  (0) |" in text
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points" in text and "significant at 0.05 (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
     assert "2.000 -> 0.667" in text and "seed=2" in text and "| abc1234, def5678+dirty |" in text

@@ -6,7 +6,10 @@ workdir under ``--root``: no controller, the controller in every block, `--num-r
 placements at the ratio, and the NSI-guided placements at the same ratio (the blocks of largest
 NSI of the reference model DIR, and as a contrast those of smallest NSI). It then draws the test
 accuracies as a strip plot with the NSI-guided placement marked. Re-running skips finished runs
-and resumes unfinished ones; ``--plot-only`` draws what has finished.
+and resumes unfinished ones; ``--plot-only`` draws what has finished. ``--reuse none=DIR1
+--reuse all=DIR2`` takes finished runs of the same protocol and seed (e.g. the accuracy study's plain and
+SE runs) instead of training them again (``--reuse`` once per run); they are checked to be the same
+training.
 """
 
 from __future__ import annotations
@@ -54,16 +57,50 @@ def placement_configs(config, *, ratio: float, num_random: int, scores) -> dict:
 
 
 def _blocks(config) -> tuple[list[int], int]:
-    """The global block indices where `config`'s controller is on, and the number of blocks."""
+    """The global block indices where `config`'s controller is on (none for the constant step), and
+    the number of blocks."""
     from stepjax.models import get_spec, resolve_placement
 
     m = config.model
     masks = np.concatenate(resolve_placement(m.placement, get_spec(m.preset, depths=m.depths).depths,
                                              m.placement_seed, m.placement_ratio))
-    return [int(i) for i in np.flatnonzero(masks)], len(masks)
+    on = [] if m.controller == "constant" else [int(i) for i in np.flatnonzero(masks)]
+    return on, len(masks)
 
 
-def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_only: bool = False) -> dict:
+def _training(config) -> dict:
+    """What decides a training run's outcome, up to names: seed, data, optimiser, schedule length,
+    network, and the controller with the blocks it is on."""
+    m, blocks = config.model, _blocks(config)[0]
+    return json.loads(json.dumps({  # as saved in config.json: tuples become lists
+        "seed": config.seed, "data.name": config.data.name, "optim": config.optim.to_dict(),
+        "train.epochs": config.train.epochs, "train.total_steps": config.train.total_steps,
+        "train.global_batch": config.train.global_batch, "model.preset": m.preset, "model.dtype": m.dtype,
+        "model.depths": m.depths, "model.widths": m.widths, "model.stem_width": m.stem_width, "blocks": blocks,
+        "controller": (m.controller, m.controller_options.to_dict()) if blocks else None,
+    }))
+
+
+def _reused_summary(config, workdir: Path) -> dict:
+    """The summary of a finished run that stands in for `config`'s run; errors name what differs."""
+    import ml_collections
+
+    path = Path(workdir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    if summary.get("status") != "done":
+        raise ValueError(f"--reuse {workdir}: not a finished run (no summary.json with status done). "
+                         "Finish it first (e.g. `make study`) or drop the --reuse.")
+    saved = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+    want, have = _training(config), _training(saved)
+    differ = [f"{k}: {have[k]} instead of {want[k]}" for k in want if have[k] != want[k]]
+    if differ:
+        raise ValueError(f"--reuse {workdir} is a different training from the lottery's run: "
+                         + "; ".join(differ) + ". Reuse a run of the same protocol and seed, or drop the --reuse.")
+    return summary
+
+
+def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_only: bool = False,
+                reuse: dict | None = None) -> dict:
     """Train (or resume, or skip when finished) every config in ``root/<name>`` and collect.
 
     **Arguments:**
@@ -72,6 +109,8 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     - `root`: parent directory of the run directories.
     - `train_fn`: ``train_fn(config, workdir) -> summary`` (default `stepjax.train.train`).
     - `plot_only`: train nothing; unfinished runs are reported as pending.
+    - `reuse`: name -> directory of a finished run that is the same training as that config's
+      (checked first, before anything is trained); it is read, not trained.
 
     **Returns:**
 
@@ -79,11 +118,16 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     """
     if train_fn is None:
         from stepjax.train import train as train_fn
+    reuse = reuse or {}
+    unknown = sorted(set(reuse) - set(configs))
+    if unknown:
+        raise ValueError(f"--reuse names {unknown}, which the lottery does not train; choose from {list(configs)}.")
+    reused = {name: _reused_summary(configs[name], workdir) for name, workdir in reuse.items()}
     results = {}
     for name, config in configs.items():
-        workdir = Path(root) / name
+        workdir = Path(reuse.get(name) or Path(root) / name)
         path = workdir / "summary.json"
-        summary = json.loads(path.read_text()) if path.exists() else {"status": "pending"}
+        summary = reused.get(name) or (json.loads(path.read_text()) if path.exists() else {"status": "pending"})
         if summary["status"] != "done" and not plot_only:
             summary = train_fn(config, workdir)
         blocks, total = _blocks(config)
@@ -131,6 +175,9 @@ def parse_args(argv):
     p.add_argument("--root", help="run directories go here (default runs/lottery/<exp>/ratio<r>)")
     p.add_argument("--out", help="figure directory (default docs/figures/analysis/lottery_<exp>_ratio<r>)")
     p.add_argument("--plot-only", action="store_true", help="train nothing, draw what has finished")
+    p.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR",
+                   help="a finished run that is the same training (repeatable), e.g. "
+                        "--reuse none=runs/study/cifar10_resnet_cpu_s0 --reuse all=runs/study/cifar10_se_cpu_s0")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.progress=False")
     return p.parse_args(argv)
 
@@ -145,7 +192,10 @@ def main(argv=None) -> int:
     config = apply_overrides(load_experiment(args.exp), args.overrides)
     scores = cached_scores(args.nsi_workdir, root, indicator=args.indicator, num_samples=args.nsi_samples)
     configs = placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores)
-    results = run_lottery(configs, root, plot_only=args.plot_only)
+    reuse = dict(item.split("=", 1) for item in args.reuse if "=" in item)
+    if len(reuse) != len(args.reuse):
+        raise SystemExit(f"--reuse takes NAME=DIR items; got {args.reuse}.")
+    results = run_lottery(configs, root, plot_only=args.plot_only, reuse=reuse)
     figure = lottery_figure(results, experiment=args.exp, ratio=args.ratio, reference=args.nsi_workdir,
                             indicator=args.indicator)
     out.mkdir(parents=True, exist_ok=True)
