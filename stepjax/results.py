@@ -117,14 +117,15 @@ def welch_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def verdict(stats: dict, ours: str, others: list[str], alpha: float = 0.05) -> list[str]:
-    """Plain-words comparisons of `ours` against each of `others` on best test accuracy."""
+def verdict(stats: dict, ours: str, others: list[str], alpha: float = 0.05, key: str = "best") -> list[str]:
+    """Plain-words comparisons of `ours` against each of `others` on the mean of `key` accuracy
+    (``best``: best epoch, picked on the test set, so optimistic; ``last``: the final model)."""
     lines = []
     for other in others:
         if ours not in stats or other not in stats:
             lines.append(f"- {ours} vs {other}: not enough finished runs yet.")
             continue
-        a, b = stats[ours]["best"], stats[other]["best"]
+        a, b = stats[ours][key], stats[other][key]
         diff, p = 100 * (a.mean() - b.mean()), welch_p(a, b)
         if math.isnan(p):
             word = "too few seeds for a test"
@@ -132,7 +133,7 @@ def verdict(stats: dict, ours: str, others: list[str], alpha: float = 0.05) -> l
             word = f"significant at {alpha} ({'better' if diff > 0 else 'worse'})"
         else:
             word = "no significant difference"
-        lines.append(f"- {ours} vs {other}: {diff:+.2f} points in mean best accuracy "
+        lines.append(f"- {ours} vs {other}: {diff:+.2f} points in mean {key} accuracy "
                      f"(n={len(a)} vs {len(b)}, Welch p={p:.3f}): {word}.")
     return lines
 
@@ -170,7 +171,8 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, ours:
         out.append(f"| {name} | {s['params_m']:.3f} | {s['n']} | {_pct(s['best_mean'])} ± {_pct(s['best_std'])} | "
                    f"{_pct(s['last_mean'])} ± {_pct(s['last_std'])} | "
                    f"{_pct(s['flip_mean'])} ± {_pct(s['flip_std'])} ({len(s['flip'])}) |")
-    out += ["", "Verdict (finished runs only):", ""] + verdict(stats, ours, others)
+    out += ["", "Verdict (finished runs only; two-sided Welch t-test over seeds):", ""]
+    out += [line for key in ("best", "last") for line in verdict(stats, ours, others, key=key)]
     if figure:
         out += ["", f"![{variant} curves]({figure})"]
     return out + [""]

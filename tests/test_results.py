@@ -53,7 +53,8 @@ def test_results_tables_and_figure(tmp_path):
     plain, stepnet = (param_count("resnet20", 10, c) / 1e6 for c in ("constant", "stepnet"))
     assert f"| cifar10_resnet | {plain:.3f} | 3 | 81.00 ± 1.00 | 80.00 ± 1.00 | 82.00 ± 1.00 (3) |" in text
     assert f"| cifar10_stepnet | {stepnet:.3f} | 3 | 91.00 ± 1.00 | 91.00 ± 1.00 |  ±  (0) |" in text
-    assert "cifar10_stepnet vs cifar10_resnet: +10.00 points" in text and "significant at 0.05 (better)" in text
+    assert "cifar10_stepnet vs cifar10_resnet: +10.00 points in mean best" in text
+    assert "cifar10_stepnet vs cifar10_resnet: +11.00 points in mean last" in text and "significant at 0.05 (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
     assert "2.000 -> 0.667" in text and "seed=2" in text and "| abc1234, def5678+dirty |" in text
     assert "- cifar10_resnet: resnet20, 3 epochs of batch 32, SGD momentum 0.9 (Nesterov), lr 0.05 cosine" in text
