@@ -30,6 +30,7 @@ from stepjax.analysis import (
     write_report,
 )
 from stepjax.analysis.__main__ import main as analysis_main
+from stepjax.analysis import seeds
 from stepjax.analysis.lottery import placement_configs, run_lottery
 from stepjax.analysis.placement import nsi_placement
 from stepjax.config import apply_overrides, load_experiment
@@ -292,3 +293,42 @@ def test_lottery_reuses_only_the_same_training(tmp_path):
         run_lottery(configs, tmp_path / "lottery", train_fn=fake_train, reuse={"all": str(running)})
     with pytest.raises(ValueError, match="does not train"):
         run_lottery(configs, tmp_path / "lottery", train_fn=fake_train, reuse={"top": str(plain)})
+
+
+def _fake_model(label, source, accuracy, rho, step=100):
+    ability = {k: {"within_block": {"mean_rho": rho}} for k in ("relative_derivative", "spectral_radius", "implied_step")}
+    nsi = [{"mean": 0.1 * (s + 1), "peak": 0.2 * (s + 1)} for s in range(3)]
+    return {"label": f"{label}, resnet20, trained {step} steps" if step else f"{label}, resnet20, random init",
+            "source": source, "step": step, "accuracy": accuracy, "num_samples": 10,
+            "step_size": [{"mean": [0.5, 0.7]}] * 3, "nsi_summary": {"relative_increment": nsi},
+            "representational_ability": ability}
+
+
+def test_seed_table_counts_each_run_once_with_its_mean_gate_control(tmp_path):
+    reports = []
+    for seed, (acc, rho) in enumerate([(0.80, -0.2), (0.84, -0.4)]):
+        main_model = _fake_model("SE", f"runs/se_s{seed}", acc, rho)
+        reports.append({"models": {
+            "main": main_model, "random_init": _fake_model("SE", f"runs/se_s{seed}", 0.1, 0.0, step=0),
+            "mean_gate": {**main_model, "accuracy": acc - 0.01},
+            "compare": _fake_model("plain (h = 1)", f"runs/plain_s{seed}", 0.82, None)}})
+    # StepNet analysed against SE seed 0 again: that SE run must keep its mean-gate figure
+    reports.append({"models": {"main": _fake_model("StepNet", "runs/stepnet_s0", 0.85, -0.3),
+                               "compare": _fake_model("SE", "runs/se_s0", 0.80, -0.2)}})
+    for i, report in enumerate(reports):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "analysis.json").write_text(json.dumps(report))
+    table = seeds.rows(reports)
+    assert sorted(r["source"] for r in table) == ["runs/plain_s0", "runs/plain_s1", "runs/se_s0", "runs/se_s1",
+                                                  "runs/stepnet_s0"]
+    se0 = next(r for r in table if r["source"] == "runs/se_s0")
+    np.testing.assert_allclose(se0["mean-gate change (points)"], -1.0)
+    assert seeds.main([str(tmp_path / str(i)) for i in range(3)] + ["--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert "| `se_s0` | `se_s1` | `stepnet_s0` | `plain_s0` | `plain_s1` |" in text
+    assert "| accuracy % on them | 80.00 | 84.00 | 85.00 | 82.00 | 82.00 |" in text
+    assert "| figure | SE, resnet20 (n=2) | StepNet, resnet20 (n=1) | plain (h = 1), resnet20 (n=2) |" in text
+    assert "| within-block rho, relative derivative | -0.300 ± 0.141 | -0.300 |  |" in text  # sd of -0.2, -0.4
+    assert "| mean-gate change (points) | -1.00 ± 0.00 |  |  |" in text
+    with pytest.raises(SystemExit, match="No analysis.json"):
+        seeds.main([str(tmp_path / "missing")])
