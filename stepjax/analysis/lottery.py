@@ -7,9 +7,8 @@ placements at the ratio, and the NSI-guided placements at the same ratio (the bl
 NSI of the reference model DIR, and as a contrast those of smallest NSI). It then draws the test
 accuracies as a strip plot with the NSI-guided placement marked. Re-running skips finished runs
 and resumes unfinished ones; ``--plot-only`` draws what has finished. ``--reuse none=DIR1
---reuse all=DIR2`` takes finished runs of the same protocol and seed (e.g. the accuracy study's plain and
-SE runs) instead of training them again (``--reuse`` once per run); they are checked to be the same
-training.
+--reuse all=DIR2`` takes finished runs of the same protocol and seed (e.g. the accuracy study's
+plain and SE runs) instead of training them again; they are checked to be the same training.
 """
 
 from __future__ import annotations
@@ -172,7 +171,7 @@ def parse_args(argv):
     p.add_argument("--nsi-workdir", required=True, help="reference model for the NSI ranking (run dir or init:EXP)")
     p.add_argument("--indicator", default=DEFAULT_NSI, choices=sorted(INDICATORS))
     p.add_argument("--nsi-samples", type=int, default=500, help="training images for the NSI ranking")
-    p.add_argument("--root", help="run directories go here (default runs/lottery/<exp>/ratio<r>)")
+    p.add_argument("--root", help="run directories go here (default runs/lottery/<exp>_ratio<r>)")
     p.add_argument("--out", help="figure directory (default docs/figures/analysis/lottery_<exp>_ratio<r>)")
     p.add_argument("--plot-only", action="store_true", help="train nothing, draw what has finished")
     p.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR",
