@@ -46,7 +46,7 @@ def load_run_record(workdir: Path) -> dict:
         "command": command,
         "code": ", ".join(code) or "not recorded",
         "protocol": protocol(config),
-        "status": summary.get("status", "running"),
+        "status": _status_of(summary, train),
         "wall_time_s": summary["wall_time_s"] + summary.get("eval_time_s", 0.0) if "wall_time_s" in summary else None,
         "epochs": [m["epoch"] for m in test],
         "planned_epochs": config.get("train", {}).get("epochs"),
@@ -71,6 +71,14 @@ def param_millions(config: dict) -> float:
     from stepjax.train import build_model
 
     return count_params(nnx.eval_shape(lambda: build_model(ml_collections.ConfigDict(config)))) / 1e6
+
+
+def _status_of(summary: dict, train: list[dict]) -> str:
+    """``done``/``preempted`` from summary.json; ``running`` without one, or when the run has logged
+    steps beyond its stop (resumed since)."""
+    if summary.get("status") == "preempted" and train and train[-1]["step"] > summary.get("steps", math.inf):
+        return "running"
+    return summary.get("status", "running")
 
 
 def protocol(config: dict) -> str:

@@ -74,6 +74,10 @@ def test_resumed_run_counts_each_step_once_and_eval_time(tmp_path):
     (record,) = collect(tmp_path)
     assert record["epochs"] == [1, 2, 3] and record["train_steps"] == [10, 20, 30]
     assert record["wall_time_s"] == 660.0
+    (d / "summary.json").write_text(json.dumps({"status": "preempted", "wall_time_s": 60.0, "steps": 20}))
+    assert collect(tmp_path)[0]["status"] == "running"  # resumed after the stop: step 30 is logged
+    (d / "summary.json").write_text(json.dumps({"status": "preempted", "wall_time_s": 60.0, "steps": 30}))
+    assert collect(tmp_path)[0]["status"] == "preempted"
 
 
 def test_verdict_says_no_significant_difference():
