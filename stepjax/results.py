@@ -197,6 +197,13 @@ def render(sections: list[list[str]]) -> str:
     return "\n".join(head + [line for section in sections for line in section])
 
 
+def epoch_means(steps, losses, steps_per_epoch) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of the logged training losses of each epoch, placed at the epoch's end."""
+    epochs = np.ceil(np.asarray(steps) / steps_per_epoch)
+    ends = np.unique(epochs)
+    return ends, np.array([np.mean(np.asarray(losses)[epochs == e]) for e in ends])
+
+
 def plot_curves(records: list[dict], path: Path) -> None:
     """Test accuracy and train loss by epoch/step, one colour per experiment."""
     import matplotlib
@@ -211,10 +218,11 @@ def plot_curves(records: list[dict], path: Path) -> None:
         label = r["group"] if sum(q["group"] == r["group"] for q in records[: records.index(r) + 1]) == 1 else None
         ax_acc.plot(r["epochs"], [100 * a for a in r["test_accuracy"]], color=colour, label=label, lw=1)
         if r["steps_per_epoch"]:
-            ax_loss.plot(np.array(r["train_steps"]) / r["steps_per_epoch"], r["train_loss"], color=colour, label=label, lw=0.6, alpha=0.7)
+            ax_loss.plot(*epoch_means(r["train_steps"], r["train_loss"], r["steps_per_epoch"]), color=colour, label=label, lw=1)
         ax_loss.plot(r["epochs"], r["test_loss"], color=colour, lw=1.2, ls="--")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss (solid) and test loss (dashed)", yscale="log")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss, mean of each epoch's logged batches (solid),\n"
+                "and test loss (dashed)", yscale="log")
     ax_acc.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

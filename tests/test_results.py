@@ -7,7 +7,7 @@ import pytest
 
 from stepjax.config import apply_overrides, load_experiment
 from stepjax.models.__main__ import param_count
-from stepjax.results import collect, group_stats, main, verdict, welch_p
+from stepjax.results import collect, epoch_means, group_stats, main, verdict, welch_p
 
 
 def fake_run(root, group, controller, seed, accuracies, status="done", variant=":cpu"):
@@ -89,3 +89,9 @@ def test_verdict_says_no_significant_difference():
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="No run directories"):
         main(["--root", str(tmp_path)])
+
+
+def test_epoch_means_of_the_logged_training_loss():
+    ends, means = epoch_means([5, 10, 15, 20, 25], [4.0, 2.0, 3.0, 1.0, 0.5], steps_per_epoch=10)
+    np.testing.assert_allclose(ends, [1, 2, 3])
+    np.testing.assert_allclose(means, [3.0, 2.0, 0.5])
