@@ -44,11 +44,10 @@ def evaluate_run(workdir: str | Path, *, data_dir: str | None = None) -> dict:
         config.data.source, config.data.dir = "npz", str(data_dir)
     mesh = parallel.data_mesh()
     info = data.dataset_info(config.data)
-    result = {"step": step, "data": f"{config.data.name} ({config.data.source})"}
-    for prefix, flip in (("", False), ("flip_", True)):
-        metrics = evaluate(make_eval_step(graphdef, config, info, mesh, flip=flip), state, config, mesh)
-        result[prefix + "accuracy"], result[prefix + "loss"] = metrics["accuracy"], metrics["loss"]
-    result["seconds"] = round(time.time() - start, 1)
+    metrics = evaluate(make_eval_step(graphdef, config, info, mesh, flip=True), state, config, mesh)
+    result = {"step": step, "data": f"{config.data.name} ({config.data.source})",
+              **{k: metrics[k] for k in ("accuracy", "loss", "flip_accuracy", "flip_loss")},
+              "seconds": round(time.time() - start, 1)}
     if jax.process_index() == 0:
         (Path(workdir) / EVALUATION_FILE).write_text(json.dumps(result, indent=2))
     return result

@@ -88,7 +88,8 @@ def _host(tree):
 
 
 def evaluate(eval_step, state, config, mesh) -> dict:
-    """Test loss, accuracy and per-block mean step size over the whole test split."""
+    """Test loss, accuracy and per-block mean step size over the whole test split (and
+    ``flip_accuracy``, ``flip_loss`` when `eval_step` was made with ``flip=True``)."""
     totals = None
     for batch in data.eval_batches(
         config.data, global_batch=config.train.eval_batch,
@@ -98,11 +99,15 @@ def evaluate(eval_step, state, config, mesh) -> dict:
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = _host(totals)
     count = float(totals["count"])
-    return {
+    result = {
         "accuracy": float(totals["correct"]) / count,
         "loss": float(totals["loss"]) / count,
         "step_size": (totals["step_size"] / count).round(5).tolist(),
     }
+    if "flip_correct" in totals:
+        result["flip_accuracy"] = float(totals["flip_correct"]) / count
+        result["flip_loss"] = float(totals["flip_loss"]) / count
+    return result
 
 
 def restore_run(workdir: str | Path):

@@ -101,26 +101,27 @@ def make_eval_step(graphdef, config, info, mesh, *, flip: bool = False):
     """The jitted ``eval_step(state, batch) -> sums`` over the masked examples of a batch:
     correct predictions, loss, count, and per-block step sizes (mean over channels).
 
-    With `flip`, the prediction is the mean of the softmax probabilities of each image and its
-    mirror image (flip test-time augmentation); step sizes stay those of the image itself."""
+    With `flip`, also ``flip_correct`` and ``flip_loss`` of the flip test-time augmentation: the
+    prediction is the mean of the softmax probabilities of each image and its mirror image."""
 
     def eval_step(state: TrainState, batch):
         model = nnx.merge(graphdef, state.params, state.rest, copy=True)
         model.eval()
         x = model_inputs(config, info, batch["image"])
         logits, outputs = model.solve(x)
+        mask = batch["mask"].astype(jnp.float32)
+
+        def scores(logits):
+            loss = cross_entropy(logits, batch["label"], info.num_classes)
+            return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask), jnp.sum(loss * mask)
+
+        sums = dict(zip(("correct", "loss"), scores(logits)))
+        sums["count"] = jnp.sum(mask)
+        sums["step_size"] = jnp.concatenate([(o.step_size.mean(-1) * mask).sum(-1) for o in outputs])
         if flip:
             mirrored, _ = model.solve(x[:, :, ::-1])
             probs = (jax.nn.softmax(logits.astype(jnp.float32)) + jax.nn.softmax(mirrored.astype(jnp.float32))) / 2
-            logits = jnp.log(probs)
-        mask = batch["mask"].astype(jnp.float32)
-        loss = cross_entropy(logits, batch["label"], info.num_classes)
-        step_size = jnp.concatenate([(o.step_size.mean(-1) * mask).sum(-1) for o in outputs])
-        return {
-            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-            "loss": jnp.sum(loss * mask),
-            "count": jnp.sum(mask),
-            "step_size": step_size,
-        }
+            sums["flip_correct"], sums["flip_loss"] = scores(jnp.log(probs))
+        return sums
 
     return jax.jit(eval_step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
