@@ -54,6 +54,7 @@ def load_run_record(workdir: Path) -> dict:
         "test_loss": [m["loss"] for m in test],
         "train_steps": [m["step"] for m in train],
         "train_loss": [m["loss"] for m in train],
+        "images_per_sec": [m["images_per_sec"] for m in train if "images_per_sec" in m],
         "steps_per_epoch": test[0]["step"] / test[0]["epoch"] if test else None,
         "best_accuracy": max(accuracy) if accuracy else None,
         "last_accuracy": accuracy[-1] if accuracy else None,
@@ -154,6 +155,12 @@ def _duration(seconds):
     return "" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def _throughput(rates):
+    """Median and 90th percentile of the logged training windows' images/s: the median is what the
+    run got, the 90th percentile about what it gets with the cores to itself."""
+    return "" if not rates else "{:.0f} ({:.0f})".format(*np.percentile(rates, [50, 90]))
+
+
 def _status(r):
     if r["status"] == "done" or not r["epochs"]:
         return r["status"]
@@ -163,11 +170,13 @@ def _status(r):
 def render_protocol(variant: str, records: list[dict], figure: str | None, ours: str, others: list[str]) -> list[str]:
     """The markdown section of one protocol."""
     out = [f"## {variant} protocol", "", "| run | controller | seed | status | best % | last % | last % flip TTA | wall time (train + eval) | "
-           "first -> last train loss | data | code |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "train images/s median (p90) | first -> last train loss | data | code |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         losses = f"{r['train_loss'][0]:.3f} -> {r['train_loss'][-1]:.3f}" if r["train_loss"] else ""
         out.append(f"| `{r['workdir']}` | {r['controller']} | {r['seed']} | {_status(r)} | {_pct(r['best_accuracy'])} | "
-                   f"{_pct(r['last_accuracy'])} | {_pct(r['flip_accuracy'])} | {_duration(r['wall_time_s'])} | {losses} | {r['data']} | {r['code']} |")
+                   f"{_pct(r['last_accuracy'])} | {_pct(r['flip_accuracy'])} | {_duration(r['wall_time_s'])} | "
+                   f"{_throughput(r['images_per_sec'])} | {losses} | {r['data']} | {r['code']} |")
     protocols = sorted({(r["group"], r["protocol"]) for r in records if r["protocol"]})
     out += ["", "Protocol (from each run's config.json):", ""] + [f"- {g}: {p}" for g, p in protocols]
     out += ["", "Commands (each resumes if rerun):", ""]
@@ -193,7 +202,10 @@ def render(sections: list[list[str]]) -> str:
             "Columns: *best* is the highest test accuracy over the epochs (picked on the test set, so "
             "optimistic), *last* the final model's; *last % flip TTA* evaluates the final checkpoint on the "
             "image and its mirror and averages the probabilities (`python -m stepjax.evaluate`, run by the "
-            "study after each run). Means and standard deviations are over the finished seeds.", ""]
+            "study after each run). The wall time includes any time the run shared the 2 CPU cores with "
+            "other jobs (tests, analyses); *train images/s* gives the median over the logged windows and, "
+            "in brackets, their 90th percentile, about the speed with the cores to itself. Means and "
+            "standard deviations are over the finished seeds.", ""]
     return "\n".join(head + [line for section in sections for line in section])
 
 

@@ -18,7 +18,8 @@ def fake_run(root, group, controller, seed, accuracies, status="done", variant="
     assert config.model.controller == controller
     config.experiment = f"{group}{variant}"
     (d / "config.json").write_text(config.to_json())
-    lines = [{"step": 10 * (e + 1), "split": "train", "time": 0, "loss": 2.0 / (e + 1), "accuracy": 0.1}
+    lines = [{"step": 10 * (e + 1), "split": "train", "time": 0, "loss": 2.0 / (e + 1), "accuracy": 0.1,
+              "images_per_sec": 100.0 * (e + 1)}
              for e in range(len(accuracies))]
     lines += [{"step": 10 * (e + 1), "split": "test", "time": 0, "epoch": e + 1, "accuracy": a, "loss": 1.0}
               for e, a in enumerate(accuracies)]
@@ -56,6 +57,7 @@ def test_results_tables_and_figure(tmp_path):
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points in mean best" in text
     assert "cifar10_stepnet vs cifar10_resnet: +11.00 points in mean last" in text and "significant at 0.05 (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
+    assert "| 1.0 min | 200 (280) | 2.000 -> 0.667 |" in text  # images/s median (p90) of 100, 200, 300
     assert "2.000 -> 0.667" in text and "seed=2" in text and "| abc1234, def5678+dirty |" in text
     assert "- cifar10_resnet: resnet20, 3 epochs of batch 32, SGD momentum 0.9 (Nesterov), lr 0.05 cosine" in text
     cpu, paper = text.split("## cpu protocol")[1].split("## paper protocol")
