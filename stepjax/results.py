@@ -110,8 +110,9 @@ def group_stats(records: list[dict]) -> dict[str, dict]:
     for name, runs in groups.items():
         stats[name] = {"n": len(runs), "params_m": param_millions(runs[0]["config"])}
         for key in ("best", "last", "flip"):
-            values = np.array([r[f"{key}_accuracy"] for r in runs if r[f"{key}_accuracy"] is not None])
-            stats[name][key] = values
+            by_seed = {r["seed"]: r[f"{key}_accuracy"] for r in runs if r[f"{key}_accuracy"] is not None}
+            values = np.array(list(by_seed.values()))
+            stats[name][key], stats[name][f"{key}_by_seed"] = values, by_seed
             stats[name][f"{key}_mean"] = values.mean() if len(values) else float("nan")
             stats[name][f"{key}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
     return stats
@@ -126,9 +127,24 @@ def welch_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def paired_by_seed(a: dict, b: dict) -> tuple[np.ndarray, float]:
+    """Differences ``a[seed] - b[seed]`` over the seeds both have, and the two-sided paired t-test
+    p-value (nan with fewer than two common seeds). Under one seed, runs of different controllers
+    start from the same backbone and see the same data order, so pairing removes that variance."""
+    seeds = sorted(set(a) & set(b))
+    diffs = np.array([a[s] - b[s] for s in seeds])
+    if len(diffs) < 2:
+        return diffs, float("nan")
+    from scipy import stats
+
+    return diffs, float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
 def verdict(stats: dict, ours: str, others: list[str], alpha: float = 0.05, key: str = "best") -> list[str]:
-    """Plain-words comparisons of `ours` against each of `others` on the mean of `key` accuracy
-    (``best``: best epoch, picked on the test set, so optimistic; ``last``: the final model)."""
+    """Plain-words comparisons of `ours` against each of `others` on `key` accuracy (``best``: best
+    epoch, picked on the test set, so optimistic; ``last``: the final model): the difference of the
+    means with a Welch test, and the seed-paired differences with a paired t-test. The words rest
+    on the paired test when two or more seeds are shared, else on Welch's."""
     lines = []
     for other in others:
         if ours not in stats or other not in stats:
@@ -136,14 +152,19 @@ def verdict(stats: dict, ours: str, others: list[str], alpha: float = 0.05, key:
             continue
         a, b = stats[ours][key], stats[other][key]
         diff, p = 100 * (a.mean() - b.mean()), welch_p(a, b)
-        if math.isnan(p):
+        diffs, p_paired = paired_by_seed(stats[ours][f"{key}_by_seed"], stats[other][f"{key}_by_seed"])
+        paired = (f"; paired by seed: {100 * diffs.mean():+.2f} ± {100 * diffs.std(ddof=1):.2f} points, "
+                  f"n={len(diffs)}, p={p_paired:.3f}" if not math.isnan(p_paired) else "")
+        decisive, test = (p_paired, "paired") if not math.isnan(p_paired) else (p, "Welch")
+        if math.isnan(decisive):
             word = "too few seeds for a test"
-        elif p < alpha:
-            word = f"significant at {alpha} ({'better' if diff > 0 else 'worse'})"
+        elif decisive < alpha:
+            better = (diffs.mean() if test == "paired" else diff) > 0
+            word = f"significant at {alpha} by the {test} test ({'better' if better else 'worse'})"
         else:
-            word = "no significant difference"
+            word = f"no significant difference ({test} test)"
         lines.append(f"- {ours} vs {other}: {diff:+.2f} points in mean {key} accuracy "
-                     f"(n={len(a)} vs {len(b)}, Welch p={p:.3f}): {word}.")
+                     f"(n={len(a)} vs {len(b)}, Welch p={p:.3f}{paired}): {word}.")
     return lines
 
 
@@ -188,7 +209,8 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, ours:
         out.append(f"| {name} | {s['params_m']:.3f} | {s['n']} | {_pct(s['best_mean'])} ± {_pct(s['best_std'])} | "
                    f"{_pct(s['last_mean'])} ± {_pct(s['last_std'])} | "
                    f"{_pct(s['flip_mean'])} ± {_pct(s['flip_std'])} ({len(s['flip'])}) |")
-    out += ["", "Verdict (finished runs only; two-sided Welch t-test over seeds):", ""]
+    out += ["", "Verdict (finished runs only; two-sided tests: Welch over the seeds, and paired by seed, since under "
+            "one seed every controller starts from the same backbone and sees the same data order):", ""]
     out += [line for key in ("best", "last") for line in verdict(stats, ours, others, key=key)]
     if figure:
         out += ["", f"![{variant} curves]({figure})"]

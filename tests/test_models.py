@@ -104,3 +104,19 @@ def test_saved_states_enter_the_shape_preserving_steps():
     model.eval()
     _, outputs = model.solve(X, save_states=True)
     assert [o.states.shape for o in outputs] == [(1, 2, 8, 8, 8), (2, 2, 4, 4, 16), (1, 2, 2, 2, 16)]
+
+
+def test_one_seed_gives_every_controller_the_same_backbone():
+    # what lets the results pair runs of different controllers by seed
+    def backbone(controller, seed=3):
+        params = nnx.state(make_model("resnet20", num_classes=10, controller=controller, seed=seed), nnx.Param)
+        flat = nnx.to_flat_state(params)
+        return {path: v.get_value() for path, v in flat if "controller" not in path}
+
+    plain = backbone("constant")
+    assert len(plain) > 20
+    for controller in ("se", "stepnet", "cbam"):
+        other = backbone(controller)
+        assert other.keys() == plain.keys()
+        assert all(np.array_equal(other[k], plain[k]) for k in plain), controller
+    assert not np.array_equal(backbone("constant", seed=4)[next(iter(plain))], next(iter(plain.values())))

@@ -55,7 +55,7 @@ def test_results_tables_and_figure(tmp_path):
     assert f"| cifar10_resnet | {plain:.3f} | 3 | 81.00 ± 1.00 | 80.00 ± 1.00 | 82.00 ± 1.00 (3) |" in text
     assert f"| cifar10_stepnet | {stepnet:.3f} | 3 | 91.00 ± 1.00 | 91.00 ± 1.00 |  ±  (0) |" in text
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points in mean best" in text
-    assert "cifar10_stepnet vs cifar10_resnet: +11.00 points in mean last" in text and "significant at 0.05 (better)" in text
+    assert "cifar10_stepnet vs cifar10_resnet: +11.00 points in mean last" in text and "significant at 0.05 by the paired test (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
     assert "| 1.0 min | 200 (280) | 2.000 -> 0.667 |" in text  # images/s median (p90) of 100, 200, 300
     assert "2.000 -> 0.667" in text and "seed=2" in text and "| abc1234, def5678+dirty |" in text
@@ -82,10 +82,29 @@ def test_resumed_run_counts_each_step_once_and_eval_time(tmp_path):
     assert collect(tmp_path)[0]["status"] == "preempted"
 
 
+def _stats(**accuracy_by_seed):
+    return {name: {"best": np.array(list(v.values())), "best_by_seed": v} for name, v in accuracy_by_seed.items()}
+
+
 def test_verdict_says_no_significant_difference():
-    stats = {"a": {"best": np.array([0.90, 0.92, 0.91])}, "b": {"best": np.array([0.91, 0.90, 0.92])}}
-    assert "no significant difference" in verdict(stats, "a", ["b"])[0]
+    stats = _stats(a={0: 0.90, 1: 0.92, 2: 0.91}, b={0: 0.91, 1: 0.90, 2: 0.92})
+    assert "no significant difference (paired test)" in verdict(stats, "a", ["b"])[0]
     assert np.isnan(welch_p(np.array([1.0]), np.array([1.0, 2.0])))
+
+
+def test_verdict_pairs_runs_by_seed():
+    # a constant gain hidden under a large seed-to-seed spread: Welch sees nothing, the pairing does.
+    # Paired differences 0.010, 0.011, 0.009: t = 0.01 / (0.001 / sqrt 3) = 17.32 with 2 degrees of
+    # freedom, whose two-sided p-value is 1 - t / sqrt(t^2 + 2) = 0.0033.
+    b = {0: 0.80, 1: 0.85, 2: 0.90}
+    stats = _stats(a={0: 0.810, 1: 0.861, 2: 0.909}, b=b)
+    line = verdict(stats, "a", ["b"])[0]
+    assert "+1.00 points in mean best accuracy" in line and "paired by seed: +1.00 ± 0.10 points, n=3, p=0.003" in line
+    assert "significant at 0.05 by the paired test (better)" in line
+    assert float(line.split("Welch p=")[1].split(";")[0]) > 0.5
+    # one shared seed: no pairing, the words fall back to Welch
+    line = verdict(_stats(a={0: 0.81, 5: 0.86}, b=b), "a", ["b"])[0]
+    assert "paired" not in line and "no significant difference (Welch test)" in line
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
