@@ -140,13 +140,23 @@ def paired_by_seed(a: dict, b: dict) -> tuple[np.ndarray, float]:
     return diffs, float(stats.ttest_1samp(diffs, 0.0).pvalue)
 
 
-def verdict(stats: dict, ours: str, others: list[str], alpha: float = 0.05, key: str = "best") -> list[str]:
-    """Plain-words comparisons of `ours` against each of `others` on `key` accuracy (``best``: best
+def detectable_difference(diffs: np.ndarray, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference that a two-sided paired t-test at `alpha` would find with
+    probability `power`, given the spread of the observed paired differences (the usual
+    approximation ``(t_{1-alpha/2} + t_{power}) * sd / sqrt(n)`` with ``n - 1`` degrees of freedom)."""
+    from scipy import stats
+
+    df = len(diffs) - 1
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
+
+
+def verdict(stats: dict, pairs: list[tuple[str, str]], alpha: float = 0.05, key: str = "best") -> list[str]:
+    """Plain-words comparisons of each ``(ours, other)`` pair of experiments on `key` accuracy (``best``: best
     epoch, picked on the test set, so optimistic; ``last``: the final model): the difference of the
     means with a Welch test, and the seed-paired differences with a paired t-test. The words rest
     on the paired test when two or more seeds are shared, else on Welch's."""
     lines = []
-    for other in others:
+    for ours, other in pairs:
         if ours not in stats or other not in stats:
             lines.append(f"- {ours} vs {other}: not enough finished runs yet.")
             continue
@@ -154,7 +164,8 @@ def verdict(stats: dict, ours: str, others: list[str], alpha: float = 0.05, key:
         diff, p = 100 * (a.mean() - b.mean()), welch_p(a, b)
         diffs, p_paired = paired_by_seed(stats[ours][f"{key}_by_seed"], stats[other][f"{key}_by_seed"])
         paired = (f"; paired by seed: {100 * diffs.mean():+.2f} ± {100 * diffs.std(ddof=1):.2f} points, "
-                  f"n={len(diffs)}, p={p_paired:.3f}" if not math.isnan(p_paired) else "")
+                  f"n={len(diffs)}, p={p_paired:.3f}, detectable at 80 % power: "
+                  f"{100 * detectable_difference(diffs, alpha):.2f} points" if not math.isnan(p_paired) else "")
         decisive, test = (p_paired, "paired") if not math.isnan(p_paired) else (p, "Welch")
         if math.isnan(decisive):
             word = "too few seeds for a test"
@@ -188,7 +199,7 @@ def _status(r):
     return f"{r['status']} after {r['epochs'][-1]:g} of {r['planned_epochs']} epochs"
 
 
-def render_protocol(variant: str, records: list[dict], figure: str | None, ours: str, others: list[str]) -> list[str]:
+def render_protocol(variant: str, records: list[dict], figure: str | None, pairs: list[tuple[str, str]]) -> list[str]:
     """The markdown section of one protocol."""
     out = [f"## {variant} protocol", "", "| run | controller | seed | status | best % | last % | last % flip TTA | wall time (train + eval) | "
            "train images/s median (p90) | first -> last train loss | data | code |",
@@ -211,7 +222,7 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, ours:
                    f"{_pct(s['flip_mean'])} ± {_pct(s['flip_std'])} ({len(s['flip'])}) |")
     out += ["", "Verdict (finished runs only; two-sided tests: Welch over the seeds, and paired by seed, since under "
             "one seed every controller starts from the same backbone and sees the same data order):", ""]
-    out += [line for key in ("best", "last") for line in verdict(stats, ours, others, key=key)]
+    out += [line for key in ("best", "last") for line in verdict(stats, pairs, key=key)]
     if figure:
         out += ["", f"![{variant} curves]({figure})"]
     return out + [""]
@@ -264,6 +275,10 @@ def plot_curves(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# StepNet (ours) against SE and plain; and SE against plain, the premise that attention helps here
+COMPARISONS = ["cifar10_stepnet:cifar10_se", "cifar10_stepnet:cifar10_resnet", "cifar10_se:cifar10_resnet"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", nargs="+", default=["runs/study"], help="directories of run directories "
@@ -271,9 +286,12 @@ def main(argv=None):
     parser.add_argument("--out", default="docs/RESULTS.md")
     parser.add_argument("--figure", default="docs/figures/results_curves.png",
                         help="curves figure; each protocol gets its own, with `_<protocol>` before the suffix")
-    parser.add_argument("--ours", default="cifar10_stepnet")
-    parser.add_argument("--others", nargs="+", default=["cifar10_se", "cifar10_resnet"])
+    parser.add_argument("--compare", nargs="+", default=COMPARISONS, metavar="A:B",
+                        help="experiment pairs for the verdict (A against B)")
     args = parser.parse_args(argv)
+    if any(pair.count(":") != 1 for pair in args.compare):
+        parser.error(f"--compare takes pairs written A:B, e.g. cifar10_stepnet:cifar10_se; got {args.compare}")
+    pairs = [tuple(pair.split(":")) for pair in args.compare]
     roots = [Path(r) for r in args.root if Path(r).is_dir()]
     records = collect(*roots)
     if not records:
@@ -286,7 +304,7 @@ def main(argv=None):
         figure = Path(args.figure).with_name(f"{Path(args.figure).stem}_{variant}{Path(args.figure).suffix}")
         plot_curves(chosen, figure)
         shown = figure.relative_to(out.parent) if figure.is_relative_to(out.parent) else figure
-        sections.append(render_protocol(variant, chosen, str(shown), args.ours, args.others))
+        sections.append(render_protocol(variant, chosen, str(shown), pairs))
     out.write_text(render(sections))
     print(f"wrote {out} ({len(sections)} protocols, {len(records)} runs) and its figures")
 

@@ -57,6 +57,7 @@ def test_results_tables_and_figure(tmp_path):
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points in mean best" in text
     assert "cifar10_stepnet vs cifar10_resnet: +11.00 points in mean last" in text and "significant at 0.05 by the paired test (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
+    assert "cifar10_se vs cifar10_resnet: not enough finished runs yet." in text
     assert "| 1.0 min | 200 (280) | 2.000 -> 0.667 |" in text  # images/s median (p90) of 100, 200, 300
     assert "2.000 -> 0.667" in text and "seed=2" in text and "| abc1234, def5678+dirty |" in text
     assert "- cifar10_resnet: resnet20, 3 epochs of batch 32, SGD momentum 0.9 (Nesterov), lr 0.05 cosine" in text
@@ -88,7 +89,7 @@ def _stats(**accuracy_by_seed):
 
 def test_verdict_says_no_significant_difference():
     stats = _stats(a={0: 0.90, 1: 0.92, 2: 0.91}, b={0: 0.91, 1: 0.90, 2: 0.92})
-    assert "no significant difference (paired test)" in verdict(stats, "a", ["b"])[0]
+    assert "no significant difference (paired test)" in verdict(stats, [("a", "b")])[0]
     assert np.isnan(welch_p(np.array([1.0]), np.array([1.0, 2.0])))
 
 
@@ -98,18 +99,26 @@ def test_verdict_pairs_runs_by_seed():
     # freedom, whose two-sided p-value is 1 - t / sqrt(t^2 + 2) = 0.0033.
     b = {0: 0.80, 1: 0.85, 2: 0.90}
     stats = _stats(a={0: 0.810, 1: 0.861, 2: 0.909}, b=b)
-    line = verdict(stats, "a", ["b"])[0]
+    line = verdict(stats, [("a", "b")])[0]
     assert "+1.00 points in mean best accuracy" in line and "paired by seed: +1.00 ± 0.10 points, n=3, p=0.003" in line
     assert "significant at 0.05 by the paired test (better)" in line
+    # (t_0.975 + t_0.8 with 2 degrees of freedom) * sd / sqrt(3) = (4.303 + 1.061) * 0.1 / 1.732 points
+    assert "detectable at 80 % power: 0.31 points" in line
     assert float(line.split("Welch p=")[1].split(";")[0]) > 0.5
     # one shared seed: no pairing, the words fall back to Welch
-    line = verdict(_stats(a={0: 0.81, 5: 0.86}, b=b), "a", ["b"])[0]
+    line = verdict(_stats(a={0: 0.81, 5: 0.86}, b=b), [("a", "b")])[0]
     assert "paired" not in line and "no significant difference (Welch test)" in line
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="No run directories"):
         main(["--root", str(tmp_path)])
+
+
+def test_comparison_pairs_must_be_written_a_colon_b(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--root", str(tmp_path), "--compare", "cifar10_stepnet"])
+    assert "--compare takes pairs written A:B" in capsys.readouterr().err
 
 
 def test_epoch_means_of_the_logged_training_loss():
