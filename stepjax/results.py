@@ -222,7 +222,7 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, pairs
                    f"{_pct(s['flip_mean'])} ± {_pct(s['flip_std'])} ({len(s['flip'])}) |")
     out += ["", "Verdict (finished runs only; two-sided tests: Welch over the seeds, and paired by seed, since under "
             "one seed every controller starts from the same backbone and sees the same data order):", ""]
-    out += [line for key in ("best", "last") for line in verdict(stats, pairs, key=key)]
+    out += list(dict.fromkeys(line for key in ("best", "last") for line in verdict(stats, pairs, key=key)))
     if figure:
         out += ["", f"![{variant} curves]({figure})"]
     return out + [""]
