@@ -110,9 +110,9 @@ def group_stats(records: list[dict]) -> dict[str, dict]:
     for name, runs in groups.items():
         stats[name] = {"n": len(runs), "params_m": param_millions(runs[0]["config"])}
         for key in ("best", "last", "flip"):
-            by_seed = {r["seed"]: r[f"{key}_accuracy"] for r in runs if r[f"{key}_accuracy"] is not None}
-            values = np.array(list(by_seed.values()))
-            stats[name][key], stats[name][f"{key}_by_seed"] = values, by_seed
+            kept = [r for r in runs if r[f"{key}_accuracy"] is not None]
+            values = np.array([r[f"{key}_accuracy"] for r in kept])
+            stats[name][key], stats[name][f"{key}_by_seed"] = values, {r["seed"]: r[f"{key}_accuracy"] for r in kept}
             stats[name][f"{key}_mean"] = values.mean() if len(values) else float("nan")
             stats[name][f"{key}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
     return stats
