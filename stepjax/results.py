@@ -163,15 +163,17 @@ def verdict(stats: dict, pairs: list[tuple[str, str]], alpha: float = 0.05, key:
         a, b = stats[ours][key], stats[other][key]
         diff, p = 100 * (a.mean() - b.mean()), welch_p(a, b)
         diffs, p_paired = paired_by_seed(stats[ours][f"{key}_by_seed"], stats[other][f"{key}_by_seed"])
-        paired = (f"; paired by seed: {100 * diffs.mean():+.2f} ± {100 * diffs.std(ddof=1):.2f} points, "
-                  f"n={len(diffs)}, p={p_paired:.3f}, detectable at 80 % power: "
-                  f"{100 * detectable_difference(diffs, alpha):.2f} points" if not math.isnan(p_paired) else "")
-        decisive, test = (p_paired, "paired") if not math.isnan(p_paired) else (p, "Welch")
+        if math.isnan(p_paired):
+            test, decisive, gain, paired = "Welch", p, diff, ""
+        else:
+            test, decisive, gain = "paired", p_paired, diffs.mean()
+            paired = (f"; paired by seed: {100 * gain:+.2f} ± {100 * diffs.std(ddof=1):.2f} points, "
+                      f"n={len(diffs)}, p={p_paired:.3f}, detectable at 80 % power: "
+                      f"{100 * detectable_difference(diffs, alpha):.2f} points")
         if math.isnan(decisive):
             word = "too few seeds for a test"
         elif decisive < alpha:
-            better = (diffs.mean() if test == "paired" else diff) > 0
-            word = f"significant at {alpha} by the {test} test ({'better' if better else 'worse'})"
+            word = f"significant at {alpha} by the {test} test ({'better' if gain > 0 else 'worse'})"
         else:
             word = f"no significant difference ({test} test)"
         lines.append(f"- {ours} vs {other}: {diff:+.2f} points in mean {key} accuracy "
