@@ -21,6 +21,14 @@ from stepjax.evaluate import read_evaluation
 from stepjax.train.metrics import read_metrics
 
 
+def controller_label(model: dict) -> str:
+    """The controller with its options and any placement other than `all`, e.g. `stepnet (history=False)`."""
+    options = [f"{k}={v}" for k, v in sorted(model.get("controller_options", {}).items())]
+    if model.get("placement", "all") != "all":
+        options.append(f"placement={model['placement']}")
+    return f"{model['controller']} ({', '.join(options)})" if options else model["controller"]
+
+
 def load_run_record(workdir: Path) -> dict:
     """One run's facts: experiment, seed, command, wall time, curves, best/last accuracy."""
     config = json.loads((workdir / "config.json").read_text())
@@ -40,7 +48,7 @@ def load_run_record(workdir: Path) -> dict:
         "experiment": experiment,
         "group": experiment.split(":")[0],
         "variant": experiment.split(":")[1] if ":" in experiment else "paper",
-        "controller": config["model"]["controller"],
+        "controller": controller_label(config["model"]),
         "seed": config["seed"],
         "data": f"{config['data']['name']} ({config['data']['source']}{', ' + str(config['data'].get('dir')) if config['data'].get('dir') else ''})",
         "command": command,

@@ -7,7 +7,7 @@ import pytest
 
 from stepjax.config import apply_overrides, load_experiment
 from stepjax.models.__main__ import param_count
-from stepjax.results import collect, epoch_means, group_stats, main, verdict, welch_p
+from stepjax.results import collect, controller_label, epoch_means, group_stats, main, verdict, welch_p
 
 
 def fake_run(root, group, controller, seed, accuracies, status="done", variant=":cpu"):
@@ -125,3 +125,11 @@ def test_epoch_means_of_the_logged_training_loss():
     ends, means = epoch_means([5, 10, 15, 20, 25], [4.0, 2.0, 3.0, 1.0, 0.5], steps_per_epoch=10)
     np.testing.assert_allclose(ends, [1, 2, 3])
     np.testing.assert_allclose(means, [3.0, 2.0, 0.5])
+
+
+def test_controller_label_names_options_and_partial_placement():
+    assert controller_label({"controller": "se", "placement": "all"}) == "se"
+    nohistory = load_experiment("cifar10_stepnet_nohistory:cpu").model.to_dict()
+    assert controller_label(nohistory) == "stepnet (history=False)"
+    nsi = {"controller": "se", "controller_options": {}, "placement": "nsi"}
+    assert controller_label(nsi) == "se (placement=nsi)"
