@@ -244,7 +244,7 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
         nsi_placement(scores, 0.8)
     config = load_experiment("cifar10_se:smoke")
     configs = placement_configs(config, ratio=0.34, num_random=2, scores=scores)
-    assert list(configs) == ["none", "all", "random_0", "random_1", "nsi_top", "nsi_bottom"]
+    assert list(configs) == ["none", "all", "nsi_top", "nsi_bottom", "random_0", "random_1"]
     calls = []
 
     def fake_train(cfg, workdir):

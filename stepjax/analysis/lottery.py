@@ -39,12 +39,13 @@ def placement_configs(config, *, ratio: float, num_random: int, scores) -> dict:
 
     **Returns:**
 
-    An ordered dict: ``none``, ``all``, ``random_<seed>``..., ``nsi_top``, ``nsi_bottom``.
+    An ordered dict, in training order: ``none``, ``all``, ``nsi_top``, ``nsi_bottom``, ``random_<seed>``...
     """
-    choices = {"none": ("none", 0), "all": ("all", 0)}
+    # the NSI-guided runs before the random ones: an interrupted lottery has its contrast first
+    choices = {"none": ("none", 0), "all": ("all", 0),
+               "nsi_top": (nsi_placement(scores, ratio, top=True), 0),
+               "nsi_bottom": (nsi_placement(scores, ratio, top=False), 0)}
     choices.update({f"random_{seed}": ("random", seed) for seed in range(num_random)})
-    choices["nsi_top"] = (nsi_placement(scores, ratio, top=True), 0)
-    choices["nsi_bottom"] = (nsi_placement(scores, ratio, top=False), 0)
     out = {}
     for name, (placement, seed) in choices.items():
         c = config.copy_and_resolve_references()
