@@ -30,8 +30,10 @@ def step_features(y0, f0, eps=1e-5):
 
     **Returns:**
 
-    ``[GAP(f), GAP(y), r / (1 + r), std(f)]`` stacked on axis 0, with the relative increment
-    ``r = GAP(|f|) / GAP(|y|)``. The bounded form matters: a channel that a ReLU has zeroed has
+    The tuple ``(GAP(f), GAP(y), r / (1 + r), std(f))``, with the relative increment
+    ``r = GAP(|f|) / GAP(|y|)``. A tuple, not a stacked array: on XLA's CPU backend the stacked
+    form made these features and their mix three times slower forward and backward (one
+    ResNet-20 block at batch 16; the whole training step gains about 2 %). The bounded form matters: a channel that a ReLU has zeroed has
     ``GAP(|y|) = 0``, and the raw ratio ``GAP(|f|) / (GAP(|y|) + eps)`` then reaches ``1e5``;
     its gradient into the feature mix made ResNet-164 with StepNet diverge at the paper's
     learning rate (0.1, no warm-up).
@@ -42,7 +44,7 @@ def step_features(y0, f0, eps=1e-5):
     abs_f = jnp.abs(f).mean(axis=(1, 2))
     relative = abs_f / (abs_f + jnp.abs(y).mean(axis=(1, 2)) + eps)
     spread = jnp.sqrt(f.var(axis=(1, 2)) + eps)
-    return jnp.stack([mean_f, y.mean(axis=(1, 2)), relative, spread])
+    return mean_f, y.mean(axis=(1, 2)), relative, spread
 
 
 class StepNet(StepController):
@@ -75,8 +77,8 @@ class StepNet(StepController):
         if self.history:
             h_prev, mean_f_prev, started = controller_state
             secant = started * (features[0] - mean_f_prev)
-            features = jnp.concatenate([features, h_prev[None], secant[None]])
-        z = (self.feature_mix[...][:, None, :] * features).sum(axis=0) + self.feature_bias[...]
+            features = (*features, h_prev, secant)
+        z = sum(w * x for w, x in zip(self.feature_mix[...], features)) + self.feature_bias[...]
         h = jax.nn.sigmoid(self.mlp(z))
         if self.history:
             controller_state = (h, features[0], jnp.ones((), jnp.float32))
