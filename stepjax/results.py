@@ -193,6 +193,11 @@ def _pct(x):
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
+def _mean_std(mean, std):
+    """``mean ± std`` in percent; the mean alone for one run; empty for none."""
+    return f"{_pct(mean)} ± {_pct(std)}" if _pct(std) else _pct(mean)
+
+
 def _duration(seconds):
     return "" if seconds is None else f"{seconds / 60:.1f} min"
 
@@ -227,9 +232,9 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, pairs
     out += ["", "Per experiment (finished runs only):", "", "| experiment | params (M) | seeds | best % mean ± std | "
             "last % mean ± std | last % flip TTA mean ± std (runs) |", "| --- | --- | --- | --- | --- | --- |"]
     for name, s in sorted(stats.items()):
-        out.append(f"| {name} | {s['params_m']:.3f} | {s['n']} | {_pct(s['best_mean'])} ± {_pct(s['best_std'])} | "
-                   f"{_pct(s['last_mean'])} ± {_pct(s['last_std'])} | "
-                   f"{_pct(s['flip_mean'])} ± {_pct(s['flip_std'])} ({len(s['flip'])}) |")
+        out.append(f"| {name} | {s['params_m']:.3f} | {s['n']} | {_mean_std(s['best_mean'], s['best_std'])} | "
+                   f"{_mean_std(s['last_mean'], s['last_std'])} | "
+                   f"{_mean_std(s['flip_mean'], s['flip_std'])} ({len(s['flip'])}) |")
     out += ["", "Verdict (finished runs only; two-sided tests: Welch over the seeds, and paired by seed, since under "
             "one seed every controller starts from the same backbone and sees the same data order):", ""]
     out += list(dict.fromkeys(line for key in ("best", "last") for line in verdict(stats, pairs, key=key)))

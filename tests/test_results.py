@@ -47,13 +47,16 @@ def test_results_tables_and_figure(tmp_path):
     np.testing.assert_allclose(stats["cifar10_resnet"]["best_std"], 0.01)
     np.testing.assert_allclose(stats["cifar10_resnet"]["last_mean"], 0.80)
     fake_run(tmp_path / "gpu", "cifar10_stepnet", "stepnet", 0, [0.3, 0.35], status="preempted", variant="")
+    fake_run(tmp_path / "runs", "cifar10_cbam", "cbam", 0, [0.5, 0.7])  # one seed: a mean without a spread
     out, fig = tmp_path / "docs" / "RESULTS.md", tmp_path / "docs" / "figures" / "c.png"
     main(["--root", str(tmp_path / "runs"), str(tmp_path / "gpu"), str(tmp_path / "missing"), "--out", str(out),
           "--figure", str(fig)])
     text = out.read_text()
     plain, stepnet = (param_count("resnet20", 10, c) / 1e6 for c in ("constant", "stepnet"))
     assert f"| cifar10_resnet | {plain:.3f} | 3 | 81.00 ± 1.00 | 80.00 ± 1.00 | 82.00 ± 1.00 (3) |" in text
-    assert f"| cifar10_stepnet | {stepnet:.3f} | 3 | 91.00 ± 1.00 | 91.00 ± 1.00 |  ±  (0) |" in text
+    assert f"| cifar10_stepnet | {stepnet:.3f} | 3 | 91.00 ± 1.00 | 91.00 ± 1.00 |  (0) |" in text
+    cbam = param_count("resnet20", 10, "cbam") / 1e6
+    assert f"| cifar10_cbam | {cbam:.3f} | 1 | 70.00 | 70.00 |  (0) |" in text
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points in mean best" in text
     assert "cifar10_stepnet vs cifar10_resnet: +11.00 points in mean last" in text and "significant at 0.05 by the paired test (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
