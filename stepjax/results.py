@@ -10,6 +10,7 @@ typed by hand: rerun it after more runs finish.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -189,6 +190,28 @@ def verdict(stats: dict, pairs: list[tuple[str, str]], alpha: float = 0.05, key:
     return lines
 
 
+def single_seed_lines(stats: dict, key: str = "best") -> list[str]:
+    """For each experiment with one finished run: its `key` accuracy minus that of the same seed in
+    each multi-seed experiment (no test is possible), and for scale the seed-to-seed standard
+    deviation of the same-seed differences between the multi-seed experiments."""
+    multi = {name: s[f"{key}_by_seed"] for name, s in sorted(stats.items()) if s["n"] > 1}
+    spreads = [100 * diffs.std(ddof=1) for a, b in itertools.combinations(multi.values(), 2)
+               if len(diffs := paired_by_seed(a, b)[0]) > 1]
+    lines = []
+    for name, s in sorted(stats.items()):
+        if s["n"] != 1 or not s[f"{key}_by_seed"]:
+            continue
+        (seed, accuracy), = s[f"{key}_by_seed"].items()
+        against = ", ".join(f"{other} {100 * (accuracy - by_seed[seed]):+.2f}"
+                            for other, by_seed in multi.items() if seed in by_seed)
+        lines.append(f"- {name} (seed {seed} only): {_pct(accuracy)} % {key}; minus the same seed of: {against} points.")
+    if lines and spreads:
+        lines.append(f"- For scale: between the multi-seed experiments the same-seed differences vary from seed to "
+                     f"seed with a standard deviation of {min(spreads):.2f} to {max(spreads):.2f} points, so a "
+                     "single-seed difference below about twice that is no evidence either way.")
+    return lines
+
+
 def _pct(x):
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
@@ -238,6 +261,10 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, pairs
     out += ["", "Verdict (finished runs only; two-sided tests: Welch over the seeds, and paired by seed, since under "
             "one seed every controller starts from the same backbone and sees the same data order):", ""]
     out += list(dict.fromkeys(line for key in ("best", "last") for line in verdict(stats, pairs, key=key)))
+    single = single_seed_lines(stats)
+    if single:
+        out += ["", "Single-seed runs (no test is possible; compared with the same seed of the multi-seed "
+                "experiments, which start from the same backbone and see the same data order):", "", *single]
     if figure:
         out += ["", f"![{variant} curves]({figure})"]
     return out + [""]

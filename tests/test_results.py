@@ -57,6 +57,10 @@ def test_results_tables_and_figure(tmp_path):
     assert f"| cifar10_stepnet | {stepnet:.3f} | 3 | 91.00 ± 1.00 | 91.00 ± 1.00 |  (0) |" in text
     cbam = param_count("resnet20", 10, "cbam") / 1e6
     assert f"| cifar10_cbam | {cbam:.3f} | 1 | 70.00 | 70.00 |  (0) |" in text
+    # seed 0: 0.70 - 0.80 and 0.70 - 0.90; stepnet - resnet by seed: 0.10, 0.09, 0.11 (std 0.01)
+    assert "- cifar10_cbam (seed 0 only): 70.00 % best; minus the same seed of: cifar10_resnet -10.00, " \
+           "cifar10_stepnet -20.00 points." in text
+    assert "standard deviation of 1.00 to 1.00 points" in text
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points in mean best" in text
     assert "cifar10_stepnet vs cifar10_resnet: +11.00 points in mean last" in text and "significant at 0.05 by the paired test (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
