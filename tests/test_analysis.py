@@ -260,6 +260,15 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
     assert results["random_0"]["ratio"] == results["nsi_top"]["ratio"] == pytest.approx(2 / 6)
     assert run_lottery(configs, tmp_path, train_fn=fake_train) == results and len(calls) == len(configs)  # resumed
 
+    def stopped_train(cfg, workdir):  # a SIGTERM during the first run to train
+        calls.append(workdir.name)
+        return {"status": "preempted", "best_accuracy": 0.3, "last_accuracy": 0.3}
+
+    calls.clear()
+    results = run_lottery(configs, tmp_path / "stopped", train_fn=stopped_train, reuse=None)
+    assert calls == ["none"], "an interrupted run must stop the lottery, not start the next one"
+    assert results["none"]["status"] == "preempted" and results["all"]["status"] == "pending"
+
 
 def test_lottery_reuses_only_the_same_training(tmp_path):
     configs = placement_configs(load_experiment("cifar10_se:smoke"), ratio=0.34, num_random=1,

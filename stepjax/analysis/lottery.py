@@ -109,6 +109,9 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     - `root`: parent directory of the run directories.
     - `train_fn`: ``train_fn(config, workdir) -> summary`` (default `stepjax.train.train`).
     - `plot_only`: train nothing; unfinished runs are reported as pending.
+
+    A run that ends unfinished (stopped by a signal: its checkpoint is saved) stops the lottery:
+    the later runs are reported as they stand, and rerunning resumes.
     - `reuse`: name -> directory of a finished run that is the same training as that config's
       (checked first, before anything is trained); it is read, not trained.
 
@@ -123,13 +126,14 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     if unknown:
         raise ValueError(f"--reuse names {unknown}, which the lottery does not train; choose from {list(configs)}.")
     reused = {name: _reused_summary(configs[name], workdir) for name, workdir in reuse.items()}
-    results = {}
+    results, interrupted = {}, False
     for name, config in configs.items():
         workdir = Path(reuse.get(name) or Path(root) / name)
         path = workdir / "summary.json"
         summary = reused.get(name) or (json.loads(path.read_text()) if path.exists() else {"status": "pending"})
-        if summary["status"] != "done" and not plot_only:
+        if summary["status"] != "done" and not (plot_only or interrupted):
             summary = train_fn(config, workdir)
+            interrupted = summary["status"] != "done"  # e.g. SIGTERM: start no further run
         blocks, total = _blocks(config)
         results[name] = {
             "workdir": str(workdir), "blocks": blocks, "ratio": len(blocks) / total, "status": summary["status"],
@@ -183,9 +187,11 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    from stepjax import parallel
     from stepjax.config import apply_overrides, load_experiment
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    parallel.configure_cpu_devices()  # as `stepjax.main` and the study: one CPU device per core
     name = f"{args.exp.replace(':', '_')}_ratio{args.ratio}"
     root = Path(args.root or f"runs/lottery/{name}")
     out = Path(args.out or f"docs/figures/analysis/lottery_{name}")
