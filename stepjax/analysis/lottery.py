@@ -109,11 +109,11 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     - `root`: parent directory of the run directories.
     - `train_fn`: ``train_fn(config, workdir) -> summary`` (default `stepjax.train.train`).
     - `plot_only`: train nothing; unfinished runs are reported as pending.
+    - `reuse`: name -> directory of a finished run that is the same training as that config's
+      (checked first, before anything is trained); it is read, not trained.
 
     A run that ends unfinished (stopped by a signal: its checkpoint is saved) stops the lottery:
     the later runs are reported as they stand, and rerunning resumes.
-    - `reuse`: name -> directory of a finished run that is the same training as that config's
-      (checked first, before anything is trained); it is read, not trained.
 
     **Returns:**
 

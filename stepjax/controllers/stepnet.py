@@ -33,10 +33,11 @@ def step_features(y0, f0, eps=1e-5):
     The tuple ``(GAP(f), GAP(y), r / (1 + r), std(f))``, with the relative increment
     ``r = GAP(|f|) / GAP(|y|)``. A tuple, not a stacked array: on XLA's CPU backend the stacked
     form made these features and their mix three times slower forward and backward (one
-    ResNet-20 block at batch 16; the whole training step gains about 2 %). The bounded form matters: a channel that a ReLU has zeroed has
-    ``GAP(|y|) = 0``, and the raw ratio ``GAP(|f|) / (GAP(|y|) + eps)`` then reaches ``1e5``;
-    its gradient into the feature mix made ResNet-164 with StepNet diverge at the paper's
-    learning rate (0.1, no warm-up).
+    ResNet-20 block at batch 16; the whole training step gains about 2 %).
+
+    The bounded form matters: a channel that a ReLU has zeroed has ``GAP(|y|) = 0``, and the raw
+    ratio ``GAP(|f|) / (GAP(|y|) + eps)`` then reaches ``1e5``; its gradient into the feature mix
+    made ResNet-164 with StepNet diverge at the paper's learning rate (0.1, no warm-up).
     """
     f = f0.astype(jnp.float32)
     y = y0.astype(jnp.float32)
