@@ -33,7 +33,7 @@ def step_features(y0, f0, eps=1e-5):
     The tuple ``(GAP(f), GAP(y), r / (1 + r), std(f))``, with the relative increment
     ``r = GAP(|f|) / GAP(|y|)``. A tuple, not a stacked array: on XLA's CPU backend the stacked
     form made these features and their mix three times slower forward and backward (one
-    ResNet-20 block at batch 16; the whole training step gains about 2 %).
+    ResNet-20 block at batch 16; the whole training step changed within measurement noise).
 
     The bounded form matters: a channel that a ReLU has zeroed has ``GAP(|y|) = 0``, and the raw
     ratio ``GAP(|f|) / (GAP(|y|) + eps)`` then reaches ``1e5``; its gradient into the feature mix
