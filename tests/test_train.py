@@ -97,6 +97,15 @@ def test_resume_after_halt_is_identical(tmp_path):
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # same batches in the same order
 
 
+
+def test_halt_between_log_windows_counts_every_trained_image(tmp_path):
+    overrides = ["train.total_steps=4", "train.log_every_steps=3", "train.eval_every_epochs=100"]
+    batch = smoke_config().train.global_batch
+    halted = train(smoke_config(*overrides, "train.halt_after_steps=2"), tmp_path / "run")
+    assert halted["trained_images"] == 2 * batch  # steps 1-2 were never logged
+    resumed = train(smoke_config(*overrides), tmp_path / "run")
+    assert resumed["status"] == "done" and resumed["trained_images"] == 4 * batch
+
 def _main(workdir, *overrides, env=None):
     cmd = [sys.executable, "-m", "stepjax.main", "--config", SMOKE, "--workdir", str(workdir),
            "train.progress=False", *overrides]

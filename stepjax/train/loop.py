@@ -234,6 +234,7 @@ def _run(config, state, loader, train_step, eval_step, checkpointer, writer, pro
         if preemption.requested or (halt is not None and step >= halt):
             if metrics is not None:
                 _check_finite(_host(metrics), step)
+            _close_window(record, window_start, window_images)
             _save(checkpointer, state, loader, record, force=True)
             return "preempted", step
         state, metrics = train_step(state, parallel.global_batch(next(loader), mesh))
@@ -242,10 +243,7 @@ def _run(config, state, loader, train_step, eval_step, checkpointer, writer, pro
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
         if step % config.train.log_every_steps == 0 or end_of_epoch or checkpointer.should_save(step):
             values = _check_finite(_host(metrics), step)
-            elapsed = time.time() - window_start
-            record["wall_time_s"] += elapsed
-            record["trained_images"] += window_images
-            values["images_per_sec"] = window_images / max(elapsed, 1e-9)
+            values["images_per_sec"] = _close_window(record, window_start, window_images)
             writer.write(step, values, split="train")
             progress.update(step, loss=values["loss"], accuracy=values["accuracy"],
                             images_per_sec=values["images_per_sec"])
@@ -261,6 +259,14 @@ def _run(config, state, loader, train_step, eval_step, checkpointer, writer, pro
         if checkpointer.should_save(step) or (end_of_epoch and step == total_steps):
             _save(checkpointer, state, loader, record, force=step == total_steps)
     return "done", step
+
+
+def _close_window(record, window_start, window_images):
+    """Adds the images and time since `window_start` to the run's record; returns their rate."""
+    elapsed = time.time() - window_start
+    record["wall_time_s"] += elapsed
+    record["trained_images"] += window_images
+    return window_images / max(elapsed, 1e-9)
 
 
 def _check_finite(values, step):
