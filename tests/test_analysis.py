@@ -31,7 +31,7 @@ from stepjax.analysis import (
 )
 from stepjax.analysis.__main__ import main as analysis_main
 from stepjax.analysis import seeds
-from stepjax.analysis.lottery import placement_configs, run_lottery
+from stepjax.analysis.lottery import lottery_contrasts, placement_configs, run_lottery
 from stepjax.analysis.placement import nsi_placement
 from stepjax.config import apply_overrides, load_experiment
 from stepjax.models import Conv, make_model
@@ -259,6 +259,13 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
     assert results["nsi_top"]["blocks"] == [1, 3] and results["all"]["ratio"] == 1.0
     assert results["random_0"]["ratio"] == results["nsi_top"]["ratio"] == pytest.approx(2 / 6)
     assert run_lottery(configs, tmp_path, train_fn=fake_train) == results and len(calls) == len(configs)  # resumed
+    # best accuracies 51 .. 56 % in training order: none, all, nsi_top, nsi_bottom, random_0, random_1
+    contrasts = lottery_contrasts(results)
+    assert contrasts["random"] == {"n": 2, "mean": pytest.approx(55.5), "sd": pytest.approx(0.5 ** 0.5, abs=1e-4)}
+    assert contrasts["nsi_top - all"] == pytest.approx(1.0) and contrasts["nsi_top - none"] == pytest.approx(2.0)
+    assert contrasts["nsi_top - nsi_bottom"] == pytest.approx(-1.0)
+    assert contrasts["nsi_top - random mean"] == pytest.approx(-2.5)
+    assert contrasts["random placements below nsi_top"] == "0 of 2"
 
     def stopped_train(cfg, workdir):  # a SIGTERM during the first run to train
         calls.append(workdir.name)
@@ -268,6 +275,7 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
     results = run_lottery(configs, tmp_path / "stopped", train_fn=stopped_train, reuse=None)
     assert calls == ["none"], "an interrupted run must stop the lottery, not start the next one"
     assert results["none"]["status"] == "preempted" and results["all"]["status"] == "pending"
+    assert lottery_contrasts(results) == {"random": {"n": 0, "mean": None, "sd": None}}  # nothing finished
 
 
 def test_lottery_reuses_only_the_same_training(tmp_path):

@@ -158,12 +158,44 @@ def cached_scores(source: str, root, *, indicator: str, num_samples: int) -> np.
     return scores
 
 
+def lottery_contrasts(results: dict, key: str = "best_accuracy") -> dict:
+    """The lottery's comparisons over its finished runs, in accuracy points.
+
+    **Arguments:**
+
+    - `results`: from `run_lottery`.
+    - `key`: ``"best_accuracy"`` or ``"last_accuracy"``.
+
+    **Returns:**
+
+    ``{"random": {"n", "mean", "sd"}, "nsi_top - <other>": points, ...,
+    "random placements below nsi_top": "k of n"}``; a comparison whose runs have not finished is
+    left out, and the sd of fewer than two random placements is None.
+    """
+    done = {name: round(100 * r[key], 4) for name, r in results.items() if r["status"] == "done"}
+    random = [v for name, v in done.items() if name.startswith("random")]
+    contrasts = {"random": {"n": len(random), "mean": round(float(np.mean(random)), 4) if random else None,
+                            "sd": round(float(np.std(random, ddof=1)), 4) if len(random) > 1 else None}}
+    if "nsi_top" not in done:
+        return contrasts
+    top = done["nsi_top"]
+    for other in ("nsi_bottom", "all", "none"):
+        if other in done:
+            contrasts[f"nsi_top - {other}"] = round(top - done[other], 4)
+    if random:
+        contrasts["nsi_top - random mean"] = round(top - contrasts["random"]["mean"], 4)
+        contrasts["random placements below nsi_top"] = f"{sum(v < top for v in random)} of {len(random)}"
+    return contrasts
+
+
 def lottery_figure(results: dict, *, experiment: str, ratio: float, reference: str, indicator: str) -> dict:
-    """The JSON-ready data of the strip plot (see `figures.plot_lottery`)."""
+    """The JSON-ready data of the strip plot (see `figures.plot_lottery`), with `lottery_contrasts`
+    of the best and the last accuracy."""
     return {
         "title": f"lottery ticket in SAM: {experiment}, connection ratio {ratio}",
         "note": f"NSI = mean {INDICATORS[indicator].label} of {reference} on training images. " + RECONSTRUCTION_NOTE,
         "runs": [{"name": name, **r} for name, r in results.items()],
+        "contrasts": {key: lottery_contrasts(results, key) for key in ("best_accuracy", "last_accuracy")},
     }
 
 
@@ -211,6 +243,7 @@ def main(argv=None) -> int:
         best = run["best_accuracy"]
         print(f"{run['name']:12s} {run['status']:9s} best {'pending' if best is None else f'{100 * best:.2f} %'}"
               f"  blocks {run['blocks']}")
+    print("best accuracy, points:", json.dumps(figure["contrasts"]["best_accuracy"]))
     print("wrote", out / "lottery.json", out / "lottery.png", sep="\n  ")
     return 0
 
