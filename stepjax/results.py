@@ -117,6 +117,12 @@ def group_stats(records: list[dict]) -> dict[str, dict]:
             groups[r["group"]].append(r)
     stats = {}
     for name, runs in groups.items():
+        protocols = {r["protocol"] for r in runs}
+        if len(protocols) > 1:
+            raise ValueError(
+                f"{name}: its finished runs were trained under {len(protocols)} protocols, which cannot be "
+                f"pooled: {sorted(protocols)} (runs {[r['workdir'] for r in runs]}). Move the runs trained "
+                "with other settings (e.g. a pilot with more epochs) to their own --root and report them apart.")
         stats[name] = {"n": len(runs), "params_m": param_millions(runs[0]["config"])}
         for key in ("best", "last", "flip"):
             kept = [r for r in runs if r[f"{key}_accuracy"] is not None]

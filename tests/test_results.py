@@ -140,3 +140,10 @@ def test_controller_label_names_options_and_partial_placement():
     assert controller_label(nohistory) == "stepnet (history=False)"
     nsi = {"controller": "se", "controller_options": {}, "placement": "nsi"}
     assert controller_label(nsi) == "se (placement=nsi)"
+
+
+def test_runs_of_one_experiment_under_different_protocols_are_not_pooled(tmp_path):
+    fake_run(tmp_path / "runs", "cifar10_resnet", "constant", 0, [0.5, 0.8])
+    fake_run(tmp_path / "runs", "cifar10_resnet", "constant", 1, [0.5, 0.8, 0.85])  # 3 epochs instead of 2
+    with pytest.raises(ValueError, match="cifar10_resnet: its finished runs were trained under 2 protocols"):
+        group_stats(collect(tmp_path / "runs"))
