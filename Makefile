@@ -36,12 +36,14 @@ data: setup
 	$(PY) -m pip install --quiet tensorflow-cpu
 	$(PY) -m stepjax.data $(DATASET)
 
-# the accuracy study (plan in stepjax/study.py), resumable; then its report
+# the accuracy study (plan in stepjax/study.py), resumable; then its report (and one of the runs in
+# runs/pilot, trained with other settings to size the protocol)
 study: setup
 	$(PY) -m stepjax.study --plan cpu --root runs/study
 
 results: setup
 	$(PY) -m stepjax.results --root runs/study runs/gpu --out docs/RESULTS.md
+	$(if $(wildcard runs/pilot/*),$(PY) -m stepjax.results --root runs/pilot --out docs/RESULTS_PILOTS.md --figure docs/figures/pilot_curves.png)
 
 # speed, compile time, memory, input pipeline (docs/BENCHMARKS.md); torch for the comparison
 bench: setup

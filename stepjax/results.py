@@ -210,7 +210,8 @@ def single_seed_lines(stats: dict, key: str = "best") -> list[str]:
         (seed, accuracy), = s[f"{key}_by_seed"].items()
         against = ", ".join(f"{other} {100 * (accuracy - by_seed[seed]):+.2f}"
                             for other, by_seed in multi.items() if seed in by_seed)
-        lines.append(f"- {name} (seed {seed} only): {_pct(accuracy)} % {key}; minus the same seed of: {against} points.")
+        compared = f"; minus the same seed of: {against} points" if against else "; no other experiment has this seed"
+        lines.append(f"- {name} (seed {seed} only): {_pct(accuracy)} % {key}{compared}.")
     if lines and spreads:
         lines.append(f"- For scale: between the multi-seed experiments the same-seed differences vary from seed to "
                      f"seed with a standard deviation of {min(spreads):.2f} to {max(spreads):.2f} points, so a "

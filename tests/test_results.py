@@ -7,7 +7,8 @@ import pytest
 
 from stepjax.config import apply_overrides, load_experiment
 from stepjax.models.__main__ import param_count
-from stepjax.results import collect, controller_label, epoch_means, group_stats, main, verdict, welch_p
+from stepjax.results import (collect, controller_label, epoch_means, group_stats, main, single_seed_lines, verdict,
+                             welch_p)
 
 
 def fake_run(root, group, controller, seed, accuracies, status="done", variant=":cpu"):
@@ -147,3 +148,9 @@ def test_runs_of_one_experiment_under_different_protocols_are_not_pooled(tmp_pat
     fake_run(tmp_path / "runs", "cifar10_resnet", "constant", 1, [0.5, 0.8, 0.85])  # 3 epochs instead of 2
     with pytest.raises(ValueError, match="cifar10_resnet: its finished runs were trained under 2 protocols"):
         group_stats(collect(tmp_path / "runs"))
+
+
+def test_a_lone_single_seed_run_says_it_has_nothing_to_compare(tmp_path):
+    fake_run(tmp_path / "runs", "cifar10_resnet", "constant", 0, [0.5, 0.8])
+    assert single_seed_lines(group_stats(collect(tmp_path / "runs"))) == [
+        "- cifar10_resnet (seed 0 only): 80.00 % best; no other experiment has this seed."]
