@@ -150,7 +150,11 @@ def test_runs_of_one_experiment_under_different_protocols_are_not_pooled(tmp_pat
         group_stats(collect(tmp_path / "runs"))
 
 
-def test_a_lone_single_seed_run_says_it_has_nothing_to_compare(tmp_path):
+def test_a_report_of_one_lone_run_under_its_own_title(tmp_path):
     fake_run(tmp_path / "runs", "cifar10_resnet", "constant", 0, [0.5, 0.8])
     assert single_seed_lines(group_stats(collect(tmp_path / "runs"))) == [
         "- cifar10_resnet (seed 0 only): 80.00 % best; no other experiment has this seed."]
+    out = tmp_path / "PILOTS.md"
+    main(["--root", str(tmp_path / "runs"), "--out", str(out), "--figure", str(tmp_path / "pilot.png"),
+          "--title", "Pilot runs"])
+    assert out.read_text().startswith("# Pilot runs\n") and (tmp_path / "pilot_cpu.png").stat().st_size > 1000
