@@ -261,7 +261,10 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
     assert run_lottery(configs, tmp_path, train_fn=fake_train) == results and len(calls) == len(configs)  # resumed
     # best accuracies 51 .. 56 % in training order: none, all, nsi_top, nsi_bottom, random_0, random_1
     contrasts = lottery_contrasts(results)
-    assert contrasts["random"] == {"n": 2, "mean": pytest.approx(55.5), "sd": pytest.approx(0.5 ** 0.5, abs=1e-4)}
+    assert contrasts["random"] == {"n": 2, "mean": pytest.approx(55.5), "sd": pytest.approx(0.5 ** 0.5, abs=1e-4),
+                                   "max": pytest.approx(56.0)}
+    assert contrasts["random mean - all"] == pytest.approx(3.5)
+    assert contrasts["random placements above all"] == "2 of 2"
     assert contrasts["nsi_top - all"] == pytest.approx(1.0) and contrasts["nsi_top - none"] == pytest.approx(2.0)
     assert contrasts["nsi_top - nsi_bottom"] == pytest.approx(-1.0)
     assert contrasts["nsi_top - random mean"] == pytest.approx(-2.5)
@@ -275,7 +278,7 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
     results = run_lottery(configs, tmp_path / "stopped", train_fn=stopped_train, reuse=None)
     assert calls == ["none"], "an interrupted run must stop the lottery, not start the next one"
     assert results["none"]["status"] == "preempted" and results["all"]["status"] == "pending"
-    assert lottery_contrasts(results) == {"random": {"n": 0, "mean": None, "sd": None}}  # nothing finished
+    assert lottery_contrasts(results) == {"random": {"n": 0, "mean": None, "sd": None, "max": None}}  # nothing finished
 
 
 def test_lottery_reuses_only_the_same_training(tmp_path):

@@ -168,14 +168,21 @@ def lottery_contrasts(results: dict, key: str = "best_accuracy") -> dict:
 
     **Returns:**
 
-    ``{"random": {"n", "mean", "sd"}, "nsi_top - <other>": points, ...,
-    "random placements below nsi_top": "k of n"}``; a comparison whose runs have not finished is
-    left out, and the sd of fewer than two random placements is None.
+    ``{"random": {"n", "mean", "sd", "max"}, "random mean - all": points,
+    "random placements above all": "k of n", "nsi_top - <other>": points, ...,
+    "random placements below nsi_top": "k of n"}``: the first half tests the paper's lottery claim
+    that partial placements beat full placement, the second whether the NSI picks a good one. A
+    comparison whose runs have not finished is left out, and the sd of fewer than two random
+    placements is None.
     """
     done = {name: round(100 * r[key], 4) for name, r in results.items() if r["status"] == "done"}
     random = [v for name, v in done.items() if name.startswith("random")]
     contrasts = {"random": {"n": len(random), "mean": round(float(np.mean(random)), 4) if random else None,
-                            "sd": round(float(np.std(random, ddof=1)), 4) if len(random) > 1 else None}}
+                            "sd": round(float(np.std(random, ddof=1)), 4) if len(random) > 1 else None,
+                            "max": max(random, default=None)}}
+    if random and "all" in done:
+        contrasts["random mean - all"] = round(contrasts["random"]["mean"] - done["all"], 4)
+        contrasts["random placements above all"] = f"{sum(v > done['all'] for v in random)} of {len(random)}"
     if "nsi_top" not in done:
         return contrasts
     top = done["nsi_top"]
