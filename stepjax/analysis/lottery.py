@@ -158,6 +158,11 @@ def cached_scores(source: str, root, *, indicator: str, num_samples: int) -> np.
     return scores
 
 
+def _how_many(values: list, condition) -> str:
+    """``"k of n"``: how many of `values` meet `condition`."""
+    return f"{sum(map(condition, values))} of {len(values)}"
+
+
 def lottery_contrasts(results: dict, key: str = "best_accuracy") -> dict:
     """The lottery's comparisons over its finished runs, in accuracy points.
 
@@ -182,7 +187,7 @@ def lottery_contrasts(results: dict, key: str = "best_accuracy") -> dict:
                             "max": max(random, default=None)}}
     if random and "all" in done:
         contrasts["random mean - all"] = round(contrasts["random"]["mean"] - done["all"], 4)
-        contrasts["random placements above all"] = f"{sum(v > done['all'] for v in random)} of {len(random)}"
+        contrasts["random placements above all"] = _how_many(random, lambda v: v > done["all"])
     if "nsi_top" not in done:
         return contrasts
     top = done["nsi_top"]
@@ -191,7 +196,7 @@ def lottery_contrasts(results: dict, key: str = "best_accuracy") -> dict:
             contrasts[f"nsi_top - {other}"] = round(top - done[other], 4)
     if random:
         contrasts["nsi_top - random mean"] = round(top - contrasts["random"]["mean"], 4)
-        contrasts["random placements below nsi_top"] = f"{sum(v < top for v in random)} of {len(random)}"
+        contrasts["random placements below nsi_top"] = _how_many(random, lambda v: v < top)
     return contrasts
 
 
