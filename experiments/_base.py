@@ -24,18 +24,19 @@ def base_config(dataset, controller, *, preset, epochs, boundaries, global_batch
         preset=preset, controller=controller, controller_options=dict(controller_options or {}),
         placement="all", placement_ratio=0.5, placement_seed=0, dtype="float32", scan=True,
         depths=ml_collections.config_dict.placeholder(tuple), widths=ml_collections.config_dict.placeholder(tuple),
-        stem_width=ml_collections.config_dict.placeholder(int),
+        stem_width=ml_collections.config_dict.placeholder(int), zero_init_residual=False,
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=lr, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="step",
         boundaries=tuple(boundaries), decay=0.1, warmup_epochs=0, label_smoothing=0.0,
+        decay_only_kernels=False,
     ))
     c.train = ml_collections.ConfigDict(dict(
         epochs=epochs, global_batch=global_batch, eval_batch=500 if dataset != "imagenet2012" else 250,
         total_steps=ml_collections.config_dict.placeholder(int),  # overrides epochs when set
         halt_after_steps=ml_collections.config_dict.placeholder(int),  # stop early as if preempted
         log_every_steps=50, checkpoint_every_steps=1000, keep_checkpoints=3, eval_every_epochs=1,
-        progress=True,
+        eval_flip=False, progress=True,
     ))
     c.mesh = ml_collections.ConfigDict(dict(num_devices=ml_collections.config_dict.placeholder(int)))
     return c

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -58,6 +59,39 @@ def load_experiment(exp: str, directory: Path = EXPERIMENTS_DIR) -> ml_collectio
     config = _load_module(path).get_config(arg or None)
     with config.unlocked():
         config.experiment = exp
+    return config
+
+
+# Keys added after runs were saved, with the value that reproduces how those runs were trained.
+ADDED_KEYS = {
+    "model.scan": True,
+    "model.zero_init_residual": False,
+    "optim.decay_only_kernels": False,
+    "train.eval_flip": False,
+}
+
+
+def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config a run directory was trained with (its ``config.json``), with the keys added since
+    (`ADDED_KEYS`) filled in as that run behaved, so that an older run resumes, reloads and compares
+    like a new one.
+
+    **Arguments:**
+
+    - `workdir`: a run directory written by `stepjax.train.train`.
+
+    **Returns:**
+
+    The `ConfigDict`.
+    """
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{workdir} has no config.json: not a stepjax run directory.")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    for key, value in ADDED_KEYS.items():
+        section, leaf = key.split(".")
+        if section in config and leaf not in config[section]:
+            config[section][leaf] = value
     return config
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stepjax.config import read_run_config
 from stepjax.evaluate import read_evaluation
 from stepjax.train.metrics import read_metrics
 
@@ -32,7 +33,7 @@ def controller_label(model: dict) -> str:
 
 def load_run_record(workdir: Path) -> dict:
     """One run's facts: experiment, seed, command, wall time, curves, best/last accuracy."""
-    config = json.loads((workdir / "config.json").read_text())
+    config = read_run_config(workdir).to_dict()
     metrics = read_metrics(workdir / "metrics.jsonl")
     # a resumed run logs again the steps between its last checkpoint and the interruption: keep the last
     test = list({m["step"]: m for m in metrics if m["split"] == "test"}.values())
@@ -67,9 +68,14 @@ def load_run_record(workdir: Path) -> dict:
         "steps_per_epoch": test[0]["step"] / test[0]["epoch"] if test else None,
         "best_accuracy": max(accuracy) if accuracy else None,
         "last_accuracy": accuracy[-1] if accuracy else None,
-        "flip_accuracy": evaluation["flip_accuracy"] if evaluation else None,
+        "flip_accuracy": evaluation["flip_accuracy"] if evaluation else _logged_flip(test, summary),
         "config": config,
     }
+
+
+def _logged_flip(test: list[dict], summary: dict) -> float | None:
+    """The final flip-TTA accuracy a finished run logged itself (``train.eval_flip``)."""
+    return test[-1].get("flip_accuracy") if test and summary.get("status") == "done" else None
 
 
 def param_millions(config: dict) -> float:
@@ -98,7 +104,9 @@ def protocol(config: dict) -> str:
         return ""
     return (f"{m.get('preset')}, {t['epochs']} epochs of batch {t['global_batch']}, SGD momentum {o['momentum']}"
             f"{' (Nesterov)' if o.get('nesterov') else ''}, lr {o['lr']} {o['schedule']}, {o.get('warmup_epochs', 0)} warm-up "
-            f"epoch(s), wd {o['weight_decay']}, label smoothing {o.get('label_smoothing', 0.0)}, {m.get('dtype', 'float32')}")
+            f"epoch(s), wd {o['weight_decay']}{' (not on BatchNorm and biases)' if o['decay_only_kernels'] else ''}, "
+            f"label smoothing {o.get('label_smoothing', 0.0)}, {m.get('dtype', 'float32')}"
+            f"{', zero-initialised residual fields' if m['zero_init_residual'] else ''}")
 
 
 def collect(*roots: Path) -> list[dict]:
@@ -284,7 +292,7 @@ def render(sections: list[list[str]], title: str = "Results") -> str:
             "Columns: *best* is the highest test accuracy over the epochs (picked on the test set, so "
             "optimistic), *last* the final model's; *last % flip TTA* evaluates the final checkpoint on the "
             "image and its mirror and averages the probabilities (`python -m stepjax.evaluate`, run by the "
-            "study after each run). The wall time includes any time the run shared the 2 CPU cores with "
+            "study after each run, or logged by the run itself with `train.eval_flip=True`). The wall time includes any time the run shared the 2 CPU cores with "
             "other jobs (tests, analyses); *train images/s* gives the median over the logged windows and, "
             "in brackets, their 90th percentile, about the speed with the cores to itself. Means and "
             "standard deviations are over the finished seeds.", ""]

@@ -120,3 +120,20 @@ def test_one_seed_gives_every_controller_the_same_backbone():
         assert other.keys() == plain.keys()
         assert all(np.array_equal(other[k], plain[k]) for k in plain), controller
     assert not np.array_equal(backbone("constant", seed=4)[next(iter(plain))], next(iter(plain.values())))
+
+
+def test_zero_init_residual_starts_every_step_at_the_identity():
+    # every vector field is exactly zero at initialisation, so no controller changes the output
+    def logits(controller, zero_init=True):
+        model = make_model("resnet164", num_classes=5, controller=controller, seed=3, zero_init_residual=zero_init, **TINY)
+        return forward(model)[0]
+
+    plain = logits("constant")
+    for controller in ("se", "stepnet"):
+        np.testing.assert_allclose(logits(controller), plain, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(logits("se", zero_init=False), logits("constant", zero_init=False))
+    # post-activation fields zero their last BatchNorm's scale, pre-activation ones their last convolution
+    for preset, last in (("resnet164", lambda f: f.norms[-1].scale), ("preact_resnet164", lambda f: f.convs[-1].kernel)):
+        field = make_model(preset, num_classes=5, seed=3, zero_init_residual=True, **TINY).stages[0].steps.vector_field
+        assert not np.any(np.asarray(last(field).get_value()))
+        assert np.all(np.asarray(field.norms[0].scale.get_value()) == 1.0)

@@ -15,16 +15,18 @@ from unittest.mock import ANY
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from stepjax import study
 from stepjax.analysis.report import load_images, load_source
-from stepjax.config import apply_overrides, load_experiment, validate
+from stepjax.config import ADDED_KEYS, apply_overrides, load_experiment, read_run_config, validate
 from stepjax.evaluate import read_evaluation
 from stepjax.main import code_version
 from stepjax.results import collect
-from stepjax.train import NonFiniteLossError, load_run, read_metrics, restore_run, train
+from stepjax.evaluate import evaluate_run
+from stepjax.train import NonFiniteLossError, build_model, load_run, make_optimizer, read_metrics, restore_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "cifar10_stepnet:smoke"
@@ -272,3 +274,39 @@ def test_study_trains_then_evaluates_with_flip_tta(tmp_path, monkeypatch):
     assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == 0
     assert json.loads((workdir / "summary.json").read_text()) == summary
     assert read_evaluation(workdir, summary["steps"]) == {**evaluation, "seconds": ANY}
+
+
+@pytest.mark.parametrize("only_kernels", [False, True])
+def test_weight_decay_on_all_parameters_or_only_on_kernels(only_kernels):
+    # with a zero gradient, no momentum and lr 1, the update is -wd * parameter where decay applies
+    config = smoke_config("optim.weight_decay=0.5", "optim.momentum=0.0", f"optim.decay_only_kernels={only_kernels}")
+    params = nnx.state(build_model(config), nnx.Param)
+    tx = make_optimizer(config.optim, optax.constant_schedule(1.0))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    names = set()
+    for (path, update), (_, param) in zip(nnx.to_flat_state(updates), nnx.to_flat_state(params), strict=True):
+        name, value, param = path[-1], np.asarray(update.get_value()), np.asarray(param.get_value())
+        names.add(name)
+        decayed = not only_kernels or name in ("kernel", "feature_mix")
+        np.testing.assert_allclose(value, -0.5 * param if decayed else 0.0 * param, err_msg=str(path))
+    assert {"kernel", "feature_mix", "scale", "bias", "feature_bias"} <= names
+
+
+def test_flip_tta_logged_by_training_and_an_older_run_resumes(tmp_path):
+    # train.eval_flip logs each evaluation with flip TTA too: the same figure as the evaluator's
+    workdir = tmp_path / "run"
+    train(smoke_config("train.eval_flip=True", "train.total_steps=4"), workdir)
+    last = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "test"][-1]
+    evaluation = evaluate_run(workdir)
+    assert last["flip_accuracy"] == evaluation["flip_accuracy"]
+    np.testing.assert_allclose(last["flip_loss"], evaluation["flip_loss"], rtol=1e-5)
+    assert collect(tmp_path)[0]["flip_accuracy"] == last["flip_accuracy"]
+    # a run saved before the keys of ADDED_KEYS existed reads as trained with their old values and resumes
+    saved = json.loads((workdir / "config.json").read_text())
+    for key in ADDED_KEYS:
+        section, leaf = key.split(".")
+        del saved[section][leaf]
+    (workdir / "config.json").write_text(json.dumps(saved))
+    config = read_run_config(workdir)
+    assert [config[k.split(".")[0]][k.split(".")[1]] for k in ADDED_KEYS] == list(ADDED_KEYS.values())
+    assert train(smoke_config("train.total_steps=6"), workdir)["steps"] == 6

@@ -76,21 +76,22 @@ def _training(config) -> dict:
         "seed": config.seed, "data.name": config.data.name, "optim": config.optim.to_dict(),
         "train.epochs": config.train.epochs, "train.total_steps": config.train.total_steps,
         "train.global_batch": config.train.global_batch, "model.preset": m.preset, "model.dtype": m.dtype,
-        "model.depths": m.depths, "model.widths": m.widths, "model.stem_width": m.stem_width, "blocks": blocks,
+        "model.depths": m.depths, "model.widths": m.widths, "model.stem_width": m.stem_width,
+        "model.zero_init_residual": m.zero_init_residual, "blocks": blocks,
         "controller": (m.controller, m.controller_options.to_dict()) if blocks else None,
     }))
 
 
 def _reused_summary(config, workdir: Path) -> dict:
     """The summary of a finished run that stands in for `config`'s run; errors name what differs."""
-    import ml_collections
+    from stepjax.config import read_run_config
 
     path = Path(workdir) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     if summary.get("status") != "done":
         raise ValueError(f"--reuse {workdir}: not a finished run (no summary.json with status done). "
                          "Finish it first (e.g. `make study`) or drop the --reuse.")
-    saved = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+    saved = read_run_config(workdir)
     want, have = _training(config), _training(saved)
     differ = [f"{k}: {have[k]} instead of {want[k]}" for k in want if have[k] != want[k]]
     if differ:

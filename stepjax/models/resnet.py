@@ -25,6 +25,8 @@ class ResNetSpec:
       of post-activation (projected Euler, ReLU after the add).
     - `depths`, `widths`, `strides`: blocks, branch width (``planes``) and stride per stage.
     - `stem`: ``"cifar"`` (conv3x3) or ``"imagenet"`` (conv7x7/2 + maxpool); `stem_width`.
+    - `zero_init_residual`: every vector field starts as zero, i.e. every step as the identity
+      (`stepjax.models.fields.zero_last_layer`); off in the paper's protocol.
     """
 
     field: str
@@ -34,6 +36,7 @@ class ResNetSpec:
     strides: tuple[int, ...]
     stem: str = "cifar"
     stem_width: int = 16
+    zero_init_residual: bool = False
 
 
 PRESETS = {
@@ -134,7 +137,10 @@ class ResNet(nnx.Module):
             def make_step(first, r, width_in=width_in, planes=planes, stride=stride, width_out=width_out):
                 cin = width_in if first else width_out
                 return EulerStep(
-                    field_cls(cin, planes, stride=stride if first else 1, preact=spec.preact, rngs=r, dtype=dtype),
+                    field_cls(
+                        cin, planes, stride=stride if first else 1, preact=spec.preact,
+                        zero_init=spec.zero_init_residual, rngs=r, dtype=dtype,
+                    ),
                     # the controller draws from its own key, so the backbone's initialisation is
                     # the same for every controller under one seed
                     make_controller(controller, width_out, rngs=nnx.Rngs(r.params()), **(controller_options or {})),

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from stepjax import data, parallel
-from stepjax.config import validate
+from stepjax.config import read_run_config, validate
 from stepjax.analysis.placement import resolve_nsi_placement
 from stepjax.models import make_model
 from stepjax.train.checkpoint import Checkpointer
@@ -45,7 +45,8 @@ def build_model(config: ml_collections.ConfigDict):
         m.preset, num_classes=config.data.num_classes, controller=m.controller,
         controller_options=dict(m.controller_options), placement=_placement(resolve_nsi_placement(m)),
         placement_seed=m.placement_seed, placement_ratio=m.placement_ratio, seed=config.seed,
-        dtype=DTYPES[m.dtype], scan=m.get("scan", True), depths=m.depths, widths=m.widths, stem_width=m.stem_width,
+        dtype=DTYPES[m.dtype], scan=m.scan, depths=m.depths, widths=m.widths, stem_width=m.stem_width,
+        zero_init_residual=m.zero_init_residual,
     )
 
 
@@ -55,10 +56,9 @@ def _placement(p):
 
 def _check_workdir_config(workdir: Path, config) -> None:
     """Refuse to resume a workdir that holds a different model or dataset."""
-    path = workdir / "config.json"
-    if not path.exists():
+    if not (workdir / "config.json").exists():
         return
-    saved = json.loads(path.read_text())
+    saved = json.loads(read_run_config(workdir).to_json())
     current = json.loads(config.to_json())
     for key in ("model", "data"):
         if saved.get(key) != current.get(key):
@@ -123,9 +123,7 @@ def restore_run(workdir: str | Path):
     accuracy record.
     """
     workdir = Path(workdir)
-    if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"{workdir} has no config.json: not a stepjax run directory.")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = read_run_config(workdir)
     tx = make_optimizer(config.optim, learning_rate_schedule(config.optim, 1, 1))
     graphdef, state = init_state(build_model(config), tx)
     checkpointer = Checkpointer(workdir / "checkpoints")
@@ -204,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         log.info("Resumed from step %d in %s.", step, workdir)
 
     train_step = make_train_step(graphdef, tx, schedule, config, info, mesh)
-    eval_step = make_eval_step(graphdef, config, info, mesh)
+    eval_step = make_eval_step(graphdef, config, info, mesh, flip=config.train.eval_flip)
     writer = MetricWriter(workdir, enabled=primary)
     progress = Progress(total_steps, int(state.step), enabled=primary and config.train.progress)
     preemption = _Preemption()

@@ -40,11 +40,23 @@ def learning_rate_schedule(optim, steps_per_epoch: int, total_steps: int) -> opt
 
 
 def make_optimizer(optim, schedule) -> optax.GradientTransformation:
-    """SGD with momentum and coupled weight decay on all parameters (PyTorch's SGD)."""
+    """SGD with momentum and coupled weight decay (PyTorch's SGD) on all parameters, or, with
+    ``optim.decay_only_kernels``, not on BatchNorm scales and any bias (`_is_decayed`)."""
+    mask = _is_decayed if optim.decay_only_kernels else None
     return optax.chain(
-        optax.add_decayed_weights(optim.weight_decay),
+        optax.add_decayed_weights(optim.weight_decay, mask=mask),
         optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov),
     )
+
+
+def _is_decayed(params):
+    """By name, not by rank: a scanned stage stacks its BatchNorm scales into matrices."""
+
+    def decayed(path, _):
+        name = str([k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1])
+        return not (name == "scale" or name.endswith("bias"))
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation):
