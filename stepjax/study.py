@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import shlex
+import sys
 from pathlib import Path
 
 SEEDS = (0, 1, 2)
@@ -33,6 +34,19 @@ def finished_steps(workdir: Path) -> int | None:
     return saved.get("steps") if saved.get("status") == "done" else None
 
 
+def protocol_mismatch(exp: str, workdir: Path) -> str | None:
+    """Why a finished run cannot count for `exp` (trained under another protocol), or None."""
+    from stepjax.config import load_experiment, read_run_config
+    from stepjax.results import protocol
+
+    current, saved = protocol(load_experiment(exp).to_dict()), protocol(read_run_config(workdir).to_dict())
+    if saved == current:
+        return None
+    return (f"{workdir} is a finished run trained under another protocol than {exp}'s current one:\n"
+            f"  run: {saved}\n  now: {current}\nMove it aside (e.g. to another root, reported apart) or "
+            "pass another --root; nothing was trained.")
+
+
 def command(exp: str, seed: int, workdir: Path) -> str:
     """The shell command that trains (or resumes) one run of the plan."""
     return f"python -m stepjax.main --config {exp} --workdir {shlex.quote(str(workdir))} seed={seed}"
@@ -50,8 +64,12 @@ def main(argv=None):
     from stepjax.main import main as train_main
 
     parallel.configure_cpu_devices()
-    for exp, seed in PLANS[args.plan]:
-        workdir = run_dir(args.root, exp, seed)
+    runs = [(exp, seed, run_dir(args.root, exp, seed)) for exp, seed in PLANS[args.plan]]
+    stale = [why for exp, _, d in runs if finished_steps(d) is not None and (why := protocol_mismatch(exp, d))]
+    if stale:
+        print("\n".join(stale), file=sys.stderr)
+        return 2
+    for exp, seed, workdir in runs:
         if finished_steps(workdir) is None:
             print(command(exp, seed, workdir), flush=True)
             if args.dry_run:

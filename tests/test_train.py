@@ -252,6 +252,19 @@ def test_resuming_a_different_model_is_refused(tmp_path):
         train(smoke_config("train.total_steps=1", "model.controller='se'"), tmp_path / "run")
 
 
+def test_study_refuses_finished_runs_of_another_protocol(tmp_path, monkeypatch, capsys):
+    # a run finished under older settings must not silently stand in for the current protocol
+    monkeypatch.setitem(study.PLANS, "tiny", [(SMOKE, 0)])
+    workdir = study.run_dir(tmp_path, SMOKE, 0)
+    workdir.mkdir()
+    (workdir / "config.json").write_text(smoke_config("optim.lr=0.5").to_json())
+    (workdir / "summary.json").write_text(json.dumps({"status": "done", "steps": 16}))
+    assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "another protocol" in err and "lr 0.5 step" in err and "nothing was trained" in err
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.json", "summary.json"]
+
+
 def test_study_trains_then_evaluates_with_flip_tta(tmp_path, monkeypatch):
     monkeypatch.setitem(study.PLANS, "tiny", [(SMOKE, 0)])
     assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == 0
