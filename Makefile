@@ -43,7 +43,7 @@ study: setup
 
 results: setup
 	$(PY) -m stepjax.results --root runs/study runs/gpu --out docs/RESULTS.md
-	$(if $(wildcard runs/pilot/*),$(PY) -m stepjax.results --root runs/pilot --out docs/RESULTS_PILOTS.md --figure docs/figures/pilot_curves.png --title "Pilot runs (settings other than the study's, trained to size the CPU protocol)")
+	$(if $(wildcard runs/pilot/*),$(PY) -m stepjax.results --root runs/pilot --out docs/RESULTS_PILOTS.md --figure docs/figures/pilot_curves.png --per-run --title "Pilot runs (settings other than the study's, trained to size the CPU protocol)")
 
 # speed, compile time, memory, input pipeline (docs/BENCHMARKS.md); torch for the comparison
 bench: setup

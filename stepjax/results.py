@@ -253,7 +253,8 @@ def _status(r):
 
 
 def render_protocol(variant: str, records: list[dict], figure: str | None, pairs: list[tuple[str, str]]) -> list[str]:
-    """The markdown section of one protocol."""
+    """The markdown section of one protocol; without `pairs` to compare, the runs are only listed
+    (no verdict, no single-seed comparisons)."""
     out = [f"## {variant} protocol", "", "| run | controller | seed | status | best % | last % | last % flip TTA | wall time (train + eval) | "
            "train images/s median (p90) | first -> last train loss | data | code |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -273,10 +274,11 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, pairs
         out.append(f"| {name} | {s['params_m']:.3f} | {s['n']} | {_mean_std(s['best_mean'], s['best_std'])} | "
                    f"{_mean_std(s['last_mean'], s['last_std'])} | "
                    f"{_mean_std(s['flip_mean'], s['flip_std'])} ({len(s['flip'])}) |")
-    out += ["", "Verdict (finished runs only; two-sided tests: Welch over the seeds, and paired by seed, since under "
-            "one seed every controller starts from the same backbone and sees the same data order):", ""]
-    out += list(dict.fromkeys(line for key in ("best", "last") for line in verdict(stats, pairs, key=key)))
-    single = single_seed_lines(stats)
+    if pairs:
+        out += ["", "Verdict (finished runs only; two-sided tests: Welch over the seeds, and paired by seed, since "
+                "under one seed every controller starts from the same backbone and sees the same data order):", ""]
+        out += list(dict.fromkeys(line for key in ("best", "last") for line in verdict(stats, pairs, key=key)))
+    single = single_seed_lines(stats) if pairs else []
     if single:
         out += ["", "Single-seed runs (no test is possible; compared with the same seed of the multi-seed "
                 "experiments, which start from the same backbone and see the same data order):", "", *single]
@@ -346,14 +348,18 @@ def main(argv=None):
                         help="curves figure; each protocol gets its own, with `_<protocol>` before the suffix")
     parser.add_argument("--compare", nargs="+", default=COMPARISONS, metavar="A:B",
                         help="experiment pairs for the verdict (A against B)")
+    parser.add_argument("--per-run", action="store_true", help="report every run on its own, named by its "
+                        "directory (pilots trained with differing settings): no pooling over seeds, no verdict")
     args = parser.parse_args(argv)
     if any(pair.count(":") != 1 for pair in args.compare):
         parser.error(f"--compare takes pairs written A:B, e.g. cifar10_stepnet:cifar10_se; got {args.compare}")
-    pairs = [tuple(pair.split(":")) for pair in args.compare]
+    pairs = [] if args.per_run else [tuple(pair.split(":")) for pair in args.compare]
     roots = [Path(r) for r in args.root if Path(r).is_dir()]
     records = collect(*roots)
     if not records:
         raise SystemExit(f"No run directories with config.json and metrics.jsonl under {' '.join(args.root)}.")
+    for r in records if args.per_run else ():
+        r["group"] = Path(r["workdir"]).name
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sections = []

@@ -148,6 +148,14 @@ def test_runs_of_one_experiment_under_different_protocols_are_not_pooled(tmp_pat
     fake_run(tmp_path / "runs", "cifar10_resnet", "constant", 1, [0.5, 0.8, 0.85])  # 3 epochs instead of 2
     with pytest.raises(ValueError, match="cifar10_resnet: its finished runs were trained under 2 protocols"):
         group_stats(collect(tmp_path / "runs"))
+    # pilots of differing settings are reported run by run instead, each with its own protocol line
+    out = tmp_path / "PILOTS.md"
+    main(["--root", str(tmp_path / "runs"), "--out", str(out), "--figure", str(tmp_path / "p.png"), "--per-run"])
+    report = out.read_text()
+    assert "- cifar10_resnet_cpu_s0: resnet20, 2 epochs of batch 32" in report
+    assert "- cifar10_resnet_cpu_s1: resnet20, 3 epochs of batch 32" in report
+    assert "| cifar10_resnet_cpu_s1 | 0.272 | 1 | 85.00 | 85.00 |" in report
+    assert "Verdict" not in report and "seed 0 only" not in report
 
 
 def test_a_report_of_one_lone_run_under_its_own_title(tmp_path):
