@@ -278,8 +278,8 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, pairs
         out += ["", "Verdict (finished runs only; two-sided tests: Welch over the seeds, and paired by seed, since "
                 "under one seed every controller starts from the same backbone and sees the same data order):", ""]
         out += list(dict.fromkeys(line for key in ("best", "last") for line in verdict(stats, pairs, key=key)))
-    single = single_seed_lines(stats) if pairs else []
-    if single:
+    single = single_seed_lines(stats)
+    if pairs and single:
         out += ["", "Single-seed runs (no test is possible; compared with the same seed of the multi-seed "
                 "experiments, which start from the same backbone and see the same data order):", "", *single]
     if figure:
@@ -358,8 +358,9 @@ def main(argv=None):
     records = collect(*roots)
     if not records:
         raise SystemExit(f"No run directories with config.json and metrics.jsonl under {' '.join(args.root)}.")
-    for r in records if args.per_run else ():
-        r["group"] = Path(r["workdir"]).name
+    if args.per_run:
+        for r in records:
+            r["group"] = Path(r["workdir"]).name
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sections = []

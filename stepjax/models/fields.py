@@ -17,12 +17,11 @@ class BottleneckField(nnx.Module):
     - `in_channels`: input width; `planes`: bottleneck width; output is ``4 * planes``.
     - `stride`: stride of the 3x3 convolution.
     - `preact`: pre-activation order instead (BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1).
-    - `zero_init`: start as the zero field (see `zero_last_layer`).
     """
 
     expansion = 4
 
-    def __init__(self, in_channels, planes, *, stride=1, preact=False, zero_init=False, rngs, dtype=jnp.float32):
+    def __init__(self, in_channels, planes, *, stride=1, preact=False, rngs, dtype=jnp.float32):
         out = planes * self.expansion
         self.preact = preact
         self.convs = nnx.List([
@@ -32,20 +31,17 @@ class BottleneckField(nnx.Module):
         ])
         norm_widths = (in_channels, planes, planes) if preact else (planes, planes, out)
         self.norms = nnx.List([batch_norm(c, rngs=rngs, dtype=dtype) for c in norm_widths])
-        if zero_init:
-            zero_last_layer(self)
 
     def __call__(self, y):
         return _preact_chain(self.convs, self.norms, y) if self.preact else _postact_chain(self.convs, self.norms, y)
 
 
 class BasicField(nnx.Module):
-    """Post-activation basic block: conv3x3(stride)-BN-ReLU-conv3x3-BN (pre-activation if asked;
-    `zero_init` as in `BottleneckField`)."""
+    """Post-activation basic block: conv3x3(stride)-BN-ReLU-conv3x3-BN (pre-activation if asked)."""
 
     expansion = 1
 
-    def __init__(self, in_channels, planes, *, stride=1, preact=False, zero_init=False, rngs, dtype=jnp.float32):
+    def __init__(self, in_channels, planes, *, stride=1, preact=False, rngs, dtype=jnp.float32):
         self.preact = preact
         self.convs = nnx.List([
             Conv(in_channels, planes, 3, stride=stride, rngs=rngs, dtype=dtype),
@@ -53,8 +49,6 @@ class BasicField(nnx.Module):
         ])
         norm_widths = (in_channels, planes) if preact else (planes, planes)
         self.norms = nnx.List([batch_norm(c, rngs=rngs, dtype=dtype) for c in norm_widths])
-        if zero_init:
-            zero_last_layer(self)
 
     def __call__(self, y):
         return _preact_chain(self.convs, self.norms, y) if self.preact else _postact_chain(self.convs, self.norms, y)

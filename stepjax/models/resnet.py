@@ -12,7 +12,7 @@ from flax import nnx
 
 from stepjax.controllers import make_controller
 from stepjax.controllers.layers import Dense
-from stepjax.models.fields import FIELDS
+from stepjax.models.fields import FIELDS, zero_last_layer
 from stepjax.models.layers import Conv, Projection, batch_norm
 from stepjax.ode import EulerStage, EulerStep
 
@@ -136,11 +136,11 @@ class ResNet(nnx.Module):
 
             def make_step(first, r, width_in=width_in, planes=planes, stride=stride, width_out=width_out):
                 cin = width_in if first else width_out
+                field = field_cls(cin, planes, stride=stride if first else 1, preact=spec.preact, rngs=r, dtype=dtype)
+                if spec.zero_init_residual:
+                    zero_last_layer(field)
                 return EulerStep(
-                    field_cls(
-                        cin, planes, stride=stride if first else 1, preact=spec.preact,
-                        zero_init=spec.zero_init_residual, rngs=r, dtype=dtype,
-                    ),
+                    field,
                     # the controller draws from its own key, so the backbone's initialisation is
                     # the same for every controller under one seed
                     make_controller(controller, width_out, rngs=nnx.Rngs(r.params()), **(controller_options or {})),
