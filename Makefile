@@ -12,7 +12,7 @@ ifneq ($(DATA),)
 export STEPJAX_DATA_DIR := $(abspath $(DATA))
 endif
 
-.PHONY: setup test train list data summary study results evaluate bench analyze lottery ode-bench ode-bench-quick
+.PHONY: setup test train list data summary study results records evaluate bench analyze lottery ode-bench ode-bench-quick
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ data: setup
 # runs/pilot, trained with other settings to size the protocol)
 study: setup
 	$(PY) -m stepjax.study --plan cpu --root runs/study
+
+# file the record of every run directory under runs/ into results/ (training does it when a run stops)
+records: setup
+	$(PY) -m stepjax.records runs
 
 results: setup
 	$(PY) -m stepjax.results --root runs/study runs/gpu --out docs/RESULTS.md

@@ -42,8 +42,8 @@ def base_config(dataset, controller, *, preset, epochs, boundaries, global_batch
     return c
 
 
-def apply_variant(c, arg, *, cpu=None):
-    """`smoke`: tiny model, synthetic data, a few steps. `cpu`: the given CPU protocol."""
+def apply_variant(c, arg, *, cpu=None, deep=None):
+    """`smoke`: tiny model, synthetic data, a few steps. `cpu` / `deep`: the given CPU protocols."""
     if arg in (None, ""):
         return c
     if arg == "smoke":
@@ -57,7 +57,9 @@ def apply_variant(c, arg, *, cpu=None):
         return c
     if arg == "cpu" and cpu is not None:
         return cpu(c)
-    raise ValueError(f"Unknown variant {arg!r}; use '' (paper protocol), 'smoke' or 'cpu'.")
+    if arg == "deep" and deep is not None:
+        return deep(c)
+    raise ValueError(f"Unknown variant {arg!r}; use '' (paper protocol), 'smoke', 'cpu' or 'deep'.")
 
 
 def cifar_cpu(c):
@@ -79,10 +81,25 @@ def cifar_cpu(c):
     return c
 
 
+def cifar_deep(c):
+    """The deep CPU protocol: the paper's post-activation bottleneck ResNet-164 (18 blocks a stage,
+    54 in all) at half width (planes 8/16/32, stem 8), batch 64 on one CPU device, SGD with Nesterov
+    momentum, peak lr 0.05 after one warm-up epoch, cosine decay, wd 5e-4, label smoothing 0.1.
+
+    Sized from measured pilots (docs/RESULTS_PILOTS.md) so that a StepNet run fits in about 90
+    minutes on 2 cores; one device, so a busy machine cannot stall a cross-device all-reduce.
+    """
+    c.model.update(preset="resnet164", widths=(8, 16, 32), stem_width=8)
+    c.optim.update(schedule="cosine", lr=0.05, nesterov=True, warmup_epochs=1, weight_decay=5e-4, label_smoothing=0.1)
+    c.train.update(epochs=10, global_batch=64, log_every_steps=50, checkpoint_every_steps=250)
+    c.mesh.num_devices = 1
+    return c
+
+
 def cifar(dataset, controller, arg, **controller_options):
-    """A CIFAR experiment: the paper protocol, or the `smoke` / `cpu` variant."""
+    """A CIFAR experiment: the paper protocol, or the `smoke` / `cpu` / `deep` variant."""
     c = base_config(dataset, controller, controller_options=controller_options, **PAPER_CIFAR)
-    return apply_variant(c, arg, cpu=cifar_cpu)
+    return apply_variant(c, arg, cpu=cifar_cpu, deep=cifar_deep)
 
 
 def imagenet(controller, arg):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from stepjax.config import apply_overrides, available_experiments, describe, load_experiment
+from stepjax.records import file_run
 
 
 def parse_args(argv):
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
         with open(workdir / "code.txt", "a") as f:
             f.write(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} {LOADED_CODE}\n")
     summary = train(config, workdir)
+    if jax.process_index() == 0:  # the run's record, for git (results/, see stepjax.records)
+        logging.getLogger("stepjax").info("Record filed in %s.", file_run(workdir))
     return 0 if summary["status"] == "done" else 3
 
 

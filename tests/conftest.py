@@ -1,11 +1,14 @@
 """Test setup: four fake CPU devices (set before JAX is imported), and a persistent compilation
 cache shared by the test processes and the training processes they start, so that the many small
-trainings of the same smoke network compile each program once."""
+trainings of the same smoke network compile each program once. Run records go to a temporary
+results tree, never into the repository's `results/`."""
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("STEPJAX_RESULTS", tempfile.mkdtemp(prefix="stepjax-results-"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

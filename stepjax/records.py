@@ -1,0 +1,93 @@
+"""Run records: the compact, git-tracked copy of a run directory under ``results/``.
+
+A run directory (``runs/...``) holds checkpoints and is never committed. Its *record* is the handful
+of small files that every report reads (`RECORD_FILES`); training, the study and the lottery copy
+it into the ``results/`` tree when a run stops, and ``python -m stepjax.records DIR ...`` (``make
+records``) copies it by hand. ``runs/<path>`` is filed as ``results/<path>``; a directory outside
+``runs/`` as ``results/<its name>``. The reports (``make results``) read ``results/`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+RECORD_FILES = ("config.json", "metrics.jsonl", "summary.json", "evaluation.json", "code.txt", "command.txt")
+RESULTS_ENV = "STEPJAX_RESULTS"
+RUNS_DIR = "runs"
+
+
+def results_root() -> Path:
+    """Where records go: ``$STEPJAX_RESULTS`` if set, else ``results`` in the working directory."""
+    return Path(os.environ.get(RESULTS_ENV) or "results")
+
+
+def record_path(workdir: str | Path, root: str | Path | None = None) -> Path:
+    """The record directory of a run directory: ``runs/a/b`` -> ``<root>/a/b``, else ``<root>/<name>``.
+
+    **Arguments:**
+
+    - `workdir`: a run directory (relative or absolute).
+    - `root`: the results tree (default `results_root`).
+
+    **Returns:**
+
+    The path of its record (not created).
+    """
+    root = Path(root) if root is not None else results_root()
+    parts = Path(os.path.abspath(workdir)).parts
+    if RUNS_DIR in parts:
+        inside = parts[len(parts) - parts[::-1].index(RUNS_DIR):]
+        if inside:
+            return root.joinpath(*inside)
+    return root / Path(os.path.abspath(workdir)).name
+
+
+def file_run(workdir: str | Path, dest: str | Path | None = None) -> Path:
+    """Copy the record of a run directory (the `RECORD_FILES` it has) into the results tree.
+
+    **Arguments:**
+
+    - `workdir`: the run directory.
+    - `dest`: the record directory (default `record_path`).
+
+    **Returns:**
+
+    The record directory. Files absent from `workdir` are left out; an older copy of them in the
+    record is removed so that the record never mixes two states of a run.
+    """
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} has no config.json: not a run directory, nothing to file.")
+    dest = Path(dest) if dest is not None else record_path(workdir)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        source, target = workdir / name, dest / name
+        if source.exists():
+            shutil.copyfile(source, target)
+        elif target.exists():
+            target.unlink()
+    return dest
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stepjax.records", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdirs", nargs="+", help="run directories (each with config.json), or folders of them")
+    parser.add_argument("--root", help=f"results tree (default ${RESULTS_ENV} or ./results)")
+    args = parser.parse_args(argv)
+    found = [p for w in map(Path, args.workdirs) for p in ([w] if (w / "config.json").exists()
+                                                           else sorted(c.parent for c in w.rglob("config.json")))]
+    if not found:
+        print(f"stepjax.records: no run directory (with config.json) under {' '.join(args.workdirs)}.", file=sys.stderr)
+        return 2
+    for workdir in found:
+        print(f"{workdir} -> {file_run(workdir, record_path(workdir, args.root))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
