@@ -6,6 +6,7 @@ EXP ?= cifar10_stepnet
 WORKDIR ?= runs/$(subst :,_,$(EXP))
 ARGS ?=
 DATASET ?= cifar10
+PLAN ?= cpu
 # DATA=dir: train from a local npz copy (train.npz/test.npz) instead of tensorflow-datasets
 DATA ?=
 ifneq ($(DATA),)
@@ -36,18 +37,17 @@ data: setup
 	$(PY) -m pip install --quiet tensorflow-cpu
 	$(PY) -m stepjax.data $(DATASET)
 
-# the accuracy study (plan in stepjax/study.py), resumable; then its report (and one of the runs in
-# runs/pilot, trained with other settings to size the protocol)
+# the accuracy study (plan in stepjax/study.py), resumable; each run's record lands in results/
 study: setup
-	$(PY) -m stepjax.study --plan cpu --root runs/study
+	$(PY) -m stepjax.study --plan $(PLAN)
 
 # file the record of every run directory under runs/ into results/ (training does it when a run stops)
 records: setup
 	$(PY) -m stepjax.records runs
 
+# every document and figure that comes from runs, regenerated from the records in results/ only
 results: setup
-	$(PY) -m stepjax.results --root runs/study runs/gpu --out docs/RESULTS.md
-	$(if $(wildcard runs/pilot/*),$(PY) -m stepjax.results --root runs/pilot --out docs/RESULTS_PILOTS.md --figure docs/figures/pilot_curves.png --per-run --title "Pilot runs (settings other than the study's, trained to size the CPU protocol)")
+	$(PY) -m stepjax.docs
 
 # speed, compile time, memory, input pipeline (docs/BENCHMARKS.md); torch for the comparison
 bench: setup

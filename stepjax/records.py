@@ -10,6 +10,8 @@ records``) copies it by hand. ``runs/<path>`` is filed as ``results/<path>``; a 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import sys
@@ -71,6 +73,13 @@ def file_run(workdir: str | Path, dest: str | Path | None = None) -> Path:
         elif target.exists():
             target.unlink()
     return dest
+
+
+def digest(data) -> str:
+    """A short, stable digest of a figure's data (JSON with sorted keys): what the drift test compares
+    instead of pixels."""
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,10 @@ PLANS = {
     # 3 seeds of plain, SE and StepNet; one seed of the StepNet ablation, CBAM and DIA
     "cpu": [(f"cifar10_{c}:cpu", s) for s in SEEDS for c in ("resnet", "se", "stepnet")]
     + [(f"cifar10_{c}:cpu", 0) for c in ("stepnet_nohistory", "cbam", "dia")],
+    # the deep protocol (ResNet-164 topology): seed 0 of plain, SE and StepNet first, then seeds 1, 2
+    "deep": [(f"cifar10_{c}:deep", s) for s in SEEDS for c in ("resnet", "se", "stepnet")],
 }
+ROOTS = {"cpu": "runs/study", "deep": "runs/deep"}  # run directories; records go to results/<same>
 
 
 def run_dir(root: Path, exp: str, seed: int) -> Path:
@@ -55,13 +58,15 @@ def command(exp: str, seed: int, workdir: Path) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--plan", default="cpu", choices=sorted(PLANS))
-    parser.add_argument("--root", default="runs/study")
+    parser.add_argument("--root", help="run directories (default runs/study for cpu, runs/deep for deep)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of pending runs")
     args = parser.parse_args(argv)
+    args.root = args.root or ROOTS.get(args.plan, f"runs/{args.plan}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from stepjax import parallel
     from stepjax.evaluate import evaluate_run, read_evaluation
     from stepjax.main import main as train_main
+    from stepjax.records import file_run
 
     parallel.configure_cpu_devices()
     runs = [(exp, seed, run_dir(args.root, exp, seed)) for exp, seed in PLANS[args.plan]]
@@ -80,7 +85,7 @@ def main(argv=None):
         if not args.dry_run and read_evaluation(workdir, finished_steps(workdir)) is None:
             result = evaluate_run(workdir)
             print(f"{workdir}: test accuracy {100 * result['accuracy']:.2f} %, with flip TTA "
-                  f"{100 * result['flip_accuracy']:.2f} %", flush=True)
+                  f"{100 * result['flip_accuracy']:.2f} %; record filed in {file_run(workdir)}", flush=True)
     return 0
 
 

@@ -2,6 +2,8 @@
 CLI on a smoke run."""
 
 import json
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -202,8 +204,9 @@ def test_report_of_a_model_with_constant_steps(tmp_path):
     report = build_report([plain], stats=StatsOptions(num_permutations=10, num_bootstrap=5), num_curves=3)
     assert report["figures"]["correlations"]["rows"] == []  # nothing varies: every correlation undefined
     assert report["models"]["main"]["step_size"][0]["cv_samples"] == [0.0, 0.0]
-    paths = write_report(report, tmp_path)
+    paths = write_report(report, tmp_path / "record", tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
+    assert (tmp_path / "record" / "analysis.json").exists()
     assert "no model with varying step sizes" in (tmp_path / "correlations.md").read_text()
 
 
@@ -223,7 +226,8 @@ def test_cli_on_a_smoke_run_writes_json_and_figures(smoke_run, tmp_path):
     assert analysis_main(["--workdir", str(smoke_run), "--num-samples", "12", "--batch-size", str(FAST.batch_size),
                           "--power-iters", str(FAST.power_iters), "--permutations", "20", "--bootstrap", "10",
                           "--num-curves", "5", "--out", str(out)]) == 0
-    report = json.loads((out / "analysis.json").read_text())
+    assert (out / "correlations.md").exists()
+    report = json.loads((Path(os.environ["STEPJAX_RESULTS"]) / "analysis" / "figures" / "analysis.json").read_text())
     assert set(report["models"]) == {"main", "random_init", "mean_gate"}
     assert "OUR RECONSTRUCTION" in report["note"]
     nsi = report["figures"]["nsi_relative_increment"]
@@ -236,7 +240,8 @@ def test_cli_on_a_smoke_run_writes_json_and_figures(smoke_run, tmp_path):
     assert "| model |" in (out / "correlations.md").read_text()
 
 
-def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
+def test_nsi_placement_and_lottery_bookkeeping(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPJAX_RESULTS", str(tmp_path / "results"))
     scores = [np.nan, 0.5, np.nan, 0.9, np.nan, 0.1]  # the smoke net: 3 stages of 2 blocks
     assert nsi_placement(scores, 0.34) == [1, 3]
     assert nsi_placement(scores, 0.34, top=False) == [1, 5]
@@ -251,11 +256,14 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
         calls.append(workdir.name)
         summary = {"status": "done", "best_accuracy": 0.5 + 0.01 * len(calls), "last_accuracy": 0.5}
         workdir.mkdir(parents=True)
+        (workdir / "config.json").write_text(cfg.to_json())
         (workdir / "summary.json").write_text(json.dumps(summary))
         return summary
 
     results = run_lottery(configs, tmp_path, train_fn=fake_train)
     assert calls == list(configs)
+    filed = tmp_path / "results"  # outside runs/, a record is filed by its directory's name
+    assert all(json.loads((filed / name / "summary.json").read_text())["status"] == "done" for name in configs)
     assert results["nsi_top"]["blocks"] == [1, 3] and results["all"]["ratio"] == 1.0
     assert results["random_0"]["ratio"] == results["nsi_top"]["ratio"] == pytest.approx(2 / 6)
     assert run_lottery(configs, tmp_path, train_fn=fake_train) == results and len(calls) == len(configs)  # resumed
@@ -272,6 +280,8 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path):
 
     def stopped_train(cfg, workdir):  # a SIGTERM during the first run to train
         calls.append(workdir.name)
+        workdir.mkdir(parents=True)
+        (workdir / "config.json").write_text(cfg.to_json())
         return {"status": "preempted", "best_accuracy": 0.3, "last_accuracy": 0.3}
 
     calls.clear()
@@ -297,6 +307,8 @@ def test_lottery_reuses_only_the_same_training(tmp_path):
 
     def fake_train(cfg, workdir):
         calls.append(workdir.name)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(cfg.to_json())
         return {"status": "done", "best_accuracy": 0.5, "last_accuracy": 0.5}
 
     results = run_lottery(configs, tmp_path / "lottery", train_fn=fake_train, reuse={"none": str(plain)})

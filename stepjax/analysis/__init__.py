@@ -20,7 +20,7 @@ from stepjax.analysis.indicators import (
     spectral_radius,
 )
 from stepjax.analysis.metrics import StatsOptions, curve_statistics, representational_ability, step_size_statistics
-from stepjax.analysis.report import Analysed, analyse, build_report, load_images, load_source, write_report
+from stepjax.analysis.report import Analysed, analyse, build_report, load_images, load_source, render_report, write_report
 from stepjax.analysis.stats import (
     CorrelationTest,
     bootstrap_interval,
@@ -67,5 +67,6 @@ __all__ = [
     "spectral_radius",
     "step_size_statistics",
     "trace_model",
+    "render_report",
     "write_report",
 ]

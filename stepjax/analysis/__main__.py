@@ -15,8 +15,10 @@ from stepjax.analysis import figures
 from stepjax.analysis.metrics import StatsOptions
 from stepjax.analysis.report import INIT_PREFIX, analyse, build_report, write_report
 from stepjax.analysis.trace import TraceOptions
+from stepjax.records import results_root
 
 DEFAULT_OUT = Path("docs/figures/analysis")
+RECORDS = "analysis"  # analysis.json goes to results/analysis/<name>/ (stepjax.records.results_root)
 
 
 def parse_args(argv):
@@ -28,7 +30,8 @@ def parse_args(argv):
                    help="size of the fixed random subset of the split (default 1000)")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--data-dir", help="read the images from an npz copy here (e.g. /work/shared/data/cifar10)")
-    p.add_argument("--out", help=f"output directory (default {DEFAULT_OUT}/<workdir name>)")
+    p.add_argument("--out", help=f"figure directory (default {DEFAULT_OUT}/<workdir name>); the record "
+                   "analysis.json goes to results/analysis/<its name>")
     p.add_argument("--no-controls", action="store_true", help="skip the random-init and mean-gate controls")
     p.add_argument("--power-iters", type=int, default=TraceOptions.power_iters)
     p.add_argument("--tol", type=float, default=TraceOptions.tol, help="relative local error tolerance of h*")
@@ -59,7 +62,8 @@ def main(argv=None) -> int:
                      data_dir=args.data_dir, controls=not args.no_controls, options=options)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     report = build_report(models, stats=stats, num_curves=args.num_curves, settings=settings)
-    paths = write_report(report, args.out or default_out(args.workdir))
+    out = Path(args.out) if args.out else default_out(args.workdir)
+    paths = write_report(report, results_root() / RECORDS / out.name, out)
     for m in models:
         print(f"{m.key:12s} {100 * m.accuracy:6.2f} % of {len(m.trace.logits)} {args.split} images  {m.label}")
     print(figures.correlation_markdown(report["figures"]["correlations"]))

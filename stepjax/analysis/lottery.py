@@ -25,6 +25,7 @@ from stepjax.analysis import figures
 from stepjax.analysis.placement import nsi_placement, nsi_scores
 from stepjax.analysis.report import RECONSTRUCTION_NOTE, load_images, load_source
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS
+from stepjax.records import file_run, results_root
 
 
 def placement_configs(config, *, ratio: float, num_random: int, scores) -> dict:
@@ -134,6 +135,7 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
         summary = reused.get(name) or (json.loads(path.read_text()) if path.exists() else {"status": "pending"})
         if summary["status"] != "done" and not (plot_only or interrupted):
             summary = train_fn(config, workdir)
+            file_run(workdir)
             interrupted = summary["status"] != "done"  # e.g. SIGTERM: start no further run
         blocks, total = _blocks(config)
         results[name] = {
@@ -222,7 +224,8 @@ def parse_args(argv):
     p.add_argument("--indicator", default=DEFAULT_NSI, choices=sorted(INDICATORS))
     p.add_argument("--nsi-samples", type=int, default=500, help="training images for the NSI ranking")
     p.add_argument("--root", help="run directories go here (default runs/lottery/<exp>_ratio<r>)")
-    p.add_argument("--out", help="figure directory (default docs/figures/analysis/lottery_<exp>_ratio<r>)")
+    p.add_argument("--out", help="figure directory (default docs/figures/analysis/lottery_<exp>_ratio<r>); the "
+                   "record lottery.json goes to results/lottery/<exp>_ratio<r>")
     p.add_argument("--plot-only", action="store_true", help="train nothing, draw what has finished")
     p.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR",
                    help="a finished run that is the same training (repeatable), e.g. "
@@ -249,15 +252,17 @@ def main(argv=None) -> int:
     results = run_lottery(configs, root, plot_only=args.plot_only, reuse=reuse)
     figure = lottery_figure(results, experiment=args.exp, ratio=args.ratio, reference=args.nsi_workdir,
                             indicator=args.indicator)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lottery.json").write_text(json.dumps(figure, indent=1))
+    record = results_root() / "lottery" / name
+    for folder in (out, record):
+        folder.mkdir(parents=True, exist_ok=True)
+    (record / "lottery.json").write_text(json.dumps(figure, indent=1))
     figures.plot_lottery(figure, out / "lottery.png")
     for run in figure["runs"]:
         best = run["best_accuracy"]
         print(f"{run['name']:12s} {run['status']:9s} best {'pending' if best is None else f'{100 * best:.2f} %'}"
               f"  blocks {run['blocks']}")
     print("best accuracy, points:", json.dumps(figure["contrasts"]["best_accuracy"]))
-    print("wrote", out / "lottery.json", out / "lottery.png", sep="\n  ")
+    print("wrote", record / "lottery.json", out / "lottery.png", sep="\n  ")
     return 0
 
 

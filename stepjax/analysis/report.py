@@ -282,8 +282,9 @@ def _json_ready(value):
     return value
 
 
-def write_report(report: dict, out_dir) -> list[Path]:
-    """Write ``analysis.json``, ``correlations.md`` and one PNG per figure into `out_dir`.
+def render_report(report: dict, out_dir, *, draw: bool = True) -> list[Path]:
+    """Draw an analysis report (`build_report`, or a saved ``analysis.json``): ``correlations.md``
+    and, with `draw`, one PNG per figure into `out_dir`.
 
     **Returns:**
 
@@ -292,12 +293,25 @@ def write_report(report: dict, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, figure in report["figures"].items():
+    for name, figure in report["figures"].items() if draw else ():
         path = out_dir / f"{name}.png"
         PLOTTERS[next(p for p in PLOTTERS if name.startswith(p))](figure, path)
         written.append(path)
     markdown = out_dir / "correlations.md"
     markdown.write_text(figures.correlation_markdown(report["figures"]["correlations"]))
-    path = out_dir / "analysis.json"
+    return [markdown, *written]
+
+
+def write_report(report: dict, record_dir, out_dir) -> list[Path]:
+    """Write the report's record ``analysis.json`` into `record_dir` (under ``results/``) and draw
+    it into `out_dir` (`render_report`).
+
+    **Returns:**
+
+    The paths written.
+    """
+    record_dir = Path(record_dir)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    path = record_dir / "analysis.json"
     path.write_text(json.dumps(_json_ready(report), separators=(",", ":")))
-    return [path, markdown, *written]
+    return [path, *render_report(json.loads(path.read_text()), out_dir)]

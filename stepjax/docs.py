@@ -1,0 +1,158 @@
+"""``python -m stepjax.docs`` (``make results``): every document and figure that comes from runs,
+regenerated from the records in ``results/`` alone.
+
+What is generated is data (`REPORTS`, `SEED_TABLES`): the accuracy reports from training records,
+the analysis figures from ``results/analysis/<name>/analysis.json``, the lottery strip plots from
+``results/lottery/<name>/lottery.json``, and the across-seed table of the analyses. Beside the
+figures, ``docs/figures/DIGESTS.md`` lists a digest of each figure's data, so a test can tell that
+a committed figure still matches its record without comparing pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from stepjax import results
+from stepjax.analysis import figures, seeds
+from stepjax.analysis.report import render_report
+from stepjax.records import digest
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """An accuracy report: the records under `roots` (relative to the results tree) -> `out`."""
+
+    roots: tuple[str, ...]
+    out: str
+    figure: str
+    title: str
+    per_run: bool = False
+
+
+REPORTS = (
+    Report(("study", "deep", "gpu"), "RESULTS.md", "figures/results_curves.png", "Results"),
+    Report(("pilot",), "RESULTS_PILOTS.md", "figures/pilot_curves.png",
+           "Pilot runs (settings other than the study's, trained to size the CPU protocols)", per_run=True),
+)
+# across-seed tables of the analyses: table -> analysis records (results/analysis/<name>)
+SEED_TABLES = {
+    "figures/analysis/seeds_cpu.md": [f"cpu_{pair}_s{seed}" for pair in ("se_vs_plain", "stepnet_vs_se")
+                                      for seed in (0, 1, 2)],
+}
+DIGESTS = "figures/DIGESTS.md"
+LOST_NOTE = ("Runs reported before 2026-11-30 whose records are lost (their figures kept, each marked "
+             "\"record lost\"): [lost/RESULTS.md](lost/RESULTS.md), [lost/RESULTS_PILOTS.md](lost/RESULTS_PILOTS.md).")
+
+
+def accuracy_report(report: Report, results_dir: Path, docs_dir: Path, draw: bool) -> dict[str, str]:
+    """Write one accuracy report; returns its figures' data digests (figure path -> digest)."""
+    roots = [results_dir / root for root in report.roots if (results_dir / root).is_dir()]
+    records = results.collect(*roots)
+    out = docs_dir / report.out
+    if not records:
+        out.write_text(f"# {report.title}\n\nNo run records yet under "
+                       f"{', '.join(f'`results/{r}`' for r in report.roots)}.\n\n{LOST_NOTE}\n")
+        return {}
+    sections, digests = results.write_report(records, out, docs_dir / report.figure, title=report.title,
+                                             per_run=report.per_run, draw=draw)
+    out.write_text(out.read_text() + f"\n{LOST_NOTE}\n")
+    return {str(Path(path).relative_to(docs_dir)): value for path, value in digests.items()}
+
+
+def analysis_figures(results_dir: Path, docs_dir: Path, draw: bool) -> dict[str, str]:
+    """Draw every analysis record into ``figures/analysis/<name>/``; returns the data digests."""
+    digests = {}
+    for path in sorted((results_dir / "analysis").glob("*/analysis.json")):
+        report = json.loads(path.read_text())
+        out = docs_dir / "figures" / "analysis" / path.parent.name
+        render_report(report, out, draw=draw)
+        digests.update({f"figures/analysis/{path.parent.name}/{name}.png": digest(figure)
+                        for name, figure in report["figures"].items()})
+    return digests
+
+
+def lottery_figures(results_dir: Path, docs_dir: Path, draw: bool) -> dict[str, str]:
+    """Draw every lottery record into ``figures/analysis/lottery_<name>/``; returns the data digests."""
+    digests = {}
+    for path in sorted((results_dir / "lottery").glob("*/lottery.json")):
+        figure = json.loads(path.read_text())
+        name = f"figures/analysis/lottery_{path.parent.name}/lottery.png"
+        (docs_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        if draw:
+            figures.plot_lottery(figure, docs_dir / name)
+        digests[name] = digest(figure)
+    return digests
+
+
+def seed_tables(results_dir: Path, docs_dir: Path) -> None:
+    """Write the across-seed tables (`SEED_TABLES`) whose analysis records all exist."""
+    for table, names in SEED_TABLES.items():
+        paths = [results_dir / "analysis" / name / "analysis.json" for name in names]
+        if all(p.exists() for p in paths):
+            (docs_dir / table).write_text(seeds.render(seeds.rows([json.loads(p.read_text()) for p in paths])))
+
+
+def regenerate(results_dir: str | Path = "results", docs_dir: str | Path = "docs", *, draw: bool = True) -> list[Path]:
+    """Regenerate every run-derived document and figure from the records.
+
+    **Arguments:**
+
+    - `results_dir`: the results tree (``results/``). Paths in the documents are written relative
+      to its parent (the repository), wherever the process runs.
+    - `docs_dir`: where the documents go (``docs/``; a temporary folder in the drift test).
+    - `draw`: draw the figures; off, only the markdown and the figures' data digests are written
+      (what the drift test compares, in seconds).
+
+    **Returns:**
+
+    The markdown files written.
+    """
+    results_dir, docs_dir = Path(results_dir).resolve(), Path(docs_dir).resolve()
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    here = Path.cwd()
+    os.chdir(results_dir.parent)  # records are named as `results/...` in the documents
+    try:
+        relative = Path(results_dir.name)
+        digests = {}
+        for report in REPORTS:
+            digests.update(accuracy_report(report, relative, docs_dir, draw))
+        digests.update(analysis_figures(relative, docs_dir, draw))
+        digests.update(lottery_figures(relative, docs_dir, draw))
+        seed_tables(relative, docs_dir)
+    finally:
+        os.chdir(here)
+    lines = ["# Figure data digests", "", "Generated by `make results`: a digest of the data behind each figure "
+             "(`stepjax.records.digest`), so that a test can tell a figure still matches its record.", "",
+             "| figure | data digest |", "| --- | --- |", *(f"| `{k}` | {v} |" for k, v in sorted(digests.items()))]
+    (docs_dir / DIGESTS).parent.mkdir(parents=True, exist_ok=True)
+    (docs_dir / DIGESTS).write_text("\n".join(lines) + "\n")
+    return generated_markdown(docs_dir)
+
+
+def generated_markdown(docs_dir: str | Path) -> list[Path]:
+    """The markdown files that `regenerate` writes under `docs_dir` (for the drift test)."""
+    docs_dir = Path(docs_dir)
+    names = [r.out for r in REPORTS] + [DIGESTS] + [t for t in SEED_TABLES if (docs_dir / t).exists()]
+    names += [str(p.relative_to(docs_dir)) for p in sorted(docs_dir.glob("figures/analysis/*/correlations.md"))]
+    return [docs_dir / name for name in names]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stepjax.docs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="results", help="the results tree (default results)")
+    parser.add_argument("--docs", default="docs", help="where the documents go (default docs)")
+    args = parser.parse_args(argv)
+    if not Path(args.results).is_dir():
+        parser.error(f"no results tree at {args.results}; run from the repository root or pass --results DIR")
+    for path in regenerate(args.results, args.docs):
+        print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
