@@ -86,12 +86,16 @@ def cifar_deep(c):
     54 in all) at half width (planes 8/16/32, stem 8), batch 64 on one CPU device, SGD with Nesterov
     momentum, peak lr 0.05 after one warm-up epoch, cosine decay, wd 5e-4, label smoothing 0.1.
 
-    Sized from measured pilots (docs/RESULTS_PILOTS.md) so that a StepNet run fits in about 90
-    minutes on 2 cores; one device, so a busy machine cannot stall a cross-device all-reduce.
+    Sized so that a StepNet run fits in about 90 minutes on 2 free cores: the plain half-width
+    network trains 108 images/s at batch 64 on one CPU device (measured on this machine kind,
+    2026-11-30, issue #20), so 8 epochs (400,000 images) take about 62 minutes plus about 4 of
+    evaluation; StepNet's step cost 1.27x plain's in the ResNet-20 study, about 80 minutes. The
+    first seed-0 runs are the accuracy pilots (docs/RESULTS.md, deep protocol). One device, so a
+    busy machine cannot stall a cross-device all-reduce.
     """
     c.model.update(preset="resnet164", widths=(8, 16, 32), stem_width=8)
     c.optim.update(schedule="cosine", lr=0.05, nesterov=True, warmup_epochs=1, weight_decay=5e-4, label_smoothing=0.1)
-    c.train.update(epochs=10, global_batch=64, log_every_steps=50, checkpoint_every_steps=250)
+    c.train.update(epochs=8, global_batch=64, log_every_steps=50, checkpoint_every_steps=250)
     c.mesh.num_devices = 1
     return c
 
