@@ -214,19 +214,22 @@ def test_freedman_lane_partial_test_has_its_nominal_size(num_blocks):
         per_set = correlation_test(x, y, np.broadcast_to(depth[:, None], (sims, num_blocks, 1)),
                                    num_permutations=199, seed=3)
         np.testing.assert_allclose(per_set.p_value, p)
+        with pytest.raises(ValueError, match="controls have 2000 samples, the data 7"):
+            correlation_test(x, y, np.broadcast_to(depth, (sims, num_blocks)))  # (sims, n): a set per data set needs (sims, n, 1)
 
 
-def _synthetic_trace(step_size, values, gate_inputs=None, blocks_per_stage=None):
+def _synthetic_trace(step_size, values, gate_inputs=None):
     """A `Trace` of 3 stages from ``(K, N)`` arrays: the channel-mean step (one channel), one array for
     every indicator, and optionally ``(K, N, p)`` gate inputs (named as `GATE_INPUTS`)."""
-    from stepjax.analysis.trace import GATE_INPUTS
-
     k = step_size.shape[0]
-    edges = np.cumsum([0, *(blocks_per_stage or [k // 3, k // 3, k - 2 * (k // 3)])])
+    edges = np.cumsum([0, k // 3, k // 3, k - 2 * (k // 3)])
     stages = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        extra = {} if gate_inputs is None else {
-            "gate_inputs": {name: gate_inputs[lo:hi, :, i].T for i, name in enumerate(GATE_INPUTS)}}
+        extra = {}
+        if gate_inputs is not None:
+            from stepjax.analysis import GATE_INPUTS  # here: the module's other tests run on code without it
+
+            extra["gate_inputs"] = {name: gate_inputs[lo:hi, :, i].T for i, name in enumerate(GATE_INPUTS)}
         stages.append(StageTrace(tuple(range(1, hi - lo + 1)), {name: values[lo:hi].T for name in INDICATORS},
                                  step_size[lo:hi].T[..., None], **extra))
     return Trace(tuple(stages), np.zeros((step_size.shape[1], 10)), ())

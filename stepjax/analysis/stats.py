@@ -40,7 +40,7 @@ def _design(controls, n: int) -> np.ndarray:
     if controls is None:
         return np.ones((n, 1))
     z = np.asarray(controls, np.float64)
-    z = z.reshape(n, -1) if z.ndim < 3 else z
+    z = z[:, None] if z.ndim == 1 else z
     if z.shape[-2] != n:
         raise ValueError(f"controls have {z.shape[-2]} samples, the data {n}: pass controls shaped (n,), (n, p) "
                          "or (..., n, p).")
