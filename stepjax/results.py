@@ -151,6 +151,17 @@ def welch_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def welch_interval(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of ``mean(a) - mean(b)`` with Welch's standard error and
+    Welch-Satterthwaite degrees of freedom (nan with fewer than two values per side)."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan"), float("nan")
+    from scipy import stats
+
+    low, high = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+    return float(low), float(high)
+
+
 def paired_by_seed(a: dict, b: dict) -> tuple[np.ndarray, float]:
     """Differences ``a[seed] - b[seed]`` over the seeds both have, and the two-sided paired t-test
     p-value (nan with fewer than two common seeds). Under one seed, runs of different controllers
@@ -164,21 +175,64 @@ def paired_by_seed(a: dict, b: dict) -> tuple[np.ndarray, float]:
     return diffs, float(stats.ttest_1samp(diffs, 0.0).pvalue)
 
 
-def detectable_difference(diffs: np.ndarray, alpha: float = 0.05, power: float = 0.8) -> float:
+def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The t-interval of the mean of `values` (for paired differences: of the mean difference),
+    ``mean ± t_{(1+confidence)/2, n-1} sd / sqrt(n)``."""
+    from scipy import stats
+
+    low, high = stats.ttest_1samp(values, 0.0).confidence_interval(confidence)
+    return float(low), float(high)
+
+
+def sd_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of the standard deviation behind `values` (normal data): ``(n-1) s^2 /
+    sigma^2`` is chi-square with ``n - 1`` degrees of freedom. From 3 values it runs from 0.52 to
+    6.3 times the sample sd ``s``."""
+    from scipy import stats
+
+    df = len(values) - 1
+    tail = (1 - confidence) / 2
+    sd = values.std(ddof=1)
+    return float(sd * math.sqrt(df / stats.chi2.ppf(1 - tail, df))), float(sd * math.sqrt(df / stats.chi2.ppf(tail, df)))
+
+
+def detectable_difference(diffs: np.ndarray, alpha: float = 0.05, power: float = 0.8, sd: float | None = None) -> float:
     """The smallest true mean difference that a two-sided paired t-test at `alpha` would find with
-    probability `power`, given the spread of the observed paired differences (the usual
-    approximation ``(t_{1-alpha/2} + t_{power}) * sd / sqrt(n)`` with ``n - 1`` degrees of freedom)."""
+    probability `power`, given the spread of the paired differences (the usual approximation
+    ``(t_{1-alpha/2} + t_{power}) * sd / sqrt(n)`` with ``n - 1`` degrees of freedom); `sd` is
+    the sample sd of `diffs` unless given (e.g. the upper end of `sd_interval`)."""
     from scipy import stats
 
     df = len(diffs) - 1
-    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
+    sd = diffs.std(ddof=1) if sd is None else sd
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(len(diffs)))
+
+
+def _interval(bounds) -> str:
+    """``[low, high]`` in signed points (of fractions)."""
+    return "[{:+.2f}, {:+.2f}]".format(*(100 * b for b in bounds))
+
+
+def _paired_words(diffs: np.ndarray, p: float, alpha: float) -> str:
+    """The paired part of a verdict line: the mean difference with its t-interval, and the
+    detectable difference at the sample sd and at the upper end of the sd's interval."""
+    sd_low, sd_high = sd_interval(diffs, 1 - alpha)
+    return (f"; paired by seed: {100 * diffs.mean():+.2f} ± {100 * diffs.std(ddof=1):.2f} points, "
+            f"n={len(diffs)}, p={p:.3f}, {100 * (1 - alpha):.0f} % CI {_interval(t_interval(diffs, 1 - alpha))}, "
+            f"detectable at 80 % power: {100 * detectable_difference(diffs, alpha):.2f} points, but the sd of "
+            f"the paired differences is uncertain from {len(diffs)} seeds ({100 * (1 - alpha):.0f} % CI "
+            f"{100 * sd_low:.2f} to {100 * sd_high:.2f} points), and at its upper end "
+            f"{100 * detectable_difference(diffs, alpha, sd=sd_high):.2f} points")
 
 
 def verdict(stats: dict, pairs: list[tuple[str, str]], alpha: float = 0.05, key: str = "best") -> list[str]:
     """Plain-words comparisons of each ``(ours, other)`` pair of experiments on `key` accuracy (``best``: best
     epoch, picked on the test set, so optimistic; ``last``: the final model): the difference of the
-    means with a Welch test, and the seed-paired differences with a paired t-test. The words rest
-    on the paired test when two or more seeds are shared, else on Welch's."""
+    means with a Welch test and its confidence interval (level ``1 - alpha``), and the seed-paired
+    differences with a paired t-test, the t-interval of their mean, and the difference a paired
+    test would detect at 80 % power, also at the upper end of the chi-square interval of the
+    paired differences' sd (from 3 seeds that end is 6.3 times the sample sd). The words rest on
+    the paired test when two or more seeds are shared, else on Welch's."""
     lines = []
     for ours, other in pairs:
         if ours not in stats or other not in stats:
@@ -186,21 +240,19 @@ def verdict(stats: dict, pairs: list[tuple[str, str]], alpha: float = 0.05, key:
             continue
         a, b = stats[ours][key], stats[other][key]
         diff, p = 100 * (a.mean() - b.mean()), welch_p(a, b)
+        welch_ci = "" if math.isnan(p) else f", {100 * (1 - alpha):.0f} % CI {_interval(welch_interval(a, b, 1 - alpha))}"
         diffs, p_paired = paired_by_seed(stats[ours][f"{key}_by_seed"], stats[other][f"{key}_by_seed"])
         if math.isnan(p_paired):
             test, decisive, gain, paired = "Welch", p, diff, ""
         else:
-            test, decisive, gain = "paired", p_paired, diffs.mean()
-            paired = (f"; paired by seed: {100 * gain:+.2f} ± {100 * diffs.std(ddof=1):.2f} points, "
-                      f"n={len(diffs)}, p={p_paired:.3f}, detectable at 80 % power: "
-                      f"{100 * detectable_difference(diffs, alpha):.2f} points")
+            test, decisive, gain, paired = "paired", p_paired, diffs.mean(), _paired_words(diffs, p_paired, alpha)
         if math.isnan(decisive):
             word = "too few seeds for a test"
         elif decisive < alpha:
             word = f"significant at {alpha} by the {test} test ({'better' if gain > 0 else 'worse'})"
         else:
             word = f"no significant difference ({test} test)"
-        lines.append(f"- {ours} vs {other}: {diff:+.2f} points in mean {key} accuracy "
+        lines.append(f"- {ours} vs {other}: {diff:+.2f} points in mean {key} accuracy{welch_ci} "
                      f"(n={len(a)} vs {len(b)}, Welch p={p:.3f}{paired}): {word}.")
     return lines
 
@@ -208,10 +260,11 @@ def verdict(stats: dict, pairs: list[tuple[str, str]], alpha: float = 0.05, key:
 def single_seed_lines(stats: dict, key: str = "best") -> list[str]:
     """For each experiment with one finished run: its `key` accuracy minus that of the same seed in
     each multi-seed experiment (no test is possible), and for scale the seed-to-seed standard
-    deviation of the same-seed differences between the multi-seed experiments."""
+    deviation of the same-seed differences between the multi-seed experiments, with the upper end
+    of its 95 % chi-square interval (`sd_interval`)."""
     multi = {name: s[f"{key}_by_seed"] for name, s in sorted(stats.items()) if s["n"] > 1}
-    spreads = [100 * diffs.std(ddof=1) for a, b in itertools.combinations(multi.values(), 2)
-               if len(diffs := paired_by_seed(a, b)[0]) > 1]
+    paired = [diffs for a, b in itertools.combinations(multi.values(), 2) if len(diffs := paired_by_seed(a, b)[0]) > 1]
+    spreads = [100 * diffs.std(ddof=1) for diffs in paired]
     lines = []
     for name, s in sorted(stats.items()):
         if s["n"] != 1 or not s[f"{key}_by_seed"]:
@@ -224,7 +277,9 @@ def single_seed_lines(stats: dict, key: str = "best") -> list[str]:
     if lines and spreads:
         lines.append(f"- For scale: between the multi-seed experiments the same-seed differences vary from seed to "
                      f"seed with a standard deviation of {min(spreads):.2f} to {max(spreads):.2f} points, so a "
-                     "single-seed difference below about twice that is no evidence either way.")
+                     "single-seed difference below about twice that is no evidence either way. Each sd rests on "
+                     f"{'-'.join(sorted({str(len(d)) for d in paired}, key=int))} seeds; the upper ends of their "
+                     f"95 % intervals reach {max(100 * sd_interval(diffs)[1] for diffs in paired):.2f} points.")
     return lines
 
 

@@ -20,6 +20,7 @@ from stepjax.analysis import (
     Trace,
     build_report,
     TraceOptions,
+    representational_ability,
     correlation_test,
     heun_error,
     implied_step,
@@ -142,6 +143,10 @@ def test_nsi_on_constructed_trajectory_and_shapes():
     assert [s.blocks for s in trace.stages] == [(1, 2, 3), (2, 3), (2, 3)]
     for stage, values, width in zip(trace.stages, expected, (4, 8, 8)):
         np.testing.assert_allclose(stage.indicators["relative_increment"], np.tile(values, (5, 1)), rtol=1e-5)
+        # what the gates read: GAP(f) = c in every channel; GAP|f| / (GAP|f| + GAP|y|) with y = c / (a)
+        np.testing.assert_allclose(stage.gate_inputs["gap_f"], c, rtol=1e-5)
+        np.testing.assert_allclose(stage.gate_inputs["gap_relative"], np.tile([c / (c + c / v) for v in values], (5, 1)),
+                                   rtol=1e-4)
         np.testing.assert_allclose(stage.indicators["spectral_radius"], 0.0, atol=1e-6)  # f is constant
         assert stage.step_size.shape == (5, len(values), width)
         assert set(stage.indicators) == set(INDICATORS)
@@ -194,6 +199,131 @@ def test_permutation_null_has_the_right_size_and_power():
     z = rng.normal(size=25)
     partial_p = correlation_test(x + z, y + z, z, num_permutations=199, seed=2).p_value
     assert abs(np.mean(partial_p <= alpha) - alpha) < 3.5 * np.sqrt(alpha * (1 - alpha) / draws)
+
+
+@pytest.mark.parametrize("num_blocks", [7, 54])  # the analysed blocks of ResNet-20 and about those of ResNet-164
+def test_freedman_lane_partial_test_has_its_nominal_size(num_blocks):
+    # 2,000 null data sets at once (leading axis): block means of the step and of an indicator that both
+    # trend with depth (the control) but are unrelated given it; 199 permutations each
+    rng = np.random.default_rng(num_blocks)
+    sims, alpha = 2000, 0.05
+    depth = np.arange(num_blocks, dtype=np.float64)
+    trend = 0.5 * (depth - depth.mean()) / depth.std()
+    x, y = trend + rng.normal(size=(2, sims, num_blocks))
+    p = correlation_test(x, y, depth, num_permutations=199, seed=3).p_value
+    assert 0.03 <= np.mean(p <= alpha) <= 0.07, np.mean(p <= alpha)
+    if num_blocks == 7:  # the same test with one control set per data set, (sims, n, 1), gives the same p-values
+        per_set = correlation_test(x, y, np.broadcast_to(depth[:, None], (sims, num_blocks, 1)),
+                                   num_permutations=199, seed=3)
+        np.testing.assert_allclose(per_set.p_value, p)
+        with pytest.raises(ValueError, match="controls have 2000 samples, the data 7"):
+            correlation_test(x, y, np.broadcast_to(depth, (sims, num_blocks)))  # (sims, n): a set per data set needs (sims, n, 1)
+
+
+def _synthetic_trace(step_size, values, gate_inputs=None):
+    """A `Trace` of 3 stages from ``(K, N)`` arrays: the channel-mean step (one channel), one array for
+    every indicator, and optionally ``(K, N, p)`` gate inputs (named as `GATE_INPUTS`)."""
+    k = step_size.shape[0]
+    edges = np.cumsum([0, k // 3, k // 3, k - 2 * (k // 3)])
+    stages = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        extra = {}
+        if gate_inputs is not None:
+            from stepjax.analysis import GATE_INPUTS  # here: the module's other tests run on code without it
+
+            extra["gate_inputs"] = {name: gate_inputs[lo:hi, :, i].T for i, name in enumerate(GATE_INPUTS)}
+        stages.append(StageTrace(tuple(range(1, hi - lo + 1)), {name: values[lo:hi].T for name in INDICATORS},
+                                 step_size[lo:hi].T[..., None], **extra))
+    return Trace(tuple(stages), np.zeros((step_size.shape[1], 10)), ())
+
+
+def test_across_block_intervals_resample_blocks():
+    # 7 blocks whose means differ and relate to the step only loosely; 100 images per block with a small
+    # per-image spread, so the block means (and the correlation of their ranks) hardly move when the
+    # images are resampled: the uncertainty lies in which blocks there are
+    rng = np.random.default_rng(0)
+    h_means = rng.normal(size=7)
+    value_means = 0.5 * h_means + rng.normal(size=7)
+    h = h_means[:, None] + 0.01 * rng.normal(size=(7, 100))
+    values = value_means[:, None] + 0.01 * rng.normal(size=(7, 100))
+    ability = representational_ability(_synthetic_trace(h, values), StatsOptions(num_permutations=99, num_bootstrap=300))
+    across = ability["relative_derivative"]["across_blocks"]
+    for rho, ci in ((across["rho"], across["ci"]), (across["partial_rho"], across["partial_ci"])):
+        assert ci[0] <= rho <= ci[1]
+        assert ci[1] - ci[0] > 0.3, ci  # a correlation of 7 points is uncertain, not a point
+    assert across["bootstrap_unit"] == "blocks"
+
+
+def test_significant_blocks_are_counted_after_holm_adjustment():
+    # 12 blocks with the same moderate correlation (rho about 0.33 over 60 images: per-block p about 0.01),
+    # the images in a different order in each block so that the shared permutations give each its own p
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=60)
+    y = x + 2.5 * rng.normal(size=60)
+    assert 0.30 < spearman(x, y) < 0.36
+    order = np.stack([rng.permutation(60) for _ in range(12)])
+    ability = representational_ability(_synthetic_trace(x[order], y[order]),
+                                       StatsOptions(num_permutations=999, num_bootstrap=10))
+    within = ability["relative_derivative"]["within_block"]
+    assert max(within["p_value"]) <= 0.05  # each block significant on its own
+    assert within["num_significant_positive"] == 0  # none after Holm over the 12: 12 * 0.01 > 0.05
+    assert within["num_significant_positive_uncorrected"] == 12 and within["correction"] == "holm"
+    from stepjax.analysis.stats import holm
+
+    # Holm by hand: sorted 0.005 * 4, 0.01 * 3, 0.03 * 2, 0.04 * 1 -> 0.02, 0.03, 0.06, max(0.04, 0.06)
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(holm([[0.01, np.nan, 0.02], [0.5, 0.9, 0.001]]),
+                               [[0.02, np.nan, 0.02], [1.0, 1.0, 0.003]])
+    np.testing.assert_allclose(within["p_value_holm"], holm(within["p_value"]))
+
+
+def test_gate_partial_control_removes_a_built_in_correlation():
+    # the step and the indicator both follow the statistic the gate reads (s) and nothing else: the
+    # within-block correlation is strong and entirely built in
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=(7, 1000))
+    unread = rng.normal(size=(7, 1000))  # what the gate does not read
+    gate_inputs = np.stack([s, rng.normal(size=(7, 1000))], axis=-1)  # a second, irrelevant statistic
+    h = 1 / (1 + np.exp(s)) + 0.02 * rng.normal(size=s.shape)
+    options = StatsOptions(num_permutations=199, num_bootstrap=10)
+    built_in = representational_ability(_synthetic_trace(h, np.exp(s) + 0.3 * unread, gate_inputs), options)
+    result = built_in["relative_derivative"]
+    assert result["within_block"]["mean_rho"] < -0.6
+    control = result["within_block_gate_partial"]
+    assert abs(control["mean_rho"]) < 0.05 and control["mean_p_value"] > 0.01, control  # its sd: 0.012
+    assert control["controls"] == ["gap_f", "gap_relative"]
+    # a step that also follows the unread part keeps its correlation under the control
+    tracking = 1 / (1 + np.exp(s + unread)) + 0.02 * rng.normal(size=s.shape)
+    from stepjax.analysis import gate_partial_correlation  # here: the module's other tests run on code without it
+
+    kept = gate_partial_correlation(tracking, np.exp(s) + 0.3 * unread, gate_inputs, options)
+    assert kept["mean_rho"] < -0.3 and kept["mean_p_value"] < 0.01
+
+
+def test_mean_gate_control_gets_an_exact_mcnemar_test(tmp_path):
+    from stepjax.analysis.stats import mcnemar_exact
+
+    # 8 images right only with the model's gate, 1 only with the mean gate, 11 right with both:
+    # p = 2 P(Binomial(9, 1/2) <= 1) = 2 * 10 / 512
+    model_correct = np.array([True] * 8 + [False] + [True] * 11)
+    control_correct = np.array([False] * 8 + [True] + [True] * 11)
+    assert mcnemar_exact(model_correct, control_correct) == (8, 1, pytest.approx(20 / 512))
+    assert mcnemar_exact(model_correct, model_correct).p_value == 1.0
+    rng = np.random.default_rng(0)
+    stages = tuple(StageTrace((2, 3), {name: rng.uniform(0.1, 1.0, (20, 2)) for name in INDICATORS},
+                              rng.uniform(0.4, 0.6, (20, 2, 4))) for _ in range(3))
+    trace = Trace(stages, rng.normal(size=(20, 10)), ())
+    models = [Analysed("main", "SE", "synthetic", 10, trace, 0.95, model_correct),
+              Analysed("mean_gate", "SE [control: gate = dataset mean]", "synthetic", 10, trace, 0.6, control_correct)]
+    report = build_report(models, stats=StatsOptions(num_permutations=10, num_bootstrap=5), num_curves=3)
+    test = report["models"]["mean_gate"]["paired_test"]
+    assert test["test"] == "exact McNemar" and test["p_value"] == pytest.approx(20 / 512)
+    assert (test["model_only_correct"], test["control_only_correct"], test["num_samples"]) == (8, 1, 20)
+    write_report(report, tmp_path)
+    text = (tmp_path / "correlations.md").read_text()
+    assert "8 images right only with the model's own gate, 1 only with the mean gate; exact McNemar " \
+           "(two-sided) p = 0.0391." in text
+    assert json.loads((tmp_path / "analysis.json").read_text())["models"]["mean_gate"]["paired_test"]["p_value"] == 0.03906
 
 
 def test_report_of_a_model_with_constant_steps(tmp_path):

@@ -118,6 +118,28 @@ def test_verdict_pairs_runs_by_seed():
     assert "paired" not in line and "no significant difference (Welch test)" in line
 
 
+def test_verdict_gives_confidence_intervals_and_the_uncertainty_of_the_sd():
+    # the data of test_verdict_pairs_runs_by_seed: paired differences 1.0, 1.1, 0.9 points (sd 0.1)
+    stats = _stats(a={0: 0.810, 1: 0.861, 2: 0.909}, b={0: 0.80, 1: 0.85, 2: 0.90})
+    line = verdict(stats, [("a", "b")])[0]
+    # t-interval of the mean paired difference: 1.00 ± t_{0.975, 2} 0.1 / sqrt 3 = 1.00 ± 4.303 * 0.0577
+    assert "p=0.003, 95 % CI [+0.75, +1.25]" in line
+    # Welch: variances 0.002451 and 0.0025 over 3 seeds each, se 0.04062, Welch-Satterthwaite df 4.0:
+    # 1.00 ± 2.776 * 4.062 points
+    assert "+1.00 points in mean best accuracy, 95 % CI [-10.28, +12.28] (n=3 vs 3" in line
+    # an sd from 3 seeds: 0.1 * sqrt(2 / chi2_{0.975, 2}) = 0.052 to 0.1 * sqrt(2 / chi2_{0.025, 2}) = 0.628
+    # points; the detectable difference at the upper end is 0.31 * 6.28 = 1.95 points
+    assert "uncertain from 3 seeds (95 % CI 0.05 to 0.63 points), and at its upper end 1.95 points" in line
+    from stepjax.results import sd_interval  # here: the module's other tests run on code without it
+
+    low, high = sd_interval(np.array([0.010, 0.011, 0.009]))
+    np.testing.assert_allclose([low, high], [0.001 * 0.5206583, 0.001 * 6.2847347], rtol=1e-6)
+    stats = {name: {**s, "n": len(s["best"])} for name, s in stats.items()}
+    stats["c"] = {"best": np.array([0.7]), "best_by_seed": {0: 0.7}, "n": 1}
+    assert single_seed_lines(stats)[-1].endswith("Each sd rests on 3 seeds; the upper ends of their 95 % "
+                                                 "intervals reach 0.63 points.")
+
+
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="No run directories"):
         main(["--root", str(tmp_path)])

@@ -19,30 +19,52 @@ from stepjax.analysis.indicators import (
     secant_lipschitz,
     spectral_radius,
 )
-from stepjax.analysis.metrics import StatsOptions, curve_statistics, representational_ability, step_size_statistics
-from stepjax.analysis.report import Analysed, analyse, build_report, load_images, load_source, render_report, write_report
+from stepjax.analysis.metrics import (
+    StatsOptions,
+    curve_statistics,
+    gate_partial_correlation,
+    representational_ability,
+    step_size_statistics,
+)
+from stepjax.analysis.report import (
+    Analysed,
+    analyse,
+    build_report,
+    load_images,
+    load_source,
+    mean_gate_test,
+    render_report,
+    write_report,
+)
 from stepjax.analysis.stats import (
     CorrelationTest,
+    McNemar,
     bootstrap_interval,
     coefficient_of_variation,
     correlation_test,
+    holm,
+    mcnemar_exact,
     spearman,
 )
 from stepjax.analysis.trace import (
     DEFAULT_NSI,
+    GATE_INPUTS,
     INDICATORS,
     StageTrace,
     Trace,
     TraceOptions,
     block_indicators,
+    gate_input_statistics,
     trace_model,
 )
 
 __all__ = [
     "DEFAULT_NSI",
+    "GATE_INPUTS",
     "INDICATORS",
     "Analysed",
     "CorrelationTest",
+    "McNemar",
     "StageTrace",
     "StatsOptions",
     "Trace",
@@ -54,11 +76,16 @@ __all__ = [
     "coefficient_of_variation",
     "correlation_test",
     "curve_statistics",
+    "gate_input_statistics",
+    "gate_partial_correlation",
     "heun_error",
+    "holm",
     "implied_step",
     "linearised_field",
     "load_images",
     "load_source",
+    "mcnemar_exact",
+    "mean_gate_test",
     "relative_increment",
     "representational_ability",
     "sample_norm",

@@ -94,8 +94,8 @@ def plot_step_sizes(figure: dict, path, max_columns: int = 9) -> None:
     plt.close(fig)
 
 
-CORRELATION_COLUMNS = ("model", "indicator", "within-block mean rho [CI]", "p", "blocks p<=a",
-                       "across-block rho", "partial rho [CI]", "p")
+CORRELATION_COLUMNS = ("model", "indicator", "within-block mean rho [CI]", "p", "blocks p<=a (Holm)",
+                       "gate inputs partialled (p)", "across-block rho", "partial rho [CI]", "p")
 
 
 def correlation_rows(figure: dict) -> list[list[str]]:
@@ -107,18 +107,32 @@ def correlation_rows(figure: dict) -> list[list[str]]:
         rows.append([
             r["model"], r["indicator"] + (" *" if r["uses_step"] else ""),
             f"{_fmt(r['within_rho'])} {within_ci}", _fmt(r["within_p"], 3),
-            "{}+ {}- of {}".format(*r["significant"], r["num_tested"]), _fmt(r["across_rho"]),
+            "{}+ {}- of {}".format(*r["significant"], r["num_tested"]),
+            f"{_fmt(r.get('gate_partial_rho'))} ({_fmt(r.get('gate_partial_p'), 3)})", _fmt(r["across_rho"]),
             f"{_fmt(r['partial_rho'])} {partial_ci}", _fmt(r["partial_p"], 3),
         ])
     return rows
 
 
+def mean_gate_sentence(test: dict | None) -> str:
+    """One sentence on the mean-gate control's paired test (empty without one)."""
+    if not test:
+        return ""
+    change = 100 * (test["control_accuracy"] - test["model_accuracy"])
+    return (f"Mean-gate control (each gate replaced by its dataset mean): accuracy {100 * test['model_accuracy']:.2f} % "
+            f"-> {100 * test['control_accuracy']:.2f} % ({change:+.2f} points) on {test['num_samples']} images; "
+            f"{test['model_only_correct']} images right only with the model's own gate, "
+            f"{test['control_only_correct']} only with the mean gate; {test['test']} (two-sided) "
+            f"p = {test['p_value']:.3g}.")
+
+
 def correlation_markdown(figure: dict) -> str:
-    """The correlation table in Markdown, with its footnote."""
+    """The correlation table in Markdown, with its footnote (and the mean-gate control's test)."""
     lines = ["| " + " | ".join(CORRELATION_COLUMNS) + " |", "|" + " --- |" * len(CORRELATION_COLUMNS)]
     rows = correlation_rows(figure) or [["no model with varying step sizes"] + ["n/a"] * (len(CORRELATION_COLUMNS) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n\n" + figure["note"] + "\n"
+    sentence = mean_gate_sentence(figure.get("mean_gate_test"))
+    return "\n".join(lines) + "\n\n" + (sentence + "\n\n" if sentence else "") + figure["note"] + "\n"
 
 
 def plot_correlations(figure: dict, path) -> None:
@@ -132,8 +146,8 @@ def plot_correlations(figure: dict, path) -> None:
     plt = _pyplot()
     rows = correlation_rows(figure)
     height = 0.2 * (len(rows) + 1)
-    fig = plt.figure(figsize=(15, height + 1.0))
-    ax = fig.add_axes((0.01, 0.7 / (height + 1.0), 0.98, height / (height + 1.0)))
+    fig = plt.figure(figsize=(15, height + 1.5))  # 1.2 inches below the table for the footnote
+    ax = fig.add_axes((0.01, 1.2 / (height + 1.5), 0.98, height / (height + 1.5)))
     ax.axis("off")
     cmap = plt.get_cmap("RdBu_r")
     colours = [
@@ -143,14 +157,15 @@ def plot_correlations(figure: dict, path) -> None:
     ]
     if rows:
         table = ax.table(cellText=rows, colLabels=CORRELATION_COLUMNS, cellColours=colours, bbox=(0, 0, 1, 1),
-                         cellLoc="left", colWidths=(0.28, 0.14, 0.15, 0.06, 0.07, 0.08, 0.16, 0.06))
+                         cellLoc="left", colWidths=(0.24, 0.13, 0.14, 0.05, 0.08, 0.1, 0.07, 0.14, 0.05))
         table.auto_set_font_size(False)
         table.set_fontsize(7)
     else:
         ax.text(0.5, 0.5, "no analysed model varies its step size: every correlation is undefined",
                 ha="center", va="center", fontsize=9)
     fig.suptitle(figure["title"], fontsize=9)
-    fig.text(0.01, 0.02, figure["note"], fontsize=6.5, wrap=True, va="bottom")
+    sentence = mean_gate_sentence(figure.get("mean_gate_test"))
+    fig.text(0.01, 0.02, (sentence + " " if sentence else "") + figure["note"], fontsize=6.5, wrap=True, va="bottom")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -12,10 +12,11 @@ from stepjax.analysis.stats import (
     bootstrap_interval,
     coefficient_of_variation,
     correlation_test,
+    holm,
     permutation_p_value,
     spearman,
 )
-from stepjax.analysis.trace import INDICATORS, Trace
+from stepjax.analysis.trace import GATE_INPUTS, INDICATORS, Trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +84,35 @@ def _flatten(trace: Trace, indicator: str):
     return h.astype(np.float64), values.astype(np.float64)
 
 
+def _flatten_gate_inputs(trace: Trace):
+    """The `GATE_INPUTS` statistics over all analysed blocks, ``(K, N, len(GATE_INPUTS))``, or None
+    when the trace does not have them."""
+    if any(s.gate_inputs is None for s in trace.stages):
+        return None
+    return np.stack([np.concatenate([s.gate_inputs[name] for s in trace.stages], axis=1).T
+                     for name in GATE_INPUTS], axis=-1).astype(np.float64)
+
+
 def _within_statistic(h, values):
+    """Per resample ``(R, K, N)``: the per-block correlations and their mean, ``(R, K + 1)``."""
     rho = spearman(h, values)
-    return np.append(rho, _nanmean(rho))
+    return np.concatenate([rho, _nanmean(rho, axis=-1)[..., None]], axis=-1)
+
+
+def _significant(test, alpha) -> dict:
+    """Counts of blocks significant at `alpha` by sign, with Holm's adjustment over the blocks and
+    without; the adjusted p-values."""
+    adjusted = holm(test.p_value)
+    counts = {}
+    for p, suffix in ((adjusted, ""), (test.p_value, "_uncorrected")):
+        counts[f"num_significant_positive{suffix}"] = int(np.sum((p <= alpha) & (test.rho > 0)))
+        counts[f"num_significant_negative{suffix}"] = int(np.sum((p <= alpha) & (test.rho < 0)))
+    return {"p_value_holm": adjusted.tolist(), "correction": "holm", **counts}
 
 
 def _within_block(h, values, options: StatsOptions) -> dict:
-    """Per block, Spearman across samples (rows of the ``(K, N)`` arrays), and their mean."""
+    """Per block, Spearman across samples (rows of the ``(K, N)`` arrays), and their mean; blocks
+    counted significant after Holm's adjustment over the tested blocks."""
     test = correlation_test(h, values, num_permutations=options.num_permutations, seed=options.seed)
     ci = bootstrap_interval(_within_statistic, h, values, axis=1, num_resamples=options.num_bootstrap,
                             confidence=options.confidence, seed=options.seed)
@@ -98,28 +121,54 @@ def _within_block(h, values, options: StatsOptions) -> dict:
         "rho": test.rho.tolist(), "p_value": test.p_value.tolist(), "ci": ci[:, :-1].tolist(),
         "mean_rho": float(mean_rho), "mean_ci": ci[:, -1].tolist(),
         "mean_p_value": float(permutation_p_value(mean_rho, _nanmean(test.null, axis=0))),
-        "num_significant_positive": int(np.sum((test.p_value <= options.alpha) & (test.rho > 0))),
-        "num_significant_negative": int(np.sum((test.p_value <= options.alpha) & (test.rho < 0))),
+        **_significant(test, options.alpha),
         "num_tested": int(np.sum(~np.isnan(test.rho))),
     }
 
 
+def gate_partial_correlation(h, values, gate_inputs, options: StatsOptions = StatsOptions()) -> dict:
+    """The within-block correlation of the step with an indicator beyond what the gate reads: per
+    block, the partial Spearman correlation of `h` and `values` across samples given the gate's
+    own input statistics (`GATE_INPUTS`), with a Freedman-Lane permutation p-value, and the mean
+    over blocks with its joint null. Where the correlation is built in (the step and the
+    indicator both follow the statistic the gate reads) it is about 0.
+
+    **Arguments:**
+
+    - `h`, `values`: ``(K, N)``, the channel-mean step and the indicator, per block and sample.
+    - `gate_inputs`: ``(K, N, p)``, the statistics partialled out.
+    - `options`: a `StatsOptions`.
+
+    **Returns:**
+
+    ``{"rho", "p_value", "mean_rho", "mean_p_value", "controls"}``, JSON-ready.
+    """
+    test = correlation_test(h, values, gate_inputs, num_permutations=options.num_permutations, seed=options.seed)
+    mean_rho = _nanmean(test.rho)
+    return {"rho": test.rho.tolist(), "p_value": test.p_value.tolist(), "mean_rho": float(mean_rho),
+            "mean_p_value": float(permutation_p_value(mean_rho, _nanmean(test.null, axis=0))),
+            "controls": list(GATE_INPUTS)}
+
+
+def _across_statistic(h_means, value_means, depth):
+    """Per resample of blocks ``(R, K)``: the plain and the depth-partial correlation, ``(R, 2)``."""
+    return np.stack([spearman(h_means, value_means), spearman(h_means, value_means, controls=depth[..., None])], -1)
+
+
 def _across_blocks(h, values, options: StatsOptions) -> dict:
-    """Spearman of the block means, plain and partial on depth; bootstrap over samples."""
+    """Spearman of the block means, plain and partial on depth, with permutation nulls over
+    blocks and bootstrap intervals over blocks (the blocks are the samples here: their means
+    over hundreds of images hardly move when the images are resampled)."""
     depth = np.arange(h.shape[0], dtype=np.float64)
     means = h.mean(axis=1), values.mean(axis=1)
     plain = correlation_test(*means, num_permutations=options.num_permutations, seed=options.seed)
     partial = correlation_test(*means, depth, num_permutations=options.num_permutations, seed=options.seed)
-
-    def statistic(h, values):
-        a, b = h.mean(axis=1), values.mean(axis=1)
-        return np.array([spearman(a, b), spearman(a, b, controls=depth)])
-
-    ci = bootstrap_interval(statistic, h, values, axis=1, num_resamples=options.num_bootstrap,
+    ci = bootstrap_interval(_across_statistic, *means, depth, axis=0, num_resamples=options.num_bootstrap,
                             confidence=options.confidence, seed=options.seed)
     return {
         "rho": float(plain.rho), "p_value": float(plain.p_value), "ci": ci[:, 0].tolist(),
         "partial_rho": float(partial.rho), "partial_p_value": float(partial.p_value), "partial_ci": ci[:, 1].tolist(),
+        "bootstrap_unit": "blocks",
     }
 
 
@@ -128,10 +177,14 @@ def representational_ability(trace: Trace, options: StatsOptions = StatsOptions(
 
     Within a block: Spearman correlation across samples of the channel-mean step and the
     indicator, a permutation null that relabels samples (shared by all blocks, so the mean over
-    blocks gets a joint null), and a bootstrap interval over samples. Across blocks: Spearman
-    correlation of the block means, and the partial correlation controlling for the block's depth
-    (position among the analysed blocks), with permutation nulls over blocks and bootstrap
-    intervals over samples. NaN where the step is constant (a plain ResNet, a fixed gate).
+    blocks gets a joint null), a bootstrap interval over samples, and the blocks significant
+    after Holm's adjustment over the tested blocks. Where the trace records the gate's inputs,
+    also the same correlation partial on them (`gate_partial_correlation`): the gates read
+    summaries of ``f`` (and StepNet of ``y``), so a correlation with an indicator such as
+    ``||f||/||y||`` is partly built in. Across blocks: Spearman correlation of the block means,
+    and the partial correlation controlling for the block's depth (position among the analysed
+    blocks), with Freedman-Lane permutation nulls and bootstrap intervals over blocks. NaN where
+    the step is constant (a plain ResNet, a fixed gate).
 
     **Arguments:**
 
@@ -140,11 +193,14 @@ def representational_ability(trace: Trace, options: StatsOptions = StatsOptions(
 
     **Returns:**
 
-    A dict indicator -> ``{"within_block": ..., "across_blocks": ...}`` of JSON-ready values.
+    A dict indicator -> ``{"within_block": ..., "across_blocks": ...}`` of JSON-ready values
+    (and ``"within_block_gate_partial"`` where the trace has the gate's inputs).
     """
-    out = {}
+    out, gate_inputs = {}, _flatten_gate_inputs(trace)
     for name in INDICATORS:
         h, values = _flatten(trace, name)
         out[name] = {"within_block": _within_block(h, values, options),
                      "across_blocks": _across_blocks(h, values, options)}
+        if gate_inputs is not None:
+            out[name]["within_block_gate_partial"] = gate_partial_correlation(h, values, gate_inputs, options)
     return out

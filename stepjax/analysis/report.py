@@ -14,6 +14,7 @@ from flax import nnx
 
 from stepjax.analysis import figures
 from stepjax.analysis.metrics import StatsOptions, curve_statistics, representational_ability, step_size_statistics
+from stepjax.analysis.stats import mcnemar_exact
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, Trace, TraceOptions, trace_model
 
 RECONSTRUCTION_NOTE = (
@@ -106,8 +107,8 @@ def load_images(config, num_samples: int, *, split: str = "test", data_dir: str 
 
 @dataclasses.dataclass
 class Analysed:
-    """One analysed model: its report `key`, `label`, `source`, training `step`, `trace` and
-    accuracy on the analysed samples."""
+    """One analysed model: its report `key`, `label`, `source`, training `step`, `trace`,
+    accuracy on the analysed samples and, per sample, whether it is `correct` (None if unknown)."""
 
     key: str
     label: str
@@ -115,11 +116,12 @@ class Analysed:
     step: int
     trace: Trace
     accuracy: float
+    correct: np.ndarray | None = None
 
 
 def _analysed(key, label, source, step, trace, labels):
-    accuracy = float(np.mean(np.argmax(trace.logits, -1) == labels))
-    return Analysed(key, label, source, step, trace, accuracy)
+    correct = np.argmax(trace.logits, -1) == labels
+    return Analysed(key, label, source, step, trace, float(np.mean(correct)), correct)
 
 
 def analyse(source: str, *, compare: str | None = None, num_samples: int = 1000, split: str = "test",
@@ -195,37 +197,62 @@ def _constant_step(ability: dict) -> bool:
                for r in ability.values())
 
 
+def mean_gate_test(models: list) -> dict | None:
+    """The per-image paired comparison of the model (``main``) with its mean-gate control: exact
+    McNemar on which images each gets right (`stats.mcnemar_exact`); None without the control."""
+    by_key = {m.key: m for m in models}
+    main, control = by_key.get("main"), by_key.get("mean_gate")
+    if main is None or control is None or main.correct is None or control.correct is None:
+        return None
+    test = mcnemar_exact(main.correct, control.correct)
+    return {"test": "exact McNemar", "num_samples": int(len(main.correct)), "model_accuracy": main.accuracy,
+            "control_accuracy": control.accuracy, "model_only_correct": test.only_a,
+            "control_only_correct": test.only_b, "p_value": test.p_value}
+
+
+def _correlation_row(label: str, name: str, result: dict) -> dict:
+    w, a = result["within_block"], result["across_blocks"]
+    gate = result.get("within_block_gate_partial", {})
+    return {
+        "model": label, "indicator": name, "uses_step": INDICATORS[name].uses_step,
+        "within_rho": w["mean_rho"], "within_ci": w["mean_ci"], "within_p": w["mean_p_value"],
+        "significant": [w["num_significant_positive"], w["num_significant_negative"]],
+        "num_tested": w["num_tested"],
+        "gate_partial_rho": gate.get("mean_rho", math.nan), "gate_partial_p": gate.get("mean_p_value", math.nan),
+        "across_rho": a["rho"], "partial_rho": a["partial_rho"], "partial_ci": a["partial_ci"],
+        "partial_p": a["partial_p_value"],
+    }
+
+
 def _correlation_figure(models: list, ability: dict, alpha: float) -> dict:
-    rows = []
-    for m in models:
-        if _constant_step(ability[m.key]):
-            continue
-        for name, result in ability[m.key].items():
-            w, a = result["within_block"], result["across_blocks"]
-            rows.append({
-                "model": m.label, "indicator": name, "uses_step": INDICATORS[name].uses_step,
-                "within_rho": w["mean_rho"], "within_ci": w["mean_ci"], "within_p": w["mean_p_value"],
-                "significant": [w["num_significant_positive"], w["num_significant_negative"]],
-                "num_tested": w["num_tested"],
-                "across_rho": a["rho"], "partial_rho": a["partial_rho"], "partial_ci": a["partial_ci"],
-                "partial_p": a["partial_p_value"],
-            })
+    rows = [_correlation_row(m.label, name, result) for m in models if not _constant_step(ability[m.key])
+            for name, result in ability[m.key].items()]
     note = (
         "Spearman correlation of the channel-mean step h with each indicator. Within-block: mean over blocks "
         "of the correlation across samples, bootstrap CI over samples, permutation p (samples relabelled); "
-        f"'blocks p<=a' counts blocks with per-block p <= {alpha} and rho > 0 (+) or < 0 (-). Across-block: "
-        "correlation of block means; partial = controlling for depth, permutation p over blocks. Without *, a "
-        "classical controller would give negative rho (smaller steps where the indicator is larger) and "
-        "positive rho with h*; * marks functions of h, whose correlation with h is partly mechanical and no "
-        "evidence either way. Models whose step never varies (a plain ResNet) have no rows. " + RECONSTRUCTION_NOTE
+        f"'blocks p<=a' counts blocks with rho > 0 (+) or < 0 (-) whose permutation p, Holm-adjusted over the "
+        f"row's tested blocks (family-wise error rate {alpha}), is <= {alpha}. Part of a within-block correlation "
+        "is built in: SE's gate is a function of GAP(f) and StepNet's also reads GAP|f|/(GAP|f|+GAP|y|), "
+        "summaries of the same f and y that the relative derivative ||f||/||y|| measures; 'gate inputs "
+        "partialled' is the mean over blocks of "
+        "the correlation partial on what the gate reads (RMS over channels of GAP(f), and the channel mean of "
+        "GAP|f|/(GAP|f|+GAP|y|)), with its Freedman-Lane permutation p: about 0 where the correlation is only "
+        "built in. The spectral radius, the secant Lipschitz estimate and h* are not computed from what the "
+        "gate reads. Across-block: correlation of block means; partial = controlling for depth, Freedman-Lane "
+        "permutation p and bootstrap CI over blocks. Without *, a classical controller would give negative rho "
+        "(smaller steps where the indicator is larger) and positive rho with h*; * marks functions of h, whose "
+        "correlation with h is partly mechanical and no evidence either way. Models whose step never varies "
+        "(a plain ResNet) have no rows. " + RECONSTRUCTION_NOTE
     )
-    return {"title": "representational ability: do the chosen steps track stiffness?", "note": note, "rows": rows}
+    return {"title": "representational ability: do the chosen steps track stiffness?", "note": note, "rows": rows,
+            "mean_gate_test": mean_gate_test(models)}
 
 
 def build_report(models: list, *, stats: StatsOptions = StatsOptions(), num_curves: int = 50,
                  settings: dict | None = None) -> dict:
     """The JSON-ready report of analysed models: per model the accuracy, step-size statistics,
-    NSI curve statistics and representational ability; under ``figures`` the data of every figure.
+    NSI curve statistics and representational ability, and for the mean-gate control its
+    ``paired_test`` against the model (`mean_gate_test`); under ``figures`` the data of every figure.
 
     **Arguments:**
 
@@ -251,6 +278,7 @@ def build_report(models: list, *, stats: StatsOptions = StatsOptions(), num_curv
     for m in overlay:
         figs[f"step_sizes_{m.key}"] = _step_size_figure(m, "implied_step", num_rows=32, num_columns=64)
     figs["correlations"] = _correlation_figure(models, ability, stats.alpha)
+    paired = {"mean_gate": {"paired_test": figs["correlations"]["mean_gate_test"]}} if "mean_gate" in by_key else {}
     return {
         "note": RECONSTRUCTION_NOTE,
         "settings": {**(settings or {}), "stats": dataclasses.asdict(stats)},
@@ -261,6 +289,7 @@ def build_report(models: list, *, stats: StatsOptions = StatsOptions(), num_curv
                 "step_size": step_size_statistics(m.trace),
                 "nsi_summary": {name: curve_statistics(m.trace, name) for name in INDICATORS},
                 "representational_ability": ability[m.key],
+                **paired.get(m.key, {}),
             }
             for m in models
         },

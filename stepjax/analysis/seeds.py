@@ -36,6 +36,7 @@ def _stage_step(stage):
 COLUMNS = [
     ("accuracy % on them", lambda m, c: 100 * m["accuracy"]),
     ("mean-gate change (points)", lambda m, c: None if c is None else 100 * (c["accuracy"] - m["accuracy"])),
+    ("mean-gate exact McNemar p", lambda m, c: ((c or {}).get("paired_test") or {}).get("p_value")),
     *[(f"NSI (a) mean, stage {s + 1}", _stage_nsi(s)) for s in range(3)],
     ("NSI (a) peak, stage 3", lambda m, c: m["nsi_summary"][NSI][2]["peak"]),
     *[(f"mean step, stage {s + 1}", _stage_step(s)) for s in range(3)],
@@ -93,7 +94,8 @@ def _mean_std(values: list) -> str:
 
 
 def render(table: list[dict]) -> str:
-    """The markdown, one line per figure: the runs, then mean ± standard deviation per model kind."""
+    """The markdown, one line per figure: the runs, then mean ± standard deviation per model kind
+    (of every figure but the p-values)."""
     titles = [title for title, _ in COLUMNS]
     names = [f"`{Path(r['source']).name}`" for r in table]
     images = ", ".join(str(n) for n in sorted({r["images"] for r in table}))
@@ -105,7 +107,8 @@ def render(table: list[dict]) -> str:
     kinds = sorted(groups)
     lines += ["", "Mean ± standard deviation over runs:", "",
               "| figure | " + " | ".join(f"{k} (n={len(groups[k])})" for k in kinds) + " |", "|" + " --- |" * (len(kinds) + 1)]
-    lines += [f"| {t} | " + " | ".join(_mean_std([r[t] for r in groups[k]]) for k in kinds) + " |" for t in titles]
+    averaged = [t for t in titles if not t.endswith(" p")]  # a mean of p-values means nothing
+    lines += [f"| {t} | " + " | ".join(_mean_std([r[t] for r in groups[k]]) for k in kinds) + " |" for t in averaged]
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from stepjax.analysis import indicators as ind
+from stepjax.controllers import step_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,13 @@ INDICATORS = {
     "implied_step": Indicator("(d) classical step h* = h (tol/e)^1/2", False),
 }
 DEFAULT_NSI = "relative_increment"
+
+# What the gates read, summarised per sample: partialled out of the within-block correlations
+# (`stepjax.analysis.metrics.gate_partial_correlation`), which are otherwise partly built in.
+GATE_INPUTS = {
+    "gap_f": "RMS over channels of GAP(f) (SE's gate is a function of GAP(f))",
+    "gap_relative": "mean over channels of GAP|f| / (GAP|f| + GAP|y|) (a feature of StepNet's gate)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +76,14 @@ class StageTrace(NamedTuple):
     - `blocks`: 1-based numbers within the stage of the analysed blocks.
     - `indicators`: name -> ``(N, K)`` array, for every name in `INDICATORS`.
     - `step_size`: ``(N, K, C)``, ``h`` averaged over all axes but sample and channel.
+    - `gate_inputs`: name -> ``(N, K)`` array, for every name in `GATE_INPUTS` (None if not
+      recorded).
     """
 
     blocks: tuple[int, ...]
     indicators: dict
     step_size: np.ndarray
+    gate_inputs: dict | None = None
 
 
 class Trace(NamedTuple):
@@ -116,6 +127,13 @@ def block_indicators(f, y0, f0, h, y1, key, options: TraceOptions) -> dict:
     }
 
 
+def gate_input_statistics(y0, f0) -> dict:
+    """The `GATE_INPUTS` of one step from the state `y0` and the field `f0` (both ``(B, H, W, C)``):
+    a dict name -> ``(B,)`` array."""
+    mean_f, _, relative, _ = step_features(y0, f0)
+    return {"gap_f": jnp.sqrt(jnp.mean(mean_f**2, axis=-1)), "gap_relative": relative.mean(axis=-1)}
+
+
 @functools.partial(jax.jit, static_argnums=(0, 9))
 def _run_block(graphdef, params, y0, controller_state, t0, active, gate, use_gate, valid, options, key):
     """One block as `EulerStep.__call__` takes it, keeping ``f0`` and the full ``h``. Where
@@ -138,6 +156,7 @@ def _run_block(graphdef, params, y0, controller_state, t0, active, gate, use_gat
     if step.change_of_variables is None:
         record["step_size"] = h32.mean(axis=tuple(range(1, h.ndim - 1)))
         record.update(block_indicators(step.vector_field, y0, f0, h, y1, key, options))
+        record.update(gate_input_statistics(y0, f0))
     return y1, controller_state, record
 
 
@@ -247,10 +266,11 @@ def trace_model(model, images, *, options: TraceOptions = TraceOptions(), gate=N
         analysed = [k for k, record in enumerate(batches[0][0][s]) if "step_size" in record]
         joined = {
             name: np.concatenate([np.stack([b[0][s][k][name] for k in analysed], axis=1) for b in batches])[:n]
-            for name in ("step_size", *INDICATORS)
+            for name in ("step_size", *INDICATORS, *GATE_INPUTS)
         }
         step_size = joined.pop("step_size")
-        stages.append(StageTrace(tuple(k + 1 for k in analysed), joined, step_size))
+        gate_inputs = {name: joined.pop(name) for name in GATE_INPUTS}
+        stages.append(StageTrace(tuple(k + 1 for k in analysed), joined, step_size, gate_inputs))
     gate_mean = tuple(
         tuple(sum(b[0][s][k]["gate_sum"] for b in batches)[None] / n for k in range(len(stage_steps)))
         for s, stage_steps in enumerate(blocks)
