@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -256,6 +257,7 @@ def main(argv=None) -> int:
     for folder in (out, record):
         folder.mkdir(parents=True, exist_ok=True)
     (record / "lottery.json").write_text(json.dumps(figure, indent=1))
+    shutil.copyfile(root / "nsi_scores.json", record / "nsi_scores.json")  # the ranking the placements came from
     figures.plot_lottery(figure, out / "lottery.png")
     for run in figure["runs"]:
         best = run["best_accuracy"]
