@@ -319,11 +319,11 @@ def test_mean_gate_control_gets_an_exact_mcnemar_test(tmp_path):
     test = report["models"]["mean_gate"]["paired_test"]
     assert test["test"] == "exact McNemar" and test["p_value"] == pytest.approx(20 / 512)
     assert (test["model_only_correct"], test["control_only_correct"], test["num_samples"]) == (8, 1, 20)
-    write_report(report, tmp_path)
+    write_report(report, tmp_path / "record", tmp_path)
     text = (tmp_path / "correlations.md").read_text()
     assert "8 images right only with the model's own gate, 1 only with the mean gate; exact McNemar " \
            "(two-sided) p = 0.0391." in text
-    assert json.loads((tmp_path / "analysis.json").read_text())["models"]["mean_gate"]["paired_test"]["p_value"] == 0.03906
+    assert json.loads((tmp_path / "record" / "analysis.json").read_text())["models"]["mean_gate"]["paired_test"]["p_value"] == 0.03906
 
 
 def test_report_of_a_model_with_constant_steps(tmp_path):

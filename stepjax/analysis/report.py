@@ -217,7 +217,7 @@ def _correlation_row(label: str, name: str, result: dict) -> dict:
         "model": label, "indicator": name, "uses_step": INDICATORS[name].uses_step,
         "within_rho": w["mean_rho"], "within_ci": w["mean_ci"], "within_p": w["mean_p_value"],
         "significant": [w["num_significant_positive"], w["num_significant_negative"]],
-        "num_tested": w["num_tested"],
+        "num_tested": w["num_tested"], "correction": "holm",
         "gate_partial_rho": gate.get("mean_rho", math.nan), "gate_partial_p": gate.get("mean_p_value", math.nan),
         "across_rho": a["rho"], "partial_rho": a["partial_rho"], "partial_ci": a["partial_ci"],
         "partial_p": a["partial_p_value"],
