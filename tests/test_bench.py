@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from stepjax.models import make_model
-from stepjax.models.layers import conv2d
+from stepjax.layers import conv2d
 
 
 def _reference(x, w, stride):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepjax.controllers.layers import Dense
+from stepjax.layers import Dense
 from stepjax.ode import (
     ConstantStepSize,
     DiffraxStepController,

@@ -1,7 +1,7 @@
 """Vector fields and ResNet presets."""
 
 from stepjax.models.fields import FIELDS, BasicField, BottleneckField
-from stepjax.models.layers import Conv, Projection, batch_norm
+from stepjax.layers import Conv, Projection, batch_norm
 from stepjax.models.resnet import PRESETS, ResNet, ResNetSpec, count_params, get_spec, make_model, resolve_placement
 
 __all__ = [

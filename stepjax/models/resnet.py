@@ -11,9 +11,8 @@ import numpy as np
 from flax import nnx
 
 from stepjax.controllers import make_controller
-from stepjax.controllers.layers import Dense
 from stepjax.models.fields import FIELDS, zero_last_layer
-from stepjax.models.layers import Conv, Projection, batch_norm
+from stepjax.layers import Conv, Dense, Projection, batch_norm
 from stepjax.ode import EulerStage, EulerStep
 
 
