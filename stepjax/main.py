@@ -66,11 +66,12 @@ def main(argv=None) -> int:
     import jax  # imported here, not at the top: keeps `--list` fast
 
     from stepjax import parallel
+    from stepjax.analysis.placement import resolve_nsi_placement
     from stepjax.train import train
 
     parallel.configure_cpu_devices()  # one CPU device per core; no effect on accelerators
     parallel.initialize_distributed()
-    config = apply_overrides(load_experiment(args.config), args.overrides)
+    config = resolve_nsi_placement(apply_overrides(load_experiment(args.config), args.overrides))
     workdir = Path(args.workdir or f"runs/{args.config.replace(':', '_')}")
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = os.environ.get("STEPJAX_DATA_DIR")  # part of what the command reads: keep it with the command

@@ -26,7 +26,8 @@ from stepjax.evaluate import read_evaluation
 from stepjax.main import code_version
 from stepjax.results import collect
 from stepjax.evaluate import evaluate_run
-from stepjax.train import NonFiniteLossError, build_model, load_run, make_optimizer, read_metrics, restore_run, train
+from stepjax.models import build_model
+from stepjax.train import NonFiniteLossError, load_run, make_optimizer, read_metrics, restore_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "cifar10_stepnet:smoke"

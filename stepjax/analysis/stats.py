@@ -11,6 +11,7 @@ import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
+from scipy.stats import rankdata
 
 
 class CorrelationTest(NamedTuple):
@@ -27,8 +28,6 @@ class CorrelationTest(NamedTuple):
 
 
 def _ranks(x):
-    from scipy.stats import rankdata  # imported here: the training loop imports this package
-
     return rankdata(np.asarray(x, np.float64), axis=-1)
 
 
