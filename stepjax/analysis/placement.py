@@ -31,7 +31,7 @@ def nsi_scores(model, images, *, indicator: str = DEFAULT_NSI, options: TraceOpt
     if indicator not in INDICATORS:
         raise ValueError(f"Unknown indicator {indicator!r}; choose one of {sorted(INDICATORS)}.")
     trace = trace_model(model, images, options=options)
-    depths = [len(stage.placement) for stage in model.stages]
+    depths = [stage.num_steps for stage in model.stages]
     scores = np.full(sum(depths), np.nan)
     for offset, stage in zip(np.cumsum([0] + depths[:-1]), trace.stages):
         scores[offset + np.asarray(stage.blocks) - 1] = stage.indicators[indicator].mean(axis=0)
