@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stepjax.config import apply_overrides, available_experiments, describe, load_experiment
+from stepjax.config import available_experiments, command_config, describe
 from stepjax.records import file_run
 
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     parallel.configure_cpu_devices()  # one CPU device per core; no effect on accelerators
     parallel.initialize_distributed()
-    config = resolve_nsi_placement(apply_overrides(load_experiment(args.config), args.overrides))
+    config = resolve_nsi_placement(command_config(args.config, args.overrides))
     workdir = Path(args.workdir or f"runs/{args.config.replace(':', '_')}")
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = os.environ.get("STEPJAX_DATA_DIR")  # part of what the command reads: keep it with the command

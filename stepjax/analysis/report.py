@@ -16,7 +16,7 @@ from stepjax import data
 from stepjax.analysis import figures
 from stepjax.analysis.metrics import StatsOptions, curve_statistics, representational_ability, step_size_statistics
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, Trace, TraceOptions, trace_model
-from stepjax.config import load_experiment
+from stepjax.config import command_config
 from stepjax.models import build_model
 from stepjax.train import load_run
 
@@ -40,7 +40,7 @@ def load_source(source: str):
     `(config, model, step)`; `step` is 0 for a fresh model.
     """
     if source.startswith(INIT_PREFIX):
-        config, step = load_experiment(source[len(INIT_PREFIX):]), 0
+        config, step = command_config(source[len(INIT_PREFIX):]), 0
         model = build_model(config)
     else:
         if not Path(source).is_dir():
