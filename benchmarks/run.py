@@ -273,7 +273,6 @@ def model_flops_per_step(graphdef, state, batch, config, info):
 def worker_pipeline(spec):
     """Images/s of the grain training loader alone, and of loader + on-device augmentation."""
     import jax
-    import numpy as np
 
     from stepjax import data, parallel
     from stepjax.data import augment, normalize

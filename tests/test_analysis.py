@@ -16,21 +16,21 @@ from stepjax.analysis import (
     StageTrace,
     StatsOptions,
     Trace,
-    build_report,
     TraceOptions,
+    build_report,
     correlation_test,
     heun_error,
     implied_step,
     linearised_field,
     relative_increment,
     secant_lipschitz,
+    seeds,
     spearman,
     spectral_radius,
     trace_model,
     write_report,
 )
 from stepjax.analysis.__main__ import main as analysis_main
-from stepjax.analysis import seeds
 from stepjax.analysis.lottery import lottery_contrasts, placement_configs, run_lottery
 from stepjax.analysis.placement import nsi_placement
 from stepjax.config import apply_overrides, load_experiment

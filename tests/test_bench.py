@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepjax.models import make_model
 from stepjax.layers import conv2d
+from stepjax.models import make_model
 
 
 def _reference(x, w, stride):

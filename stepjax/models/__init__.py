@@ -1,8 +1,8 @@
 """Vector fields and ResNet presets."""
 
+from stepjax.layers import Conv, Projection, batch_norm
 from stepjax.models.factory import DTYPES, build_model
 from stepjax.models.fields import FIELDS, BasicField, BottleneckField
-from stepjax.layers import Conv, Projection, batch_norm
 from stepjax.models.resnet import PRESETS, ResNet, ResNetSpec, count_params, get_spec, make_model, resolve_placement
 
 __all__ = [

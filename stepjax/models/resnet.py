@@ -11,8 +11,8 @@ import numpy as np
 from flax import nnx
 
 from stepjax.controllers import make_controller
-from stepjax.models.fields import FIELDS, zero_last_layer
 from stepjax.layers import Conv, Dense, Projection, batch_norm
+from stepjax.models.fields import FIELDS, zero_last_layer
 from stepjax.ode import EulerStage, EulerStep
 
 
