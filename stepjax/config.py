@@ -21,14 +21,23 @@ from stepjax.data import DATA_DIR_ENV
 
 EXPERIMENTS_DIR = Path(os.environ.get("STEPJAX_EXPERIMENTS", Path(__file__).resolve().parents[1] / "experiments"))
 
-# name -> the family and arguments it stands for; ``name:VARIANT`` adds ``variant=VARIANT``
+# the experiment names before the families -> the family and arguments each stands for;
+# ``name:VARIANT`` adds ``variant=VARIANT``
 ALIASES = {
-    **{f"cifar{n}_{name}": f"cifar{n}:controller={controller}"
-       for n in (10, 100) for name, controller in (("resnet", "constant"), ("se", "se"), ("stepnet", "stepnet"))},
-    **{f"cifar10_{c}": f"cifar10:controller={c}" for c in ("cbam", "dia", "eca", "srm")},
+    "cifar10_resnet": "cifar10:controller=constant",
+    "cifar10_se": "cifar10:controller=se",
+    "cifar10_cbam": "cifar10:controller=cbam",
+    "cifar10_eca": "cifar10:controller=eca",
+    "cifar10_srm": "cifar10:controller=srm",
+    "cifar10_dia": "cifar10:controller=dia",
+    "cifar10_stepnet": "cifar10:controller=stepnet",
     "cifar10_stepnet_nohistory": "cifar10:controller=stepnet,history=False",
-    **{f"imagenet_resnet50_{name}": f"imagenet_resnet50:controller={controller}"
-       for name, controller in (("resnet", "constant"), ("se", "se"), ("stepnet", "stepnet"))},
+    "cifar100_resnet": "cifar100:controller=constant",
+    "cifar100_se": "cifar100:controller=se",
+    "cifar100_stepnet": "cifar100:controller=stepnet",
+    "imagenet_resnet50_resnet": "imagenet_resnet50:controller=constant",
+    "imagenet_resnet50_se": "imagenet_resnet50:controller=se",
+    "imagenet_resnet50_stepnet": "imagenet_resnet50:controller=stepnet",
 }
 
 

@@ -21,7 +21,8 @@ from stepjax.records import file_run
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m stepjax.main", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="experiment name (file in experiments/), optionally :smoke or :cpu")
+    parser.add_argument("--config", help="experiment: family:key=value,... (e.g. cifar10:controller=se,variant=cpu) "
+                        "or an older name (e.g. cifar10_se:cpu); see --list")
     parser.add_argument("--workdir", help="run directory (default runs/<experiment>)")
     parser.add_argument("--list", action="store_true", help="list experiments and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=10 optim.lr=0.05")
