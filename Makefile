@@ -13,7 +13,7 @@ ifneq ($(DATA),)
 export STEPJAX_DATA_DIR := $(abspath $(DATA))
 endif
 
-.PHONY: setup test train list data summary study results records evaluate bench analyze lottery ode-bench ode-bench-quick
+.PHONY: setup lint test train list data summary study results records evaluate bench analyze lottery ode-bench ode-bench-quick
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-test: setup
+# pyflakes, syntax errors and import order (pyproject.toml [tool.ruff]); `ruff check --fix .` mends most
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup lint
 	$(PY) -m pytest -n 2 tests
 
 train: setup

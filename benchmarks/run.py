@@ -90,7 +90,7 @@ def _setup(exp, overrides, data_dir):
     import jax
 
     from stepjax import data, parallel
-    from stepjax.train.loop import build_model
+    from stepjax.models import build_model
     from stepjax.train.step import init_state, learning_rate_schedule, make_optimizer, make_train_step
 
     config = _experiment(exp, overrides, data_dir)
@@ -273,7 +273,6 @@ def model_flops_per_step(graphdef, state, batch, config, info):
 def worker_pipeline(spec):
     """Images/s of the grain training loader alone, and of loader + on-device augmentation."""
     import jax
-    import numpy as np
 
     from stepjax import data, parallel
     from stepjax.data import augment, normalize

@@ -1,6 +1,9 @@
-"""Experiments: lookup by name, ``name:arg`` variants, command-line overrides, validation.
+"""Experiments: lookup by name, ``family:arg`` parsing, command-line overrides, validation.
 
-An experiment is a file ``experiments/<name>.py`` with ``get_config(arg) -> ConfigDict``.
+An experiment family is a file ``experiments/<family>.py`` with ``get_config(arg) -> ConfigDict``,
+where `arg` is the text after the colon, e.g. ``cifar10:controller=se,variant=cpu``
+(`parse_arg`). The names of single experiments used before the families (``cifar10_se:cpu``)
+are aliases (`ALIASES`) and give the same configs.
 """
 
 from __future__ import annotations
@@ -9,22 +12,64 @@ import ast
 import importlib.util
 import json
 import os
-import sys
+import shlex
 from pathlib import Path
 
 import ml_collections
 
+from stepjax.data import DATA_DIR_ENV
+
 EXPERIMENTS_DIR = Path(os.environ.get("STEPJAX_EXPERIMENTS", Path(__file__).resolve().parents[1] / "experiments"))
+
+# the experiment names before the families -> the family and arguments each stands for;
+# ``name:VARIANT`` adds ``variant=VARIANT``
+ALIASES = {
+    "cifar10_resnet": "cifar10:controller=constant",
+    "cifar10_se": "cifar10:controller=se",
+    "cifar10_cbam": "cifar10:controller=cbam",
+    "cifar10_eca": "cifar10:controller=eca",
+    "cifar10_srm": "cifar10:controller=srm",
+    "cifar10_dia": "cifar10:controller=dia",
+    "cifar10_stepnet": "cifar10:controller=stepnet",
+    "cifar10_stepnet_nohistory": "cifar10:controller=stepnet,history=False",
+    "cifar100_resnet": "cifar100:controller=constant",
+    "cifar100_se": "cifar100:controller=se",
+    "cifar100_stepnet": "cifar100:controller=stepnet",
+    "imagenet_resnet50_resnet": "imagenet_resnet50:controller=constant",
+    "imagenet_resnet50_se": "imagenet_resnet50:controller=se",
+    "imagenet_resnet50_stepnet": "imagenet_resnet50:controller=stepnet",
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+    """The ``key=value,key=value`` string of an experiment family as a dict (big_vision's style).
+
+    **Arguments:**
+
+    - `arg`: the string, or None (all defaults).
+    - `defaults`: keys every config reads, with their default values; other keys are passed on.
+
+    **Returns:**
+
+    `defaults` updated with the keys of `arg`, values parsed as Python literals (else strings).
+    """
+    parsed = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(
+                f"Experiment argument {item!r} is not key=value; write e.g. cifar10:controller=se,variant=cpu."
+            )
+        parsed[key.strip()] = _parse_value(text.strip())
+    return parsed
 
 
 def available_experiments(directory: Path = EXPERIMENTS_DIR) -> list[str]:
-    """Names of the experiment files in `directory`."""
-    return sorted(p.stem for p in Path(directory).glob("*.py") if not p.stem.startswith("_"))
+    """The experiment families (files in `directory`) and the older single-experiment names."""
+    return sorted(p.stem for p in Path(directory).glob("*.py") if not p.stem.startswith("_")) + sorted(ALIASES)
 
 
 def _load_module(path: Path):
-    if str(path.parent) not in sys.path:  # experiment files import their shared builders
-        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"stepjax_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,24 +77,34 @@ def _load_module(path: Path):
 
 
 def describe(name: str, directory: Path = EXPERIMENTS_DIR) -> str:
-    """The first line of an experiment file's docstring."""
+    """The first line of a family file's docstring, or what an alias stands for."""
+    if name in ALIASES:
+        return f"= {ALIASES[name]}"
     doc = _load_module(Path(directory) / f"{name}.py").__doc__ or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+def _resolve_alias(name: str, arg: str) -> tuple[str, str]:
+    family, _, fixed = ALIASES[name].partition(":")
+    return family, fixed + (f",variant={arg}" if arg else "")
+
+
 def load_experiment(exp: str, directory: Path = EXPERIMENTS_DIR) -> ml_collections.ConfigDict:
-    """The config of ``exp`` = ``name`` or ``name:arg`` (or a path to a ``.py`` file).
+    """The config of ``exp`` = ``family``, ``family:arg``, an alias (``name`` or ``name:variant``,
+    see `ALIASES`), or a path to a ``.py`` file with its ``:arg``.
 
     **Arguments:**
 
-    - `exp`: experiment name with optional variant.
-    - `directory`: where experiment files live.
+    - `exp`: the experiment, e.g. ``cifar10:controller=se,variant=cpu`` or ``cifar10_se:cpu``.
+    - `directory`: where the family files live.
 
     **Returns:**
 
-    The `ConfigDict` from the file's ``get_config(arg)`` with ``config.experiment`` set.
+    The `ConfigDict` from the file's ``get_config(arg)``, with ``config.experiment = exp``.
     """
     name, _, arg = exp.partition(":")
+    if name in ALIASES:
+        name, arg = _resolve_alias(name, arg)
     path = Path(name) if name.endswith(".py") else Path(directory) / f"{name}.py"
     if not path.is_file():
         raise ValueError(
@@ -59,6 +114,32 @@ def load_experiment(exp: str, directory: Path = EXPERIMENTS_DIR) -> ml_collectio
     config = _load_module(path).get_config(arg or None)
     with config.unlocked():
         config.experiment = exp
+    return config
+
+
+def command_config(exp: str, overrides=(), environ=os.environ) -> ml_collections.ConfigDict:
+    """The config a command runs: experiment `exp` with the command-line `overrides` applied
+    (`apply_overrides`), reading the local npz copy that ``STEPJAX_DATA_DIR`` names (set by
+    ``make ... DATA=dir``) as the config says: the experiment's tfds source becomes
+    ``data.source='npz'`` (an override still wins), and an npz source without a directory gets
+    ``data.dir``, so that the run's ``config.json`` records what was read.
+
+    **Arguments:**
+
+    - `exp`: the experiment (`load_experiment`); `overrides`: ``key=value`` strings.
+    - `environ`: the environment to read ``STEPJAX_DATA_DIR`` from.
+
+    **Returns:**
+
+    The `ConfigDict`.
+    """
+    directory = environ.get(DATA_DIR_ENV)
+    config = load_experiment(exp)
+    if directory and config.data.source == "tfds":
+        config.data.source = "npz"
+    config = apply_overrides(config, list(overrides))
+    if directory and config.data.source == "npz" and config.data.dir is None:
+        config.data.dir = os.path.abspath(directory)
     return config
 
 
@@ -73,8 +154,9 @@ ADDED_KEYS = {
 
 def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The config a run directory was trained with (its ``config.json``), with the keys added since
-    (`ADDED_KEYS`) filled in as that run behaved, so that an older run resumes, reloads and compares
-    like a new one.
+    (`ADDED_KEYS`) filled in as that run behaved, and the npz directory of a run saved before
+    ``data.dir`` recorded it taken from its ``command.txt``, so that an older run resumes, reloads
+    and compares like a new one.
 
     **Arguments:**
 
@@ -92,7 +174,22 @@ def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
         section, leaf = key.split(".")
         if section in config and leaf not in config[section]:
             config[section][leaf] = value
+    if "data" in config and config.data.get("source") == "npz" and config.data.get("dir") is None:
+        config.data.dir = _command_data_dir(workdir)
     return config
+
+
+def _command_data_dir(workdir) -> str | None:
+    """The ``STEPJAX_DATA_DIR`` a run was started with, as its ``command.txt`` records it: the data
+    directory of a run saved before ``data.dir`` recorded it (`command_config`)."""
+    path = Path(workdir) / "command.txt"
+    for word in shlex.split(path.read_text()) if path.exists() else ():
+        name, sep, value = word.partition("=")
+        if not sep:  # the end of the environment assignments
+            break
+        if name == DATA_DIR_ENV:
+            return value
+    return None
 
 
 def _parse_value(text: str):

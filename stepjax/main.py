@@ -14,14 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stepjax.config import apply_overrides, available_experiments, describe, load_experiment
+from stepjax.config import available_experiments, command_config, describe
 from stepjax.records import file_run
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m stepjax.main", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="experiment name (file in experiments/), optionally :smoke or :cpu")
+    parser.add_argument("--config", help="experiment: family:key=value,... (e.g. cifar10:controller=se,variant=cpu) "
+                        "or an older name (e.g. cifar10_se:cpu); see --list")
     parser.add_argument("--workdir", help="run directory (default runs/<experiment>)")
     parser.add_argument("--list", action="store_true", help="list experiments and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=10 optim.lr=0.05")
@@ -66,11 +67,12 @@ def main(argv=None) -> int:
     import jax  # imported here, not at the top: keeps `--list` fast
 
     from stepjax import parallel
+    from stepjax.analysis.placement import resolve_nsi_placement
     from stepjax.train import train
 
     parallel.configure_cpu_devices()  # one CPU device per core; no effect on accelerators
     parallel.initialize_distributed()
-    config = apply_overrides(load_experiment(args.config), args.overrides)
+    config = resolve_nsi_placement(command_config(args.config, args.overrides))
     workdir = Path(args.workdir or f"runs/{args.config.replace(':', '_')}")
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = os.environ.get("STEPJAX_DATA_DIR")  # part of what the command reads: keep it with the command

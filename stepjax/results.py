@@ -84,8 +84,7 @@ def param_millions(config: dict) -> float:
     import ml_collections
     from flax import nnx
 
-    from stepjax.models.resnet import count_params
-    from stepjax.train import build_model
+    from stepjax.models import build_model, count_params
 
     return count_params(nnx.eval_shape(lambda: build_model(ml_collections.ConfigDict(config)))) / 1e6
 

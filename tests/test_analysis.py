@@ -18,8 +18,8 @@ from stepjax.analysis import (
     StageTrace,
     StatsOptions,
     Trace,
-    build_report,
     TraceOptions,
+    build_report,
     representational_ability,
     correlation_test,
     heun_error,
@@ -27,13 +27,13 @@ from stepjax.analysis import (
     linearised_field,
     relative_increment,
     secant_lipschitz,
+    seeds,
     spearman,
     spectral_radius,
     trace_model,
     write_report,
 )
 from stepjax.analysis.__main__ import main as analysis_main
-from stepjax.analysis import seeds
 from stepjax.analysis.lottery import lottery_contrasts, placement_configs, run_lottery
 from stepjax.analysis.placement import nsi_placement
 from stepjax.config import apply_overrides, load_experiment
@@ -153,9 +153,14 @@ def test_nsi_on_constructed_trajectory_and_shapes():
         assert all(v.shape == (5, len(values)) for v in stage.indicators.values())
 
 
-def test_trace_reproduces_the_network_and_the_mean_gate_control():
-    model = make_model("resnet164", num_classes=10, controller="se", depths=(2, 2, 2), widths=(2, 4, 4), stem_width=4)
-    model.eval()  # the smoke architecture, as in the CLI test
+@pytest.mark.parametrize("preset, controller, widths", [
+    ("resnet164", "se", (2, 4, 4)),  # the smoke architecture, as in the CLI test
+    ("resnet164", "dia", (2, 4, 4)),  # a cell shared by a stage, state carried from step to step
+    ("resnet20", "stepnet", (4, 8, 8)),  # history in the controller state; a first stage without projection
+])
+def test_trace_reproduces_the_network_and_the_mean_gate_control(preset, controller, widths):
+    model = make_model(preset, num_classes=10, controller=controller, depths=(2, 2, 2), widths=widths, stem_width=4)
+    model.eval()
     images = np.random.default_rng(0).normal(size=(20, 8, 8, 3)).astype(np.float32)
     trace = trace_model(model, images, options=FAST)  # 20 images in batches of 12: the last one padded
     logits, outputs = model.solve(jnp.asarray(images))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from stepjax.layers import conv2d
 from stepjax.models import make_model
-from stepjax.models.layers import conv2d
 
 
 def _reference(x, w, stride):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepjax.controllers.layers import Dense
+from stepjax.layers import Dense
 from stepjax.ode import (
     ConstantStepSize,
     DiffraxStepController,
@@ -79,6 +79,20 @@ def test_scan_and_loop_agree(controller_fn):
     a = make_stage(controller_fn, num_steps=5, scan=True, transition=True)
     b = make_stage(controller_fn, num_steps=5, scan=False, transition=True)
     np.testing.assert_allclose(a(Y0), b(Y0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("transition", [False, True])
+def test_stage_taken_one_step_at_a_time_is_its_solve(transition):
+    stage = make_stage(lambda: StepSchedule([0.1, 0.2, 0.3, 0.4]), transition=transition)
+    y, state = Y0, None
+    for k in range(stage.num_steps):  # the pieces the stiffness analysis drives
+        step = stage.step(k)
+        proposal = step.propose(y, state, jnp.asarray(k), stage.placement[k])
+        np.testing.assert_allclose(proposal.h, 0.1 * (k + 1), rtol=1e-6)
+        y, state = step.advance(proposal.base, proposal.h, proposal.f0), proposal.controller_state
+    np.testing.assert_allclose(y, stage.solve(Y0)[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(IndexError, match="step 4 of a stage of 4"):
+        stage.step(4)
 
 
 def test_step_schedule_indexes_by_step():

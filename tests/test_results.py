@@ -7,8 +7,16 @@ import pytest
 
 from stepjax.config import apply_overrides, load_experiment
 from stepjax.models.__main__ import param_count
-from stepjax.results import (collect, controller_label, epoch_means, group_stats, main, single_seed_lines, verdict,
-                             welch_p)
+from stepjax.results import (
+    collect,
+    controller_label,
+    epoch_means,
+    group_stats,
+    main,
+    single_seed_lines,
+    verdict,
+    welch_p,
+)
 
 
 def fake_run(root, group, controller, seed, accuracies, status="done", variant=":cpu"):

@@ -22,11 +22,11 @@ from flax import nnx
 from stepjax import study
 from stepjax.analysis.report import load_images, load_source
 from stepjax.config import ADDED_KEYS, apply_overrides, load_experiment, read_run_config, validate
-from stepjax.evaluate import read_evaluation
+from stepjax.evaluate import evaluate_run, read_evaluation
 from stepjax.main import code_version
+from stepjax.models import build_model
 from stepjax.results import collect
-from stepjax.evaluate import evaluate_run
-from stepjax.train import NonFiniteLossError, build_model, load_run, make_optimizer, read_metrics, restore_run, train
+from stepjax.train import NonFiniteLossError, load_run, make_optimizer, read_metrics, restore_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "cifar10_stepnet:smoke"

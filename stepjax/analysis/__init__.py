@@ -6,8 +6,8 @@ it implies), the step sizes the controller chose, and how well those steps track
 (the representational-ability metric, ours). See ``docs/ANALYSIS.md``. StepNet is our
 reconstruction; the NSI formula and the metric are our choices among PAPER.md's candidates.
 
-This package imports neither `stepjax.train` nor matplotlib at import time (the training loop
-may import it to resolve ``model.placement='nsi:...'``).
+It reads trained runs (`stepjax.train`) and is imported by nothing below it; matplotlib is
+imported only when a figure is drawn.
 """
 
 from stepjax.analysis.indicators import (

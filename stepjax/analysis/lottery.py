@@ -237,14 +237,14 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     from stepjax import parallel
-    from stepjax.config import apply_overrides, load_experiment
+    from stepjax.config import command_config
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     parallel.configure_cpu_devices()  # as `stepjax.main` and the study: one CPU device per core
     name = f"{args.exp.replace(':', '_')}_ratio{args.ratio}"
     root = Path(args.root or f"runs/lottery/{name}")
     out = Path(args.out or f"docs/figures/analysis/lottery_{name}")
-    config = apply_overrides(load_experiment(args.exp), args.overrides)
+    config = command_config(args.exp, args.overrides)
     scores = cached_scores(args.nsi_workdir, root, indicator=args.indicator, num_samples=args.nsi_samples)
     configs = placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores)
     reuse = dict(item.split("=", 1) for item in args.reuse if "=" in item)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from stepjax.analysis.report import load_images, load_source
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, TraceOptions, trace_model
+from stepjax.models import get_spec
 
 NSI_PREFIX = "nsi:"
 NSI_SAMPLES = 500
@@ -29,7 +31,7 @@ def nsi_scores(model, images, *, indicator: str = DEFAULT_NSI, options: TraceOpt
     if indicator not in INDICATORS:
         raise ValueError(f"Unknown indicator {indicator!r}; choose one of {sorted(INDICATORS)}.")
     trace = trace_model(model, images, options=options)
-    depths = [len(stage.placement) for stage in model.stages]
+    depths = [stage.num_steps for stage in model.stages]
     scores = np.full(sum(depths), np.nan)
     for offset, stage in zip(np.cumsum([0] + depths[:-1]), trace.stages):
         scores[offset + np.asarray(stage.blocks) - 1] = stage.indicators[indicator].mean(axis=0)
@@ -63,31 +65,33 @@ def nsi_placement(scores, ratio: float, *, top: bool = True) -> list[int]:
     return sorted(int(i) for i in chosen)
 
 
-def resolve_nsi_placement(model_config):
-    """``model.placement`` as `stepjax.models.make_model` takes it, with ``'nsi:SOURCE'`` resolved.
+def resolve_nsi_placement(config):
+    """`config` with an NSI-guided ``model.placement='nsi:SOURCE'`` replaced by the explicit list of
+    blocks it selects; any other placement is left as it is.
 
     ``'nsi:SOURCE'`` puts the controller in the ``round(placement_ratio * num_blocks)`` blocks of
     largest mean NSI (`DEFAULT_NSI`) of the reference model SOURCE (a run directory or
     ``init:EXP``), measured on `NSI_SAMPLES` training images (not on the test set, which
-    would select the architecture on test data). Other values are returned unchanged.
+    would select the architecture on test data). The command that asks for it
+    (``python -m stepjax.main``) resolves it once, before the model is built, so that the run's
+    ``config.json`` holds the blocks and reloading the run never traces the reference again.
 
     **Arguments:**
 
-    - `model_config`: the ``model`` group of a run config.
+    - `config`: an experiment config.
 
     **Returns:**
 
-    The placement: unchanged, or an explicit list of block indices.
+    `config`, changed in place.
     """
-    placement = model_config.placement
-    if not (isinstance(placement, str) and placement.startswith(NSI_PREFIX)):
-        return placement
-    from stepjax.analysis.report import load_images, load_source
-    from stepjax.models import get_spec
-
-    config, model, _ = load_source(placement[len(NSI_PREFIX):])
-    scores = nsi_scores(model, load_images(config, NSI_SAMPLES, split="train")[0])
-    depths = get_spec(model_config.preset, depths=model_config.depths).depths
+    m = config.model
+    if not (isinstance(m.placement, str) and m.placement.startswith(NSI_PREFIX)):
+        return config
+    reference, model, _ = load_source(m.placement[len(NSI_PREFIX):])
+    scores = nsi_scores(model, load_images(reference, NSI_SAMPLES, split="train")[0])
+    depths = get_spec(m.preset, depths=m.depths).depths
     if len(scores) != sum(depths):
-        raise ValueError(f"the NSI reference {placement!r} has {len(scores)} blocks, this model {sum(depths)}.")
-    return nsi_placement(scores, model_config.placement_ratio)
+        raise ValueError(f"the NSI reference {m.placement!r} has {len(scores)} blocks, this model {sum(depths)}.")
+    with m.ignore_type():
+        m.placement = nsi_placement(scores, m.placement_ratio)
+    return config

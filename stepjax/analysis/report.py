@@ -12,10 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stepjax import data
 from stepjax.analysis import figures
 from stepjax.analysis.metrics import StatsOptions, curve_statistics, representational_ability, step_size_statistics
 from stepjax.analysis.stats import mcnemar_exact
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, Trace, TraceOptions, trace_model
+from stepjax.config import command_config
+from stepjax.models import build_model
+from stepjax.train import load_run
 
 RECONSTRUCTION_NOTE = (
     "StepNet here is OUR RECONSTRUCTION (the authors' module is not public); the NSI formula and the "
@@ -36,11 +40,8 @@ def load_source(source: str):
 
     `(config, model, step)`; `step` is 0 for a fresh model.
     """
-    from stepjax.config import load_experiment  # imported here: the training loop imports this package
-    from stepjax.train import build_model, load_run
-
     if source.startswith(INIT_PREFIX):
-        config, step = load_experiment(source[len(INIT_PREFIX):]), 0
+        config, step = command_config(source[len(INIT_PREFIX):]), 0
         model = build_model(config)
     else:
         if not Path(source).is_dir():
@@ -57,8 +58,6 @@ def load_source(source: str):
 
 def random_init(config):
     """The untrained model of `config` (same architecture and seed), in evaluation mode."""
-    from stepjax.train import build_model
-
     model = build_model(config)
     model.eval()
     return model
@@ -94,8 +93,6 @@ def load_images(config, num_samples: int, *, split: str = "test", data_dir: str 
 
     `(images float32 (N, H, W, C), labels int (N,))`.
     """
-    from stepjax import data
-
     cfg = config.data.copy_and_resolve_references()
     if data_dir:
         cfg.source, cfg.dir = "npz", data_dir

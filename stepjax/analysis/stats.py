@@ -12,6 +12,7 @@ import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
+from scipy.stats import rankdata
 
 
 class CorrelationTest(NamedTuple):
@@ -28,8 +29,6 @@ class CorrelationTest(NamedTuple):
 
 
 def _ranks(x, axis=-1):
-    from scipy.stats import rankdata  # imported here: the training loop imports this package
-
     return rankdata(np.asarray(x, np.float64), axis=axis)
 
 

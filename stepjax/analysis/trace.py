@@ -6,6 +6,11 @@ identity otherwise). The indicators need ``f_k`` to map a space to itself, so th
 for every block with identity ``P``: blocks 2..K of a stage that changes shape (the paper's 17
 points per stage of ResNet-164), all blocks of one that does not. The step size is recorded for
 the same blocks; the dataset-mean gate for all of them.
+
+The walk is the model's own forward pass taken apart at its public seams: `ResNet.stem`, then per
+stage `EulerStage.step(k)` as `EulerStep.propose` and `EulerStep.advance` (where a fixed gate may
+replace ``h``), then `ResNet.classify`; it computes nothing of the network itself, so it measures
+the network that was trained.
 """
 
 from __future__ import annotations
@@ -136,61 +141,37 @@ def gate_input_statistics(y0, f0) -> dict:
 
 @functools.partial(jax.jit, static_argnums=(0, 9))
 def _run_block(graphdef, params, y0, controller_state, t0, active, gate, use_gate, valid, options, key):
-    """One block as `EulerStep.__call__` takes it, keeping ``f0`` and the full ``h``. Where
-    `use_gate`, `gate` replaces the controller's output (the controller still runs and carries its
-    state); `gate` is an array either way, so that both cases share one compilation. `valid`
-    ``(B,)`` marks the samples that are not batch padding."""
+    """One block, taken as `EulerStep.propose` then `EulerStep.advance`, keeping ``f0`` and the
+    full ``h``. Where `use_gate`, `gate` replaces the controller's output (the controller still
+    runs and carries its state); `gate` is an array either way, so that both cases share one
+    compilation. `valid` ``(B,)`` marks the samples that are not batch padding."""
     step = nnx.merge(graphdef, params)
-    base = y0 if step.change_of_variables is None else step.change_of_variables(y0)
-    if controller_state is None:
-        controller_state = step.controller.init(base)
-    f0 = step.vector_field(y0)
-    h, controller_state = step.controller.adapt_step_size(t0, base, f0, controller_state)
-    h = jnp.where(active, h, jnp.ones_like(h))
-    h = jnp.where(use_gate, gate, jnp.broadcast_to(h, f0.shape))
-    y1 = base + (h * f0).astype(base.dtype)
-    if step.projection is not None:
-        y1 = step.projection(y1)
+    proposal = step.propose(y0, controller_state, t0, active)
+    f0 = proposal.f0
+    h = jnp.where(use_gate, gate, jnp.broadcast_to(proposal.h, f0.shape))
+    y1 = step.advance(proposal.base, h, f0)
     h32 = h.astype(jnp.float32)
     record = {"gate_sum": jnp.einsum("b...,b->...", h32, valid)}
     if step.change_of_variables is None:
         record["step_size"] = h32.mean(axis=tuple(range(1, h.ndim - 1)))
         record.update(block_indicators(step.vector_field, y0, f0, h, y1, key, options))
         record.update(gate_input_statistics(y0, f0))
-    return y1, controller_state, record
+    return y1, proposal.controller_state, record
 
 
-def stage_blocks(stage) -> list:
-    """The blocks of an `EulerStage` as separate `EulerStep` modules, in order."""
-    first = [] if stage.first is None else [stage.first]
-    return first + [stage._slice(k) for k in range(len(stage.placement) - len(first))]
-
-
+@nnx.jit
 def _stem(model, x):
-    """`ResNet.solve` up to the first stage."""
-    y = model.stem_conv(x)
-    if model.stem_norm is not None:
-        y = jax.nn.relu(model.stem_norm(y))
-    if model.spec.stem == "imagenet":
-        y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return y
+    return model.stem(x)
 
 
-def _head(model, y):
-    """`ResNet.solve` after the last stage."""
-    if model.final_norm is not None:
-        y = jax.nn.relu(model.final_norm(y))
-    return model.head(y.astype(jnp.float32).mean(axis=(1, 2)))
-
-
-_stem_jit = nnx.jit(_stem)
-_head_jit = nnx.jit(_head)
+@nnx.jit
+def _classify(model, y):
+    return model.classify(y)
 
 
 def _gate_shapes(model, blocks, x):
     """Per stage and block, the shape ``(1, ...)`` of one sample's ``f`` (a gate's shape)."""
-    y = jax.eval_shape(_stem_jit, model, x)
+    y = jax.eval_shape(_stem, model, x)
     shapes = []
     for stage_steps in blocks:
         shapes.append([])
@@ -201,7 +182,7 @@ def _gate_shapes(model, blocks, x):
 
 
 def _trace_batch(model, x, valid, blocks, gates, options):
-    y = _stem_jit(model, x)
+    y = _stem(model, x)
     records = []
     for s, (stage, stage_steps) in enumerate(zip(model.stages, blocks)):
         controller_state, stage_records = None, []
@@ -214,7 +195,7 @@ def _trace_batch(model, x, valid, blocks, gates, options):
             )
             stage_records.append(jax.device_get(record))
         records.append(stage_records)
-    return records, np.asarray(_head_jit(model, y))
+    return records, np.asarray(_classify(model, y))
 
 
 def _batches(images, batch_size):
@@ -248,7 +229,7 @@ def trace_model(model, images, *, options: TraceOptions = TraceOptions(), gate=N
         raise ValueError("trace_model needs the model in evaluation mode: call model.eval() first.")
     if len(images) == 0:
         raise ValueError("trace_model needs at least one image.")
-    blocks = [[nnx.split(step) for step in stage_blocks(stage)] for stage in model.stages]
+    blocks = [[nnx.split(stage.step(k)) for k in range(stage.num_steps)] for stage in model.stages]
     shapes = _gate_shapes(model, blocks, jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32))
     gates = [
         [(jnp.ones(shape), jnp.asarray(False)) if gate is None else

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stepjax.controllers.layers import BottleneckMLP, as_channel_step, spatial_mean
+from stepjax.layers import BottleneckMLP, as_channel_step, conv2d, spatial_mean
 from stepjax.ode.controller import StageShared, StepController
 
 
@@ -42,8 +42,6 @@ class CBAM(StepController):
         g = f * as_channel_step(h_channel)
         pooled = jnp.stack([g.mean(axis=-1), g.max(axis=-1)], axis=-1)
         # "same" padding; conv2d's gradient stays fast inside the scan over blocks
-        from stepjax.models.layers import conv2d  # noqa: PLC0415 (stepjax.models imports this module)
-
         s = conv2d(pooled, self.spatial_kernel[...])
         h_spatial = jax.nn.sigmoid(self.spatial_norm(s))
         return as_channel_step(h_channel) * h_spatial, controller_state

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stepjax.controllers.layers import BottleneckMLP, as_channel_step
+from stepjax.layers import BottleneckMLP, as_channel_step
 from stepjax.ode.controller import StepController
 
 

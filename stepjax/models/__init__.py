@@ -1,10 +1,12 @@
 """Vector fields and ResNet presets."""
 
+from stepjax.layers import Conv, Projection, batch_norm
+from stepjax.models.factory import DTYPES, build_model
 from stepjax.models.fields import FIELDS, BasicField, BottleneckField
-from stepjax.models.layers import Conv, Projection, batch_norm
 from stepjax.models.resnet import PRESETS, ResNet, ResNetSpec, count_params, get_spec, make_model, resolve_placement
 
 __all__ = [
+    "DTYPES",
     "FIELDS",
     "PRESETS",
     "BasicField",
@@ -14,6 +16,7 @@ __all__ = [
     "ResNet",
     "ResNetSpec",
     "batch_norm",
+    "build_model",
     "count_params",
     "get_spec",
     "make_model",

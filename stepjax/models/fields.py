@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stepjax.models.layers import Conv, batch_norm
+from stepjax.layers import Conv, batch_norm
 
 
 class BottleneckField(nnx.Module):

@@ -11,9 +11,8 @@ import numpy as np
 from flax import nnx
 
 from stepjax.controllers import make_controller
-from stepjax.controllers.layers import Dense
+from stepjax.layers import Conv, Dense, Projection, batch_norm
 from stepjax.models.fields import FIELDS, zero_last_layer
-from stepjax.models.layers import Conv, Projection, batch_norm
 from stepjax.ode import EulerStage, EulerStep
 
 
@@ -161,7 +160,17 @@ class ResNet(nnx.Module):
         return self.solve(x)[0]
 
     def solve(self, x, *, save_states: bool = False):
-        """Logits and the per-stage `StageOutput`s (step sizes; states if `save_states`)."""
+        """Logits and the per-stage `StageOutput`s (step sizes; states if `save_states`):
+        `stem`, then each stage's solve (``self.stages``, `EulerStage`s), then `classify`."""
+        y = self.stem(x)
+        outputs = []
+        for stage in self.stages:
+            y, out = stage.solve(y, save_states=save_states)
+            outputs.append(out)
+        return self.classify(y), outputs
+
+    def stem(self, x):
+        """The network before its first stage: images to the first stage's initial state."""
         y = self.stem_conv(x)
         if self.stem_norm is not None:
             y = jax.nn.relu(self.stem_norm(y))
@@ -169,14 +178,14 @@ class ResNet(nnx.Module):
             y = jax.lax.reduce_window(
                 y, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
             )
-        outputs = []
-        for stage in self.stages:
-            y, out = stage.solve(y, save_states=save_states)
-            outputs.append(out)
+        return y
+
+    def classify(self, y):
+        """The network after its last stage: the final state to logits (final BatchNorm and ReLU
+        of a pre-activation network, global average pool, the dense `head`)."""
         if self.final_norm is not None:
             y = jax.nn.relu(self.final_norm(y))
-        logits = self.head(y.astype(jnp.float32).mean(axis=(1, 2)))
-        return logits, outputs
+        return self.head(y.astype(jnp.float32).mean(axis=(1, 2)))
 
 
 def make_model(

@@ -9,7 +9,7 @@ from stepjax.ode.controller import (
     StepSchedule,
 )
 from stepjax.ode.diffrax_bridge import DiffraxStepController
-from stepjax.ode.euler import EulerStage, EulerStep, StageOutput, build_stacked
+from stepjax.ode.euler import EulerStage, EulerStep, StageOutput, StepProposal, build_stacked
 
 __all__ = [
     "ConstantStepSize",
@@ -21,6 +21,7 @@ __all__ = [
     "StageOutput",
     "StageShared",
     "StepController",
+    "StepProposal",
     "StepSchedule",
     "build_stacked",
 ]

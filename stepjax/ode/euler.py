@@ -35,8 +35,27 @@ def _save_policy(prim, *avals, **params):
 _SAVE_NAMED = jax.checkpoint_policies.save_only_these_names(SAVED)
 
 
+class StepProposal(NamedTuple):
+    """What a step computes before it moves (`EulerStep.propose`).
+
+    - `base`: ``P(y0)``, the point the step starts from (``y0`` when the step keeps its shape).
+    - `f0`: ``f(y0)``.
+    - `h`: the controller's step size (1 where the controller is off), broadcastable to `f0`.
+    - `controller_state`: the controller state after this step.
+    """
+
+    base: jax.Array
+    f0: jax.Array
+    h: jax.Array
+    controller_state: object
+
+
 class EulerStep(nnx.Module):
     """One explicit Euler step ``y1 = P(y0) + h * f(y0)``, projected by ``g`` if given.
+
+    Taken as ``advance(propose(...))``: `propose` evaluates the field and asks the controller for
+    ``h``, `advance` moves; whoever needs the pieces (the stiffness analysis records ``f0`` and
+    ``h``, and may replace ``h``) calls the two in turn.
 
     **Arguments:**
 
@@ -76,6 +95,16 @@ class EulerStep(nnx.Module):
 
         `(y1, controller_state, h)`.
         """
+        proposal = self.propose(y0, controller_state, t0, active)
+        return self.advance(proposal.base, proposal.h, proposal.f0), proposal.controller_state, proposal.h
+
+    def propose(self, y0, controller_state, t0, active=True) -> StepProposal:
+        """Everything the step computes before it moves; arguments as for `__call__`.
+
+        **Returns:**
+
+        A `StepProposal`.
+        """
         base = y0 if self.change_of_variables is None else self.change_of_variables(y0)
         if controller_state is None:
             controller_state = self.controller.init(base)
@@ -83,10 +112,12 @@ class EulerStep(nnx.Module):
         h, controller_state = self.controller.adapt_step_size(t0, base, f0, controller_state)
         if active is not True:
             h = jnp.where(active, h, jnp.ones_like(h))
+        return StepProposal(base, f0, h, controller_state)
+
+    def advance(self, base, h, f0):
+        """The state after the step, ``g(base + h * f0)``: the proposal's pieces, or any other `h`."""
         y1 = base + (h * f0).astype(base.dtype)
-        if self.projection is not None:
-            y1 = self.projection(y1)
-        return y1, controller_state, h
+        return y1 if self.projection is None else self.projection(y1)
 
 
 class StageOutput(NamedTuple):
@@ -198,18 +229,33 @@ class EulerStage(nnx.Module):
         t0s = jnp.arange(offset, len(self.placement))
         active = jnp.asarray(self.placement[offset:])
         if state is None:
-            state = self._slice(0).controller.init(y)
+            state = self.step(0).controller.init(y)
         y, h_rest, states_rest = self._run_steps(y, state, t0s, active, save_states)
         hs.append(h_rest)
         step_size = jnp.concatenate(hs)
         return y, StageOutput(step_size, states_rest if save_states else None)
 
-    def _split(self):
-        return nnx.split(self.steps, StageShared, ...)
+    @property
+    def num_steps(self) -> int:
+        """The number of steps (blocks) of the stage."""
+        return len(self.placement)
 
-    def _slice(self, k):
+    def step(self, k: int) -> EulerStep:
+        """Step `k` of the stage (0-based) as a module of its own, for taking the stage one step
+        at a time: ``step(k)(y, state, k, placement[k])`` for ``k`` in order, starting from state
+        None, is `solve`. A step of the stack is a copy: what it changes (BatchNorm statistics in
+        training mode) is not written back."""
+        if not 0 <= k < self.num_steps:
+            raise IndexError(f"step {k} of a stage of {self.num_steps} steps.")
+        if self.first is not None:
+            if k == 0:
+                return self.first
+            k -= 1
         graphdef, shared, stacked = self._split()
         return nnx.merge(graphdef, shared, jax.tree.map(lambda a: a[k], stacked))
+
+    def _split(self):
+        return nnx.split(self.steps, StageShared, ...)
 
     def _run_steps(self, y, state, t0s, active, save_states):
         graphdef, shared, stacked = self._split()

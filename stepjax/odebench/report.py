@@ -285,7 +285,7 @@ def write_markdown(payload: dict, path: pathlib.Path, figures: dict):
         "",
         "## Reference solutions",
         "",
-        f"Kvaerno5 at rtol = 1e-12 stepping onto every output time; checked against published end points:",
+        "Kvaerno5 at rtol = 1e-12 stepping onto every output time; checked against published end points:",
         "",
         "| anchor | max relative error | |",
         "|---|---|---|",

@@ -1,7 +1,7 @@
 """Training: pure steps, the loop, checkpoints and metrics."""
 
 from stepjax.train.checkpoint import Checkpointer, CheckpointError
-from stepjax.train.loop import NonFiniteLossError, build_model, evaluate, load_run, restore_run, train
+from stepjax.train.loop import NonFiniteLossError, evaluate, load_run, restore_run, train
 from stepjax.train.metrics import MetricWriter, Progress, format_summary, read_metrics
 from stepjax.train.step import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
 
@@ -12,7 +12,6 @@ __all__ = [
     "NonFiniteLossError",
     "Progress",
     "TrainState",
-    "build_model",
     "evaluate",
     "format_summary",
     "init_state",

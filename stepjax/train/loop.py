@@ -17,12 +17,10 @@ from flax import nnx
 
 from stepjax import data, parallel
 from stepjax.config import read_run_config, validate
-from stepjax.analysis.placement import resolve_nsi_placement
-from stepjax.models import make_model
+from stepjax.models import build_model
 from stepjax.train.checkpoint import Checkpointer
 from stepjax.train.metrics import MetricWriter, Progress, format_summary
 from stepjax.train.step import (
-    DTYPES,
     TrainState,
     init_state,
     learning_rate_schedule,
@@ -36,22 +34,6 @@ log = logging.getLogger("stepjax")
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
-
-
-def build_model(config: ml_collections.ConfigDict):
-    """The model a config describes (fresh initialisation from ``config.seed``)."""
-    m = config.model
-    return make_model(
-        m.preset, num_classes=config.data.num_classes, controller=m.controller,
-        controller_options=dict(m.controller_options), placement=_placement(resolve_nsi_placement(m)),
-        placement_seed=m.placement_seed, placement_ratio=m.placement_ratio, seed=config.seed,
-        dtype=DTYPES[m.dtype], scan=m.scan, depths=m.depths, widths=m.widths, stem_width=m.stem_width,
-        zero_init_residual=m.zero_init_residual,
-    )
-
-
-def _placement(p):
-    return list(p) if isinstance(p, (tuple, list)) else p
 
 
 def _check_workdir_config(workdir: Path, config) -> None:

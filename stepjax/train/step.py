@@ -10,9 +10,8 @@ import optax
 from flax import nnx
 
 from stepjax.data import augment, normalize
+from stepjax.models import DTYPES
 from stepjax.parallel import batch_sharded, replicated
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainState(NamedTuple):

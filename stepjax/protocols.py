@@ -1,10 +1,18 @@
-"""Shared builders for the experiment files (not an experiment itself)."""
+"""The training protocols the experiment families (``experiments/<family>.py``) are built from: the
+base config, the paper's CIFAR and ImageNet protocols, and the `smoke`, `cpu` and `deep` variants.
 
-import os
+A family's ``get_config(arg)`` reads its `arg` string with `stepjax.config.parse_arg`:
+``controller=NAME`` (default ``constant``, the plain ResNet), ``variant=NAME`` (default ``''``,
+the paper protocol), and any other key as an option of the controller (e.g. ``history=False``).
+"""
+
+from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from stepjax import data
+from stepjax.config import parse_arg
 
 # Paper protocol (PAPER.md): ResNet-164, 164 epochs, SGD 0.9, lr 0.1 x0.1 at 81/122, batch 128, wd 1e-4.
 PAPER_CIFAR = dict(preset="resnet164", epochs=164, boundaries=(81, 122), global_batch=128, lr=0.1)
@@ -16,15 +24,12 @@ def base_config(dataset, controller, *, preset, epochs, boundaries, global_batch
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = data.default_config(dataset)
-    if os.environ.get(data.DATA_DIR_ENV):  # a local npz copy was pointed at: use it
-        c.data.source = "npz"
     c.data.crop_padding = 4 if dataset != "imagenet2012" else 0
     c.data.flip = True
     c.model = ml_collections.ConfigDict(dict(
         preset=preset, controller=controller, controller_options=dict(controller_options or {}),
         placement="all", placement_ratio=0.5, placement_seed=0, dtype="float32", scan=True,
-        depths=ml_collections.config_dict.placeholder(tuple), widths=ml_collections.config_dict.placeholder(tuple),
-        stem_width=ml_collections.config_dict.placeholder(int), zero_init_residual=False,
+        depths=placeholder(tuple), widths=placeholder(tuple), stem_width=placeholder(int), zero_init_residual=False,
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=lr, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="step",
@@ -33,33 +38,25 @@ def base_config(dataset, controller, *, preset, epochs, boundaries, global_batch
     ))
     c.train = ml_collections.ConfigDict(dict(
         epochs=epochs, global_batch=global_batch, eval_batch=500 if dataset != "imagenet2012" else 250,
-        total_steps=ml_collections.config_dict.placeholder(int),  # overrides epochs when set
-        halt_after_steps=ml_collections.config_dict.placeholder(int),  # stop early as if preempted
+        total_steps=placeholder(int),  # overrides epochs when set
+        halt_after_steps=placeholder(int),  # stop early as if preempted
         log_every_steps=50, checkpoint_every_steps=1000, keep_checkpoints=3, eval_every_epochs=1,
         eval_flip=False, progress=True,
     ))
-    c.mesh = ml_collections.ConfigDict(dict(num_devices=ml_collections.config_dict.placeholder(int)))
+    c.mesh = ml_collections.ConfigDict(dict(num_devices=placeholder(int)))
     return c
 
 
-def apply_variant(c, arg, *, cpu=None, deep=None):
-    """`smoke`: tiny model, synthetic data, a few steps. `cpu` / `deep`: the given CPU protocols."""
-    if arg in (None, ""):
-        return c
-    if arg == "smoke":
-        c.data.source = "synthetic"
-        c.data.image_size = 8
-        c.data.synthetic_train_size = 256
-        c.data.synthetic_test_size = 64
-        c.model.depths, c.model.widths, c.model.stem_width = (2, 2, 2), (2, 4, 4), 4
-        c.train.update(epochs=2, global_batch=32, eval_batch=32, log_every_steps=2, checkpoint_every_steps=4)
-        c.optim.boundaries = (1,)
-        return c
-    if arg == "cpu" and cpu is not None:
-        return cpu(c)
-    if arg == "deep" and deep is not None:
-        return deep(c)
-    raise ValueError(f"Unknown variant {arg!r}; use '' (paper protocol), 'smoke', 'cpu' or 'deep'.")
+def smoke(c):
+    """Tiny model, synthetic 8x8 data, a few steps: seconds."""
+    c.data.source = "synthetic"
+    c.data.image_size = 8
+    c.data.synthetic_train_size = 256
+    c.data.synthetic_test_size = 64
+    c.model.depths, c.model.widths, c.model.stem_width = (2, 2, 2), (2, 4, 4), 4
+    c.train.update(epochs=2, global_batch=32, eval_batch=32, log_every_steps=2, checkpoint_every_steps=4)
+    c.optim.boundaries = (1,)
+    return c
 
 
 def cifar_cpu(c):
@@ -100,12 +97,38 @@ def cifar_deep(c):
     return c
 
 
-def cifar(dataset, controller, arg, **controller_options):
-    """A CIFAR experiment: the paper protocol, or the `smoke` / `cpu` / `deep` variant."""
-    c = base_config(dataset, controller, controller_options=controller_options, **PAPER_CIFAR)
-    return apply_variant(c, arg, cpu=cifar_cpu, deep=cifar_deep)
+CIFAR_VARIANTS = {"smoke": smoke, "cpu": cifar_cpu, "deep": cifar_deep}
+IMAGENET_VARIANTS = {"smoke": smoke}
 
 
-def imagenet(controller, arg):
+def family_config(dataset: str, arg: str | None, paper: dict, variants: dict) -> ml_collections.ConfigDict:
+    """The config a family's ``get_config(arg)`` returns.
+
+    **Arguments:**
+
+    - `dataset`: a key of `stepjax.data.DATASETS`.
+    - `arg`: the string after ``family:`` (see the module docstring), or None.
+    - `paper`: the paper protocol (`PAPER_CIFAR`, `PAPER_IMAGENET`).
+    - `variants`: name -> function that turns the paper protocol into that variant.
+
+    **Returns:**
+
+    The `ConfigDict`.
+    """
+    options = parse_arg(arg, controller="constant", variant="")
+    controller, variant = options.pop("controller"), options.pop("variant")
+    if variant and variant not in variants:
+        names = ", ".join(repr(v) for v in ("", *variants))
+        raise ValueError(f"Unknown variant {variant!r}; use {names} ('' is the paper protocol).")
+    c = base_config(dataset, controller, controller_options=options, **paper)
+    return variants[variant](c) if variant else c
+
+
+def cifar(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
+    """A CIFAR experiment (ResNet-164, paper protocol) or its `smoke` / `cpu` / `deep` variant."""
+    return family_config(dataset, arg, PAPER_CIFAR, CIFAR_VARIANTS)
+
+
+def imagenet(arg: str | None) -> ml_collections.ConfigDict:
     """An ImageNet ResNet-50 experiment (paper protocol), or its `smoke` variant."""
-    return apply_variant(base_config("imagenet2012", controller, **PAPER_IMAGENET), arg)
+    return family_config("imagenet2012", arg, PAPER_IMAGENET, IMAGENET_VARIANTS)

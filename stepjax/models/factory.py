@@ -1,0 +1,36 @@
+"""The model a run config describes: the one place where a config's ``model`` group becomes a
+`ResNet` (training, evaluation, analysis and the benchmarks all build it here)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from stepjax.models.resnet import ResNet, make_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(config: ml_collections.ConfigDict) -> ResNet:
+    """The model of a run config, freshly initialised from ``config.seed``.
+
+    **Arguments:**
+
+    - `config`: an experiment or run config (its ``model`` group, ``data.num_classes`` and
+      ``seed``). ``model.placement`` is ``'all'``, ``'none'``, ``'random'`` or an explicit block
+      list; an NSI-guided ``'nsi:REF'`` is resolved to its block list by the command that asks
+      for it, before the model is built (`stepjax.analysis.placement.resolve_nsi_placement`).
+
+    **Returns:**
+
+    A `ResNet`.
+    """
+    m = config.model
+    placement = list(m.placement) if isinstance(m.placement, (tuple, list)) else m.placement
+    return make_model(
+        m.preset, num_classes=config.data.num_classes, controller=m.controller,
+        controller_options=dict(m.controller_options), placement=placement,
+        placement_seed=m.placement_seed, placement_ratio=m.placement_ratio, seed=config.seed,
+        dtype=DTYPES[m.dtype], scan=m.scan, depths=m.depths, widths=m.widths, stem_width=m.stem_width,
+        zero_init_residual=m.zero_init_residual,
+    )
