@@ -42,8 +42,9 @@ def base_config(dataset, controller, *, preset, epochs, boundaries, global_batch
     return c
 
 
-def apply_variant(c, arg, *, cpu=None, deep=None):
-    """`smoke`: tiny model, synthetic data, a few steps. `cpu` / `deep`: the given CPU protocols."""
+def apply_variant(c, arg, *, cpu=None, deep=None, gpu=None):
+    """`smoke`: tiny model, synthetic data, a few steps. `cpu` / `deep`: the given CPU protocols;
+    `gpu`: the given short accelerator protocol."""
     if arg in (None, ""):
         return c
     if arg == "smoke":
@@ -59,7 +60,9 @@ def apply_variant(c, arg, *, cpu=None, deep=None):
         return cpu(c)
     if arg == "deep" and deep is not None:
         return deep(c)
-    raise ValueError(f"Unknown variant {arg!r}; use '' (paper protocol), 'smoke', 'cpu' or 'deep'.")
+    if arg == "gpu" and gpu is not None:
+        return gpu(c)
+    raise ValueError(f"Unknown variant {arg!r}; use '' (paper protocol), 'smoke', 'cpu', 'deep' or 'gpu'.")
 
 
 def cifar_cpu(c):
@@ -96,10 +99,28 @@ def cifar_deep(c):
     return c
 
 
+def cifar_gpu(c):
+    """The short accelerator protocol: the paper's full-width post-activation bottleneck ResNet-164,
+    15 epochs of batch 256 in bfloat16 (the parameters, their gradients and the optimizer state stay
+    float32: every layer casts its float32 weights to the compute dtype), SGD with Nesterov momentum,
+    peak lr 0.2 after one warm-up epoch, cosine decay, wd 5e-4, label smoothing 0.1, one device:
+    the deep CPU protocol's recipe (lr 0.05 at batch 64) at full width, its lr scaled with the batch.
+
+    Sized for the GPU campaign (`stepjax.campaign.plan`): plain, SE and StepNet side by side, and
+    their NSI analyses, within one 9-minute command on one H200, from the step times measured there
+    (docs/BENCHMARKS.md: bfloat16 at batch 128 7,436 images/s, at batch 1024 15,826).
+    """
+    c.model.dtype = "bfloat16"
+    c.optim.update(schedule="cosine", lr=0.2, nesterov=True, warmup_epochs=1, weight_decay=5e-4, label_smoothing=0.1)
+    c.train.update(epochs=15, global_batch=256, eval_batch=1000, log_every_steps=50)
+    c.mesh.num_devices = 1
+    return c
+
+
 def cifar(dataset, controller, arg, **controller_options):
-    """A CIFAR experiment: the paper protocol, or the `smoke` / `cpu` / `deep` variant."""
+    """A CIFAR experiment: the paper protocol, or the `smoke` / `cpu` / `deep` / `gpu` variant."""
     c = base_config(dataset, controller, controller_options=controller_options, **PAPER_CIFAR)
-    return apply_variant(c, arg, cpu=cifar_cpu, deep=cifar_deep)
+    return apply_variant(c, arg, cpu=cifar_cpu, deep=cifar_deep, gpu=cifar_gpu)
 
 
 def imagenet(controller, arg):

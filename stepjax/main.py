@@ -50,6 +50,18 @@ def code_version(directory=Path(__file__).resolve().parents[1]) -> str:
 LOADED_CODE = code_version()
 
 
+# variables that change what a command reads or computes: kept with the command (command.txt)
+RECORDED_ENV = ("STEPJAX_DATA_DIR", "JAX_DEFAULT_MATMUL_PRECISION")
+
+
+def recorded_environment() -> list[str]:
+    """``NAME=value`` of the set `RECORDED_ENV` variables (the data directory made absolute)."""
+    values = {name: os.environ[name] for name in RECORDED_ENV if os.environ.get(name)}
+    if "STEPJAX_DATA_DIR" in values:
+        values["STEPJAX_DATA_DIR"] = os.path.abspath(values["STEPJAX_DATA_DIR"])
+    return [f"{name}={value}" for name, value in values.items()]
+
+
 def argv_used(argv):
     return sys.argv[1:] if argv is None else argv
 
@@ -73,8 +85,7 @@ def main(argv=None) -> int:
     config = apply_overrides(load_experiment(args.config), args.overrides)
     workdir = Path(args.workdir or f"runs/{args.config.replace(':', '_')}")
     workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = os.environ.get("STEPJAX_DATA_DIR")  # part of what the command reads: keep it with the command
-    env = [f"STEPJAX_DATA_DIR={os.path.abspath(data_dir)}"] if data_dir else []
+    env = recorded_environment()
     (workdir / "command.txt").write_text(shlex.join([*env, "python", "-m", "stepjax.main", *argv_used(argv)]) + "\n")
     if jax.process_index() == 0:  # one line per start: a resumed run may span code versions
         with open(workdir / "code.txt", "a") as f:

@@ -287,6 +287,7 @@ def _finish(workdir, record, status, step, primary):
     summary = {
         **record, "status": status, "steps": step,
         "images_per_sec": record["trained_images"] / max(record["wall_time_s"], 1e-9),
+        "device": jax.devices()[0].device_kind,  # the kind of the last start's devices
     }
     if primary:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
