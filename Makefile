@@ -12,7 +12,8 @@ ifneq ($(DATA),)
 export STEPJAX_DATA_DIR := $(abspath $(DATA))
 endif
 
-.PHONY: setup test train list data summary study results records evaluate bench analyze lottery ode-bench ode-bench-quick
+.PHONY: setup test train list data summary study results records evaluate bench analyze lottery ode-bench ode-bench-quick \
+	campaign-status campaign-wheels campaign-stage campaign-file
 
 setup: $(VENV)/.installed
 
@@ -46,7 +47,7 @@ records: setup
 	$(PY) -m stepjax.records runs
 
 results: setup
-	$(PY) -m stepjax.results --root runs/study runs/gpu --out docs/RESULTS.md
+	$(PY) -m stepjax.results --root results/study results/deep results/gpu --out docs/RESULTS.md
 	$(if $(wildcard runs/pilot/*),$(PY) -m stepjax.results --root runs/pilot --out docs/RESULTS_PILOTS.md --figure docs/figures/pilot_curves.png --per-run --title "Pilot runs (settings other than the study's, trained to size the CPU protocol)")
 
 # speed, compile time, memory, input pipeline (docs/BENCHMARKS.md); torch for the comparison
@@ -72,3 +73,17 @@ ode-bench: setup
 
 ode-bench-quick: setup
 	$(PY) -m stepjax.odebench --quick
+
+# the GPU campaign (docs/GPU.md): the plan's state; once, the wheels the device image lacks; before a
+# slot, the staging calls of the next item (DATA=/work/shared/data/cifar10); after it, DIR=<files_at>
+campaign-status: setup
+	$(PY) -m stepjax.campaign status
+
+campaign-wheels: setup
+	$(PY) -m stepjax.campaign wheels
+
+campaign-stage: setup
+	$(PY) -m stepjax.campaign stage $(ARGS)
+
+campaign-file: setup
+	$(PY) -m stepjax.campaign file $(DIR)

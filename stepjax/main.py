@@ -31,9 +31,14 @@ def parse_args(argv):
     return args
 
 
+CODE_VERSION_ENV = "STEPJAX_CODE_VERSION"
+
+
 def code_version(directory=Path(__file__).resolve().parents[1]) -> str:
     """The git commit of the code in `directory` (short hash, ``+dirty`` with uncommitted changes
-    to tracked files), or ``unknown`` outside a git checkout."""
+    to tracked files); outside a git checkout (a copy of the tree, as a device machine gets)
+    ``$STEPJAX_CODE_VERSION`` if set (the campaign runner sets the version staged with it), else
+    ``unknown``."""
     def git(*args):
         return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -41,7 +46,7 @@ def code_version(directory=Path(__file__).resolve().parents[1]) -> str:
         commit = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get(CODE_VERSION_ENV) or "unknown"
     return commit + ("+dirty" if dirty else "")
 
 

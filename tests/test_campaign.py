@@ -10,12 +10,15 @@ import tarfile
 import time
 import zipfile
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from stepjax import results as results_report
 from stepjax.campaign import filing, measure, plan, runner, slot, staging
-from stepjax.config import load_experiment
+from stepjax.campaign.__main__ import main as campaign_main
+from stepjax.config import load_experiment, read_run_config
+from stepjax.train import load_run
 
 
 def fake_cifar(folder, train=20, test=8):
@@ -88,7 +91,8 @@ def staged(tmp_path):
     workdir = fake_run(tmp_path / "here", "gpu/cifar10_se_gpu_s0")
     bundle = staging.bundle_run(workdir, tmp_path / "here", tmp_path / "run.tar.gz")
     extras = [("wheel", tiny_wheel(tmp_path)), ("run", bundle)]
-    manifest = staging.stage(tmp_path / "src", tmp_path / "stage", capacity=24 * 1024, extras=extras, expected=expected)
+    manifest = staging.stage(tmp_path / "src", tmp_path / "stage", capacity=24 * 1024, extras=extras, expected=expected,
+                             code="abc1234")
     return manifest
 
 
@@ -111,6 +115,7 @@ def test_staging_round_trip(tmp_path):
             np.testing.assert_array_equal(copy["image"], source["image"])
             np.testing.assert_array_equal(copy["label"], source["label"])
     assert (root / "site" / "stepjax_tiny_wheel" / "__init__.py").read_text() == "VALUE = 7\n"
+    assert staging.staged_code(root) == "abc1234"  # what the runs record where the tree has no git
     restored = root / "runs" / "gpu" / "cifar10_se_gpu_s0"
     assert (restored / "checkpoints" / "3" / "state").exists() and not (restored / "checkpoints" / "1").exists()
 
@@ -220,7 +225,12 @@ def test_campaign_end_to_end_on_the_cpu(tmp_path):
     assert json.loads((record / "summary.json").read_text())["status"] == "done"
     assert (results / "analysis" / "check_stepnet" / "analysis.json").exists()
     assert len(list((results / "campaign").glob("*-check.json"))) == 1
-    assert staging.latest_checkpoint(base / "runs" / "check" / "cifar10_stepnet_smoke_s0") is not None
+    workdir = base / "runs" / "check" / "cifar10_stepnet_smoke_s0"
+    assert staging.latest_checkpoint(workdir) is not None
+    # trained in bfloat16, analysed (and here reloaded) in float32 from the same float32 parameters
+    config, model, _ = load_run(workdir, dtype="float32")
+    assert read_run_config(workdir).model.dtype == "bfloat16" and config.model.dtype == "float32"
+    assert model.stem_conv.dtype == jnp.float32
     assert any("run1.tar.gz" in line for line in lines)
     assert not plan.unfinished(item, results)
 
@@ -231,16 +241,16 @@ def test_campaign_end_to_end_on_the_cpu(tmp_path):
 
 
 def test_measurements_on_the_cpu(tmp_path):
-    specs = [measure.spec("one", "cifar10_resnet:smoke"), measure.spec("two vmapped", "cifar10_resnet:smoke", members=2),
+    specs = [measure.spec("two vmapped", "cifar10_resnet:smoke", members=2),
              measure.spec("two side by side", "cifar10_resnet:smoke", copies=2)]
-    done = measure.run_measure(tmp_path / "measure.json", time.monotonic() + 600, dict(os.environ),
-                               specs=specs, seconds=0.2, batch_est_s=0.0)
+    timing = measure.Timing(seconds=0.2, batch_est_s=0.0, compile_limit_s=1200.0)  # a busy CPU compiles slowly
+    done = measure.run_measure(tmp_path / "measure.json", time.monotonic() + 1500, dict(os.environ), specs, timing)
     report = json.loads((tmp_path / "measure.json").read_text())
-    assert done == {"measured": 3, "planned": 3, "file": str(tmp_path / "measure.json")}, report
-    one, vmapped, side = report["results"]
-    assert one["images_per_s"] > 0 and one["compile_s"] > 0 and one["step_ms"] > 0
+    assert done == {"measured": 2, "planned": 2, "file": str(tmp_path / "measure.json")}, report
+    vmapped, side = report["results"]
+    assert vmapped["images_per_s"] > 0 and vmapped["compile_s"] > 0 and vmapped["step_ms"] > 0
     assert vmapped["per_member_images_per_s"] == pytest.approx(vmapped["images_per_s"] / 2)
-    assert len(side["per_copy_images_per_s"]) == 2
+    assert len(side["per_copy_images_per_s"]) == 2 and side["images_per_s"] == pytest.approx(sum(side["per_copy_images_per_s"]))
     assert set(report["ratios"]) == {name for name, _, _ in measure.RATIOS}
 
 
@@ -254,3 +264,40 @@ def test_stage_prints_the_calls(tmp_path):
     assert text.count("`run` command=") == 3
     with pytest.raises(FileNotFoundError, match="make campaign-wheels"):
         slot.wheels(tmp_path)
+
+
+def test_stage_command_for_an_item_without_data(tmp_path, capsys):
+    for requirement in slot.WHEELS:  # stand-ins: staging only carries and hashes them
+        name, version = requirement.split("==")
+        (tmp_path / f"{name.lower().replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"wheel")
+    code = campaign_main(["--results", str(tmp_path / "results"), "stage", "--item", "measure",
+                          "--out", str(tmp_path / "stage"), "--wheels", str(tmp_path)])
+    assert code == 0
+    calls = (tmp_path / "stage" / "CALLS.md").read_text()
+    assert calls.count("`run` command=") == 1 and "--item measure" in calls
+    manifest = json.loads((tmp_path / "stage" / "call1" / staging.MANIFEST).read_text())
+    assert manifest["payload"] is None and {f["kind"] for f in manifest["files"]} == {"wheel"}
+    assert campaign_main(["--results", str(tmp_path / "results"), "status"]) == 0
+    assert "next: a-gpu-s0" in capsys.readouterr().out
+    assert campaign_main(["stage", "--item", "a-gpu-s0", "--out", str(tmp_path / "s2")]) == 2  # no --data: one line
+
+
+def test_measured_ratios_and_targets():
+    def result(name, rate, exp="cifar10_resnet", **extra):
+        return {"name": name, "exp": exp, "overrides": [], "copies": 1, "images_per_s": rate, **extra}
+
+    results = [result("gpu protocol plain (bf16 b256)", 12000.0, "cifar10_resnet:gpu"),
+               result("gpu protocol stepnet (bf16 b256)", 8000.0, "cifar10_stepnet:gpu"),
+               result("plain fp32 b128", 5000.0), result("plain bf16 b128 2 seeds vmapped", 9000.0,
+                                                          per_member_images_per_s=4500.0),
+               result("plain bf16 b128", 6000.0), result("plain bf16 b128 unrolled", 11000.0),
+               {"name": "plain bf16 b128 command buffers off", "exp": "cifar10_resnet", "copies": 1, "error": "x"}]
+    out = measure.derived(results)
+    assert out["ratios"]["stepnet cost, gpu protocol (plain / stepnet images/s)"] == pytest.approx(1.5)
+    assert out["ratios"]["2 seeds vmapped, per seed against one (plain bf16 b128)"] == pytest.approx(0.75)
+    assert out["ratios"]["unrolled gain, plain bf16 b128"] == pytest.approx(11000 / 6000)
+    assert out["ratios"]["command buffers off, plain bf16 b128"] is None  # failed: no figure
+    assert out["ratios"]["se cost, gpu protocol"] is None  # not measured
+    assert out["targets"]["StepNet <= 1.25x plain (gpu protocol)"]["met"] is False
+    assert out["targets"]["plain ResNet-164 b128 >= 2x 5,205 images/s (fastest setting)"] == \
+        {"images_per_s": 11000.0, "met": True}

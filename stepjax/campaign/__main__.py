@@ -1,6 +1,7 @@
 """``python -m stepjax.campaign``: the GPU campaign (docs/GPU.md).
 
     python -m stepjax.campaign status                 # the plan: each item's state and estimate, the next one
+    python -m stepjax.campaign wheels                 # CPU side, once: .whl/, the packages the device image lacks
     python -m stepjax.campaign stage --data DIR       # CPU side: stage/call<k>/ for the next item, and the calls
     python -m stepjax.campaign run --out $OUT         # device side: run the next unfinished item (or --item KEY)
     python -m stepjax.campaign file DIR               # CPU side: file a returned output folder into results/
@@ -16,6 +17,7 @@ from pathlib import Path
 from stepjax.campaign import plan as planning
 from stepjax.campaign import slot, staging
 from stepjax.data.sources import DATA_DIR_ENV
+from stepjax.main import code_version
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,13 +59,18 @@ def cmd_stage(args) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         bundles.append(("run", staging.bundle_run(workdir, REPO, path)))
     extras = [("wheel", w) for w in slot.wheels(args.wheels)] + bundles
-    manifest = staging.stage(args.data if item.data else None, args.out, capacity=capacity, extras=extras)
+    manifest = staging.stage(args.data if item.data else None, args.out, capacity=capacity, extras=extras,
+                             code=code_version(REPO))
     calls = slot.call_sequence(manifest, item.key)
     text = slot.render_calls(calls, manifest, item, capacity)
     (Path(args.out) / "CALLS.md").write_text(text)
     print(f"working tree {tree / staging.MIB:.1f} MiB; {len(calls)} call(s); also in {args.out}/CALLS.md\n")
     print(text)
     return 0
+
+
+def cmd_wheels(args) -> int:
+    return slot.download_wheels(args.out)
 
 
 def cmd_run(args) -> int:
@@ -104,6 +111,8 @@ def parse_args(argv):
                         help="the results tree that says what is finished (default $STEPJAX_RESULTS or results)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="the plan, each item's state and estimate")
+    wheels = sub.add_parser("wheels", help="download the wheels the device image lacks")
+    wheels.add_argument("--out", default=".whl")
     stage = sub.add_parser("stage", help="write stage/call<k>/ for the next item and print the device calls")
     stage.add_argument("--data", default=os.environ.get(DATA_DIR_ENV), help="the CIFAR-10 npz copy")
     stage.add_argument("--out", default="stage")
@@ -121,7 +130,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    commands = {"status": cmd_status, "stage": cmd_stage, "run": cmd_run, "file": cmd_file}
+    commands = {"status": cmd_status, "wheels": cmd_wheels, "stage": cmd_stage, "run": cmd_run, "file": cmd_file}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as error:  # an unknown item, missing wheels, a file too large for a call

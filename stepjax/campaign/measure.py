@@ -19,6 +19,7 @@ default; 3 trainings side by side against one; 2-4 seeds vmapped in one program 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -34,6 +35,16 @@ BATCH_EST_S = 120.0  # a batch is started only with this much time left
 CMDBUF_OFF = "--xla_gpu_enable_command_buffer="
 CMDBUF_LOOPS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 BF16 = "model.dtype='bfloat16'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How long to time each measurement (`seconds`), the time a batch is started with at least
+    (`batch_est_s`), and how long its workers may take to compile (`compile_limit_s`)."""
+
+    seconds: float = SECONDS
+    batch_est_s: float = BATCH_EST_S
+    compile_limit_s: float = COMPILE_LIMIT_S
 
 
 def spec(name, exp, *overrides, xla_flags="", copies=1, members=0, env=()):
@@ -189,26 +200,32 @@ def _wait_ready(tasks: list[dict], processes: list, sync: Path, limit: float) ->
         time.sleep(0.2)
 
 
-def run_batch(specs: list[dict], sync: Path, env: dict, seconds: float, deadline: float) -> list[dict]:
-    """Compile the `specs` side by side, then time each alone (its copies together)."""
+def run_batch(specs: list[dict], sync: Path, env: dict, timing: Timing, deadline: float) -> list[dict]:
+    """Compile the `specs` side by side, stop the workers not ready in time, then time each
+    measurement alone (its copies together)."""
     tasks = [{**s, "id": f"{s['index']}_{c}"} for s in specs for c in range(s["copies"])]
     share = 0.9 / len(tasks)
-    processes = [_launch(t, sync, {**env, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{share:.3f}"}, seconds) for t in tasks]
-    _wait_ready(tasks, processes, sync, min(time.monotonic() + COMPILE_LIMIT_S, deadline))
+    processes = [_launch(t, sync, {**env, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{share:.3f}"}, timing.seconds) for t in tasks]
+    _wait_ready(tasks, processes, sync, min(time.monotonic() + timing.compile_limit_s, deadline))
+    ready = {t["id"] for t, p in zip(tasks, processes) if (sync / f"{t['id']}.ready").exists() and p.poll() is None}
+    for t, p in zip(tasks, processes):
+        if t["id"] not in ready:  # no compile may share the machine with a timing
+            p.kill()
+            p.wait()
     results = []
     for s in specs:
         group = [(t, p) for t, p in zip(tasks, processes) if t["index"] == s["index"]]
-        ready = [(t, p) for t, p in group if (sync / f"{t['id']}.ready").exists() and p.poll() is None]
-        for t, _ in ready:
-            (sync / f"{t['id']}.go").write_text("")
-        for t, p in group:
+        for t, _ in group:
+            if t["id"] in ready:
+                (sync / f"{t['id']}.go").write_text("")
+        for _, p in group:
             try:
-                p.wait(timeout=max(seconds * 4 + 30, 1) if (t, p) in ready else 0.1)
+                p.wait(timeout=timing.seconds * 4 + 30)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        parts = [_result(t, p, sync) if (t, p) in ready else
-                 {"error": f"not compiled within {COMPILE_LIMIT_S:.0f} s or failed: " + _result(t, p, sync).get("error", "")}
+        parts = [_result(t, p, sync) if t["id"] in ready else
+                 {"error": f"not compiled within {timing.compile_limit_s:.0f} s, or failed: " + _result(t, p, sync)["error"]}
                  for t, p in group]
         results.append(_combine(s, parts))
     return results
@@ -242,8 +259,8 @@ def derived(results: list[dict]) -> dict:
     for name, top, bottom in RATIOS:
         a, b = rate(by_name.get(top)), rate(by_name.get(bottom))
         ratios[name] = a / b if a and b else None
-    plain = [rate(r) for r in results if r["exp"] == "cifar10_resnet" and "model.scan=False" not in r["overrides"]
-             and r["copies"] == 1 and rate(r)]
+    # plain ResNet-164 at batch 128 (the paper protocol's experiment), any setting, one process
+    plain = [rate(r) for r in results if r["exp"] == "cifar10_resnet" and r["copies"] == 1 and rate(r)]
     fastest = max(plain, default=None)
     stepnet = ratios["stepnet cost, gpu protocol (plain / stepnet images/s)"]
     targets = {"plain ResNet-164 b128 >= 2x 5,205 images/s (fastest setting)":
@@ -253,9 +270,10 @@ def derived(results: list[dict]) -> dict:
 
 
 def run_measure(out: str | Path, deadline: float, env: dict, specs: list[dict] | None = None,
-                seconds: float = SECONDS, batch_est_s: float = BATCH_EST_S) -> dict:
-    """Run the measurements (default `SPECS`) in batches, each started only with `batch_est_s`
-    left before `deadline` (``time.monotonic()``); write the figures and `derived` to `out` (JSON).
+                timing: Timing = Timing()) -> dict:
+    """Run the measurements (default `SPECS`) in batches, each started only with
+    `Timing.batch_est_s` left before `deadline` (``time.monotonic()``); write the figures and
+    `derived` to `out` (JSON).
 
     **Returns:**
 
@@ -266,11 +284,11 @@ def run_measure(out: str | Path, deadline: float, env: dict, specs: list[dict] |
     sync = Path(out).parent / "measure-sync"
     sync.mkdir(parents=True, exist_ok=True)
     results, start = [], time.monotonic()
-    while queue and deadline - time.monotonic() >= batch_est_s:
+    while queue and deadline - time.monotonic() >= timing.batch_est_s:
         batch = [queue.pop(0)]
         while queue and sum(s["copies"] for s in batch) + queue[0]["copies"] <= BATCH:
             batch.append(queue.pop(0))
-        results += run_batch(batch, sync, env, seconds, deadline)
+        results += run_batch(batch, sync, env, timing, deadline)
     report = {"note": "one worker process per measurement, synthetic batches, each timed alone after the batch "
               "compiled side by side (stepjax.campaign.measure)", "wall_s": time.monotonic() - start,
               "results": results, "not_measured_for_time": [s["name"] for s in queue], **derived(results)}

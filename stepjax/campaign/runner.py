@@ -34,6 +34,7 @@ from pathlib import Path
 from stepjax.campaign import plan as planning
 from stepjax.campaign import staging
 from stepjax.data.sources import DATA_DIR_ENV
+from stepjax.main import CODE_VERSION_ENV
 from stepjax.records import RUNS_DIR, file_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,6 +118,9 @@ def base_env(ctx: Context, item: planning.Item, share: int) -> dict:
     env.update(PYTHONUNBUFFERED="1", STEPJAX_RESULTS=str(ctx.work / "filed"),
                XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / max(share, 1):.3f}")
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ctx.root / "jax-cache"))
+    code = staging.staged_code(ctx.root)
+    if code:  # what main.code_version records where the tree came without git
+        env[CODE_VERSION_ENV] = code
     if item.data:
         env[DATA_DIR_ENV] = str(staging.data_dir(ctx.root))
     env.update(dict(pair.split("=", 1) for pair in item.env))

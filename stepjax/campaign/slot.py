@@ -5,7 +5,9 @@ fit beside this checkout's working tree, and the exact device calls that send th
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 from stepjax.campaign import plan as planning
@@ -15,7 +17,7 @@ from stepjax.records import RUNS_DIR
 # the packages the device image lacks (KINDS.md lists what it has), pinned as in requirements.txt
 WHEELS = ("grain==0.2.18", "array_record==0.8.6", "portpicker==1.6.0", "ml_collections==1.1.0", "tensorboardX==2.6.5")
 SITE = "/tmp/stepjax/site"
-RUN_BUDGET_S = 510  # the runner's budget: with the last part's arrival (~30 s), within 9 minutes
+RUN_BUDGET_S = planning.BUDGET_S  # the runner's budget: with the last part's arrival, within 9 minutes
 
 
 def tree_bytes(repo: str | Path) -> int:
@@ -50,13 +52,26 @@ def wheels(folder: str | Path) -> list[Path]:
     return found
 
 
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64")
+
+
+def download_wheels(folder: str | Path) -> int:
+    """``pip download`` the `WHEELS` for the device (CPython 3.12, x86-64 Linux) into `folder`;
+    returns pip's exit status."""
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *WHEELS]
+    return subprocess.run(command).returncode
+
+
 def _wheel_name(requirement: str) -> str:
     return requirement.split("==")[0].lower().replace("-", "_") + "-"
 
 
 def device_command(call: int, calls: int, item_key: str | None) -> str:
     """The shell command of staging call `call` of `calls` (the last one also runs the item)."""
-    receive = f"python3 stepjax/campaign/staging.py receive stage/call{call}"
+    receive = f"export PYTHONUNBUFFERED=1; python3 stepjax/campaign/staging.py receive stage/call{call}"
     if call < calls:
         return receive
     item = f" --item {item_key}" if item_key else ""
@@ -78,7 +93,7 @@ def render_calls(calls: list[dict], manifest: dict, item: planning.Item, capacit
              f"Each call carries at most {capacity / staging.MIB:.1f} MiB beside the working tree. Send them one "
              "after the other, each as soon as the last returns (the machine stays warm 30 s):", ""]
     for k, call in enumerate(calls, 1):
-        lines += [f"{k}. `run` command=`{call['command']}` carry=`{call['carry']}` timeout_s={call['timeout_s']} "
+        lines += [f"{k}. `run` command=`{call['command']}` carry=`{json.dumps(call['carry'])}` timeout_s={call['timeout_s']} "
                   f"({sizes[k] / staging.MIB:.1f} MiB)"]
     lines += ["", "Then, here: `make campaign-file DIR=<files_at of the last call>` and `make results`.", ""]
     return "\n".join(lines)

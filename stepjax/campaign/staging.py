@@ -5,7 +5,7 @@ A device call carries the working tree and the paths named in its ``carry``, 64 
 CIFAR-10 copy is 163 MiB (`SOURCE_SHA256`, from /work/shared/data/README.md), so it is first
 coded losslessly (`encode_images`: green, red - green and blue - green planes, each pixel minus
 the median-edge prediction of LOCO-I from its left, upper and upper-left neighbours, then lzma;
-about 47 % of the raw pixels, 81 MiB), then cut into parts that fill the room each call leaves.
+48 % of the raw pixels, 84.5 MiB), then cut into parts that fill the room each call leaves.
 `stage` writes one folder per call (``stage/call<k>/``: its files and the manifest, which names
 every part with its sha256 and the sha256 of the decoded arrays); on the device, `receive` checks
 each file against the manifest, keeps it in ``$STEPJAX_DEVICE_ROOT`` (default /tmp/stepjax,
@@ -267,7 +267,7 @@ def plan_calls(payload_size: int, extras: list[dict], capacity: int) -> list[dic
 
 
 def stage(source: str | Path | None, out: str | Path, *, capacity: int, extras: list[tuple[str, Path]] = (),
-          expected: dict | None = SOURCE_SHA256) -> dict:
+          expected: dict | None = SOURCE_SHA256, code: str | None = None) -> dict:
     """Write the call folders ``<out>/call1 ... call<n>`` that carry CIFAR-10 and the `extras`.
 
     **Arguments:**
@@ -279,6 +279,8 @@ def stage(source: str | Path | None, out: str | Path, *, capacity: int, extras: 
     - `extras`: ``(kind, path)`` pairs: ``wheel`` (installed on the device) or ``run`` (a
       `bundle_run` archive, unpacked under the device root).
     - `expected`: the sources' sha256 by file name (None: not checked).
+    - `code`: the version of the code that travels with the calls (the device's copy of the tree
+      has no git history; `staged_code` gives it back there).
 
     **Returns:**
 
@@ -301,7 +303,8 @@ def stage(source: str | Path | None, out: str | Path, *, capacity: int, extras: 
                           "sha256": sha256_bytes(data[offset:offset + size])})
     stage_id = sha256_bytes(json.dumps(files, sort_keys=True).encode())[:16]
     payload_entry = {"name": PAYLOAD, "size": len(data), "sha256": sha256_bytes(data)} if digests else None
-    manifest = {"stage_id": stage_id, "calls": len(calls), "payload": payload_entry, "arrays": digests, "files": files}
+    manifest = {"stage_id": stage_id, "calls": len(calls), "code": code, "payload": payload_entry, "arrays": digests,
+                "files": files}
     for old in out.glob("call*"):
         shutil.rmtree(old)
     sources = {e["name"]: e["path"] for e in entries}
@@ -399,6 +402,12 @@ def assemble(store: Path, manifest: dict, root: Path) -> str:
     (target / READY).write_text(json.dumps(ready, indent=1))
     counts = ", ".join(f"{split} {manifest['arrays'][split]['shape'][0]}" for split in SPLITS)
     return f"CIFAR-10 ready in {target} ({counts}; arrays' sha256 checked)."
+
+
+def staged_code(root: str | Path) -> str | None:
+    """The code version recorded by the newest staging that arrived under `root`, or None."""
+    manifests = sorted((Path(root) / "stage").glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime)
+    return json.loads(manifests[-1].read_text()).get("code") if manifests else None
 
 
 def data_status(root: str | Path | None = None) -> tuple[bool, str]:
