@@ -30,8 +30,8 @@ def cmd_status(args) -> int:
         parts = len(item.trainings) + len(item.analyses) + int(item.measure)
         state = "done" if not left else f"{parts - left} of {parts} done"
         mark = "->" if item is nxt else "  "
-        chunked = " (chunked: several commands)" if item.chunked else ""
-        print(f"{mark} {item.key:14s} {item.est_s / 60:5.1f} min{chunked:28s} {state:14s} {item.title}")
+        print(f"{mark} {item.key:14s} {item.est_s / 60:6.1f} min{'*' if item.chunked else ' '} {state:14s} {item.title}")
+    print("(minutes: the estimate of one command; * in all, over several commands, each resuming the last)")
     print(f"next: {nxt.key if nxt else 'nothing: the plan is done'}")
     return 0
 
