@@ -13,7 +13,8 @@ ifneq ($(DATA),)
 export STEPJAX_DATA_DIR := $(abspath $(DATA))
 endif
 
-.PHONY: setup lint test train list data summary study results records evaluate bench analyze lottery ode-bench ode-bench-quick
+.PHONY: setup lint test train list data summary study results records evaluate bench analyze lottery ode-bench ode-bench-quick \
+	campaign-status campaign-wheels campaign-stage campaign-file
 
 setup: $(VENV)/.installed
 
@@ -76,3 +77,17 @@ ode-bench: setup
 
 ode-bench-quick: setup
 	$(PY) -m stepjax.odebench --quick
+
+# the GPU campaign (docs/GPU.md): the plan's state; once, the wheels the device image lacks; before a
+# slot, the staging calls of the next item (DATA=/work/shared/data/cifar10); after it, DIR=<files_at>
+campaign-status: setup
+	$(PY) -m stepjax.campaign status
+
+campaign-wheels: setup
+	$(PY) -m stepjax.campaign wheels
+
+campaign-stage: setup
+	$(PY) -m stepjax.campaign stage $(ARGS)
+
+campaign-file: setup
+	$(PY) -m stepjax.campaign file $(DIR)

@@ -32,9 +32,14 @@ def parse_args(argv):
     return args
 
 
+CODE_VERSION_ENV = "STEPJAX_CODE_VERSION"
+
+
 def code_version(directory=Path(__file__).resolve().parents[1]) -> str:
     """The git commit of the code in `directory` (short hash, ``+dirty`` with uncommitted changes
-    to tracked files), or ``unknown`` outside a git checkout."""
+    to tracked files); outside a git checkout (a copy of the tree, as a device machine gets)
+    ``$STEPJAX_CODE_VERSION`` if set (the campaign runner sets the version staged with it), else
+    ``unknown``."""
     def git(*args):
         return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -42,13 +47,25 @@ def code_version(directory=Path(__file__).resolve().parents[1]) -> str:
         commit = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get(CODE_VERSION_ENV) or "unknown"
     return commit + ("+dirty" if dirty else "")
 
 
 # the checkout's version when this module was loaded: a long-lived process (the study) keeps running
 # the code it imported, whatever the checkout says later
 LOADED_CODE = code_version()
+
+
+# variables that change what a command reads or computes: kept with the command (command.txt)
+RECORDED_ENV = ("STEPJAX_DATA_DIR", "JAX_DEFAULT_MATMUL_PRECISION")
+
+
+def recorded_environment() -> list[str]:
+    """``NAME=value`` of the set `RECORDED_ENV` variables (the data directory made absolute)."""
+    values = {name: os.environ[name] for name in RECORDED_ENV if os.environ.get(name)}
+    if "STEPJAX_DATA_DIR" in values:
+        values["STEPJAX_DATA_DIR"] = os.path.abspath(values["STEPJAX_DATA_DIR"])
+    return [f"{name}={value}" for name, value in values.items()]
 
 
 def argv_used(argv):
@@ -75,8 +92,7 @@ def main(argv=None) -> int:
     config = resolve_nsi_placement(command_config(args.config, args.overrides))
     workdir = Path(args.workdir or f"runs/{args.config.replace(':', '_')}")
     workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = os.environ.get("STEPJAX_DATA_DIR")  # part of what the command reads: keep it with the command
-    env = [f"STEPJAX_DATA_DIR={os.path.abspath(data_dir)}"] if data_dir else []
+    env = recorded_environment()
     (workdir / "command.txt").write_text(shlex.join([*env, "python", "-m", "stepjax.main", *argv_used(argv)]) + "\n")
     if jax.process_index() == 0:  # one line per start: a resumed run may span code versions
         with open(workdir / "code.txt", "a") as f:

@@ -97,7 +97,25 @@ def cifar_deep(c):
     return c
 
 
-CIFAR_VARIANTS = {"smoke": smoke, "cpu": cifar_cpu, "deep": cifar_deep}
+def cifar_gpu(c):
+    """The short accelerator protocol: the paper's full-width post-activation bottleneck ResNet-164,
+    15 epochs of batch 256 in bfloat16 (the parameters, their gradients and the optimizer state stay
+    float32: every layer casts its float32 weights to the compute dtype), SGD with Nesterov momentum,
+    peak lr 0.2 after one warm-up epoch, cosine decay, wd 5e-4, label smoothing 0.1, one device:
+    the deep CPU protocol's recipe (lr 0.05 at batch 64) at full width, its lr scaled with the batch.
+
+    Sized for the GPU campaign (`stepjax.campaign.plan`): plain, SE and StepNet side by side, and
+    their NSI analyses, within one 9-minute command on one H200, from the step times measured there
+    (docs/BENCHMARKS.md: bfloat16 at batch 128 7,436 images/s, at batch 1024 15,826).
+    """
+    c.model.dtype = "bfloat16"
+    c.optim.update(schedule="cosine", lr=0.2, nesterov=True, warmup_epochs=1, weight_decay=5e-4, label_smoothing=0.1)
+    c.train.update(epochs=15, global_batch=256, eval_batch=1000, log_every_steps=50)
+    c.mesh.num_devices = 1
+    return c
+
+
+CIFAR_VARIANTS = {"smoke": smoke, "cpu": cifar_cpu, "deep": cifar_deep, "gpu": cifar_gpu}
 IMAGENET_VARIANTS = {"smoke": smoke}
 
 

@@ -23,7 +23,7 @@ from stepjax import study
 from stepjax.analysis.report import load_images, load_source
 from stepjax.config import ADDED_KEYS, apply_overrides, load_experiment, read_run_config, validate
 from stepjax.evaluate import evaluate_run, read_evaluation
-from stepjax.main import code_version
+from stepjax.main import CODE_VERSION_ENV, code_version
 from stepjax.models import build_model
 from stepjax.results import collect
 from stepjax.train import NonFiniteLossError, load_run, make_optimizer, read_metrics, restore_run, train
@@ -56,7 +56,7 @@ def test_make_train_smoke_end_to_end(tmp_path):
     assert "best test accuracy" in result.stdout
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "done" and summary["steps"] == 16
-    assert summary["eval_time_s"] > 0 and summary["wall_time_s"] > 0
+    assert summary["eval_time_s"] > 0 and summary["wall_time_s"] > 0 and summary["device"] == "cpu"
     records = read_metrics(workdir / "metrics.jsonl")
     test_records = [r for r in records if r["split"] == "test"]
     assert len(test_records) == 2 and len(test_records[0]["step_size"]) == 6  # one mean step per block
@@ -163,11 +163,14 @@ def test_two_processes_equal_one(tmp_path):
 # ---- bad input: each error names the problem and the fix ----
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path, monkeypatch):
     def git(*args):
         return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout.strip()
 
     assert code_version(tmp_path) == "unknown"  # not a checkout
+    monkeypatch.setenv(CODE_VERSION_ENV, "abc1234")  # a copy of the tree, with the version staged beside it
+    assert code_version(tmp_path) == "abc1234"
+    monkeypatch.delenv(CODE_VERSION_ENV)
     git("init", "-q")
     (tmp_path / "a.py").write_text("x = 1\n")
     git("add", "a.py")

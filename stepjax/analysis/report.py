@@ -38,10 +38,12 @@ def load_source(source: str):
 
     **Returns:**
 
-    `(config, model, step)`; `step` is 0 for a fresh model.
+    `(config, model, step)`; `step` is 0 for a fresh model. The model computes in float32 whatever
+    the training's compute dtype (the indicators difference nearby states), and `config` says so.
     """
     if source.startswith(INIT_PREFIX):
         config, step = command_config(source[len(INIT_PREFIX):]), 0
+        config.model.dtype = "float32"
         model = build_model(config)
     else:
         if not Path(source).is_dir():
@@ -49,7 +51,7 @@ def load_source(source: str):
                 f"{source} is not a directory. Pass a run directory (train one with `make train EXP=...`) "
                 f"or {INIT_PREFIX}EXP for a freshly initialised model."
             )
-        config, model, step = load_run(source)
+        config, model, step = load_run(source, dtype="float32")
         # a restored run is replicated over the training mesh; the analysis runs on one device
         nnx.update(model, jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), nnx.state(model)))
     model.eval()

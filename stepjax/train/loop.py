@@ -92,12 +92,15 @@ def evaluate(eval_step, state, config, mesh) -> dict:
     return result
 
 
-def restore_run(workdir: str | Path):
+def restore_run(workdir: str | Path, dtype: str | None = None):
     """The config and latest readable `TrainState` of a run directory.
 
     **Arguments:**
 
     - `workdir`: a directory written by `train`.
+    - `dtype`: rebuild the model in this compute dtype instead of the run's (``'float32'`` to
+      analyse a run trained in bfloat16; the parameters are float32 either way). The returned
+      config says so.
 
     **Returns:**
 
@@ -106,6 +109,8 @@ def restore_run(workdir: str | Path):
     """
     workdir = Path(workdir)
     config = read_run_config(workdir)
+    if dtype is not None:
+        config.model.dtype = dtype
     tx = make_optimizer(config.optim, learning_rate_schedule(config.optim, 1, 1))
     graphdef, state = init_state(build_model(config), tx)
     checkpointer = Checkpointer(workdir / "checkpoints")
@@ -119,9 +124,10 @@ def restore_run(workdir: str | Path):
     return config, graphdef, step, TrainState(**saved), extra
 
 
-def load_run(workdir: str | Path):
-    """The config, trained model (in evaluation mode) and step of a run directory."""
-    config, graphdef, step, state, _ = restore_run(workdir)
+def load_run(workdir: str | Path, dtype: str | None = None):
+    """The config, trained model (in evaluation mode) and step of a run directory (`dtype`: see
+    `restore_run`)."""
+    config, graphdef, step, state, _ = restore_run(workdir, dtype)
     model = nnx.merge(graphdef, state.params, state.rest)
     model.eval()
     return config, model, step
@@ -269,6 +275,7 @@ def _finish(workdir, record, status, step, primary):
     summary = {
         **record, "status": status, "steps": step,
         "images_per_sec": record["trained_images"] / max(record["wall_time_s"], 1e-9),
+        "device": jax.devices()[0].device_kind,  # the kind of the last start's devices
     }
     if primary:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))

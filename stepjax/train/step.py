@@ -77,8 +77,9 @@ def cross_entropy(logits, labels, num_classes, smoothing=0.0):
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def make_train_step(graphdef, tx, schedule, config, info, mesh):
-    """The jitted ``train_step(state, batch) -> (state, metrics)``; `state` is donated."""
+def train_step_fn(graphdef, tx, schedule, config, info):
+    """The pure ``train_step(state, batch) -> (state, metrics)``, unjitted (to be jitted, or
+    vmapped over several members as the campaign's measurements do)."""
     base_key = jax.random.key(config.seed)
 
     def train_step(state: TrainState, batch):
@@ -100,8 +101,13 @@ def make_train_step(graphdef, tx, schedule, config, info, mesh):
         }
         return TrainState(state.step + 1, params, rest, opt_state), metrics
 
+    return train_step
+
+
+def make_train_step(graphdef, tx, schedule, config, info, mesh):
+    """The jitted ``train_step(state, batch) -> (state, metrics)``; `state` is donated."""
     return jax.jit(
-        train_step,
+        train_step_fn(graphdef, tx, schedule, config, info),
         in_shardings=(replicated(mesh), batch_sharded(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
