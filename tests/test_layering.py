@@ -30,10 +30,12 @@ LAYERS = {
     "stepjax": ["stepjax.models"],  # the package's public API (stepjax/__init__.py)
     # readers of trained models and runs
     "stepjax.evaluate": ["stepjax.train"],
-    "stepjax.analysis": ["stepjax.train"],
-    "stepjax.results": ["stepjax.evaluate"],
+    "stepjax.analysis": ["stepjax.train", "stepjax.records"],
+    "stepjax.results": ["stepjax.evaluate", "stepjax.records"],
+    "stepjax.docs": ["stepjax.results", "stepjax.analysis"],  # every run-derived document, from records
     "stepjax.main": ["stepjax.analysis", "stepjax.records"],  # resolves an NSI-guided placement
     "stepjax.study": ["stepjax.main", "stepjax.results"],
+    "stepjax.campaign": ["stepjax.main"],  # the GPU campaign: trains, analyses and files records
     "benchmarks": ["stepjax.train"],
     "stepjax.odebench": ["stepjax.controllers"],
 }
