@@ -5,6 +5,7 @@ import os
 import ml_collections
 
 from stepjax import data
+from stepjax.errors import UserError
 
 # Paper protocol (PAPER.md): ResNet-164, 164 epochs, SGD 0.9, lr 0.1 x0.1 at 81/122, batch 128, wd 1e-4.
 PAPER_CIFAR = dict(preset="resnet164", epochs=164, boundaries=(81, 122), global_batch=128, lr=0.1)
@@ -59,7 +60,7 @@ def apply_variant(c, arg, *, cpu=None, deep=None):
         return cpu(c)
     if arg == "deep" and deep is not None:
         return deep(c)
-    raise ValueError(f"Unknown variant {arg!r}; use '' (paper protocol), 'smoke', 'cpu' or 'deep'.")
+    raise UserError(f"Unknown variant {arg!r}; use '' (paper protocol), 'smoke', 'cpu' or 'deep'.")
 
 
 def cifar_cpu(c):
