@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 DONE = 0  # the work finished
 CRASHED = 1  # an unexpected error (a traceback), or a study with failed runs

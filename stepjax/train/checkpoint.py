@@ -197,7 +197,7 @@ class Checkpointer:
         self._pending = None if step in self._manager.all_steps() else step
         try:
             return self._manager.save(step, args=args, force=force)
-        except Exception as error:  # noqa: BLE001 -- e.g. no space for the step directory
+        except Exception as error:  # e.g. no space for the step directory
             raise self._save_error(error) from error
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
@@ -239,7 +239,8 @@ class Checkpointer:
             return restored
         if failures:
             for step, error in failures.items():
-                logger.warning("Checkpoint at step %d in %s is unreadable (%s).", step, self.directory, _describe(error))
+                logger.warning("Checkpoint at step %d in %s is unreadable (%s).", step, self.directory,
+                               _describe(error))
             raise CheckpointError(
                 f"All {len(failures)} checkpoints in {self.directory} are unreadable (steps "
                 f"{', '.join(map(str, failures))}); refusing to start from step 0. Move the run "
@@ -263,7 +264,7 @@ class Checkpointer:
             return
         try:
             self._manager.wait_until_finished()
-        except Exception as error:  # noqa: BLE001 -- any failed write
+        except Exception as error:  # any failed write
             raise self._save_error(error) from error
 
     def close(self) -> None:
@@ -280,8 +281,8 @@ class Checkpointer:
         self._failed, step = True, self._pending
         try:
             self._manager.close()
-        except Exception:  # noqa: BLE001 -- the same failure, already in hand
-            pass
+        except Exception:  # the same failure, already in hand
+            logger.debug("orbax's close after the failed save", exc_info=True)
         for thread in threading.enumerate():  # the other writes of the save may still be running
             if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
                 threading.Thread.join(thread, timeout=_WRITE_TIMEOUT_S)

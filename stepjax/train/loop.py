@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from stepjax import data, parallel
-from stepjax.config import read_run_config, validate
 from stepjax.analysis.placement import resolve_nsi_placement
+from stepjax.config import read_run_config, validate
 from stepjax.errors import DIVERGED, StepjaxError, UserError
 from stepjax.models import make_model
 from stepjax.records import LOADED_CODE
@@ -86,12 +86,12 @@ class _StopSignals:
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.requested:
+        name, again = signal.Signals(signum).name, self.requested
+        self.requested = True  # first: a second signal may interrupt the logging below
+        if again:
             log.warning("%s received again: still saving the checkpoint, please wait.", name)
         else:
             log.warning("%s received: saving a checkpoint and stopping (rerun the same command to resume).", name)
-        self.requested = True
 
     def restore(self):
         for s, handler in self._previous.items():
@@ -147,7 +147,8 @@ def restore_run(workdir: str | Path):
     finally:
         checkpointer.close()
     if restored is None:
-        raise UserError(f"{workdir}/checkpoints holds no checkpoint: train the run first (or finish it by rerunning its command.txt).")
+        raise UserError(f"{workdir}/checkpoints holds no checkpoint: train the run first (or finish it by "
+                        "rerunning its command.txt).")
     step, saved, extra = restored
     return config, graphdef, step, TrainState(**saved), extra
 
@@ -227,7 +228,7 @@ def _check_resumable(workdir: Path, discard_record: bool) -> None:
         return
     path = workdir / METRICS_FILE
     records = read_metrics(path) if path.exists() else []
-    found = [f"{len(records)} records up to step {max(r['step'] for r in records)} in {METRICS_FILE}"] if records else []
+    found = [f"{len(records)} records up to step {records[-1]['step']} in {METRICS_FILE}"] if records else []
     found += [f"an unfinished checkpoint ({names}, a save cut short)"] if unfinished else []
     if not found:
         return
