@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import os
 
@@ -17,7 +19,8 @@ _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # How long a CPU device's thread waits for the others at a collective (e.g. the gradient all-reduce)
 # before XLA warns, and before it aborts the process. XLA's defaults (20 s, then 40 s more) kill a
 # training whenever other jobs starve one core for a minute; these wait out minutes of load and
-# still end a real deadlock within the hour.
+# still end a real deadlock within the hour. Set on CPU-only hosts: an accelerator plugin (libtpu,
+# a CUDA plugin) parses XLA_FLAGS with its own XLA, which may not know them.
 COLLECTIVE_TIMEOUTS = {
     "--xla_cpu_collective_call_warn_stuck_timeout_seconds": 300,
     "--xla_cpu_collective_call_terminate_timeout_seconds": 1800,
@@ -50,10 +53,12 @@ def configure_cpu_devices(num_devices: int | None = None) -> int:
     **Returns:**
 
     The number of CPU devices JAX will create. Only the CPU backend is affected: on a GPU or
-    TPU host the accelerators are still the default devices. The collective timeouts of
-    `COLLECTIVE_TIMEOUTS` are added to ``XLA_FLAGS`` too, unless ``XLA_FLAGS`` sets them.
+    TPU host the accelerators are still the default devices. Where JAX runs on the CPU alone, the
+    collective timeouts of `COLLECTIVE_TIMEOUTS` are added to ``XLA_FLAGS`` too (a value already
+    there wins).
     """
-    set_default_xla_flags(COLLECTIVE_TIMEOUTS)
+    if jax.config.jax_platforms == "cpu" or not _accelerator_plugins():
+        set_default_xla_flags(COLLECTIVE_TIMEOUTS)
     if _DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
         value = os.environ["XLA_FLAGS"].split(_DEVICE_COUNT_FLAG + "=")[1].split()[0]
         return int(value)
@@ -64,6 +69,12 @@ def configure_cpu_devices(num_devices: int | None = None) -> int:
     if jax.config.jax_num_cpu_devices != num_devices:  # a second call (e.g. the study's next run) is a no-op
         jax.config.update("jax_num_cpu_devices", int(num_devices))
     return int(num_devices)
+
+
+def _accelerator_plugins() -> bool:
+    """Whether JAX may find a GPU or TPU here: a PJRT plugin or libtpu is installed."""
+    return (any(importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu"))
+            or bool(importlib.metadata.entry_points(group="jax_plugins")))
 
 
 def set_default_xla_flags(flags: dict) -> None:

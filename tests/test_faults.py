@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stepjax import data, errors, study
+from stepjax import data, errors, parallel, study
 from stepjax.config import apply_overrides, load_experiment
 from stepjax.evaluate import evaluate_run
 from stepjax.main import main
@@ -89,6 +89,16 @@ def test_a_device_thread_stalled_for_a_minute_does_not_kill_the_run():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-2:] == ["[2.0,", "4.0]"]  # [0 + 2, 1 + 3]
     assert time.time() - start > 65
+
+
+def test_the_collective_timeouts_leave_a_users_value_alone(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
+                                    "--xla_cpu_collective_call_terminate_timeout_seconds=7")
+    parallel.set_default_xla_flags(parallel.COLLECTIVE_TIMEOUTS)
+    parallel.set_default_xla_flags(parallel.COLLECTIVE_TIMEOUTS)  # a second start-up adds nothing
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=2", "--xla_cpu_collective_call_terminate_timeout_seconds=7",
+        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300"]
 
 
 # ---- one writer per workdir ----
