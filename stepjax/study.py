@@ -89,12 +89,13 @@ class _Training:
             signal.signal(s, handler)
 
 
-# exit statuses of a training worth a second try: a crash, a process killed by a signal or aborted (XLA)
 def _retry(status: int) -> bool:
+    """Whether a training that ended with `status` is worth a second try: a crash, or a process killed
+    by a signal or aborted (by XLA); not a refusal, a stop, a failed save or a divergence."""
     return status not in (errors.DONE, errors.REFUSED, errors.STOPPED, errors.SAVE_FAILED, errors.DIVERGED)
 
 
-def train_pending(runs, training: _Training) -> tuple[dict, bool]:
+def _train_pending(runs, training: _Training) -> tuple[dict, bool]:
     """Train each unfinished run of `runs` (a run that dies is retried once) and evaluate each finished one.
 
     **Returns:**
@@ -156,12 +157,15 @@ def _study(args) -> int:
     training = _Training()
     try:
         with hold_workdir(args.root):
-            failed, stopped = train_pending(runs, training)
+            failed, stopped = _train_pending(runs, training)
     finally:
         training.restore()
     if failed:
         print(f"stepjax.study: {len(failed)} of {len(runs)} runs failed (their messages are above); rerun to "
               "retry them, finished runs are kept: " + ", ".join(f"{d} (exit status {s})" for d, s in failed.items()),
+              file=sys.stderr)
+    if stopped:
+        print("stepjax.study: stopped by a signal (a running training saved its checkpoint); rerun to go on.",
               file=sys.stderr)
     return errors.STOPPED if stopped else errors.CRASHED if failed else errors.DONE
 
