@@ -253,8 +253,8 @@ BROKEN = {  # how to write the broken file, and what the message says
     "an npy file": (lambda tmp: _npy_bytes(tmp), r"holds a single .npy array"),
     "missing key": (lambda tmp: _npz_bytes(tmp, image=GOOD["image"]), r"lacks key\(s\) \['label'\]"),
     "float images": (lambda tmp: _npz_bytes(tmp, image=GOOD["image"] / 255.0, label=GOOD["label"]),
-                     r"'image' has dtype float64; expected uint8 .*pixels in \[0, 1\]: convert with "
-                     r"np.clip\(np.round\(x \* 255\)"),
+                     (r"'image' has dtype float64; expected uint8 .*pixels in \[0, 1\]: convert with "
+                      r"np.clip\(np.round\(x \* 255\)")),
     "channels first": (lambda tmp: _npz_bytes(tmp, image=GOOD["image"].transpose(0, 3, 1, 2), label=GOOD["label"]),
                        r"'image' has shape \(64, 3, 32, 32\); expected NHWC .*x.transpose\(0, 2, 3, 1\)"),
 }
