@@ -18,6 +18,7 @@ from pathlib import Path
 import ml_collections
 
 from stepjax.data import DATA_DIR_ENV
+from stepjax.errors import UserError
 
 EXPERIMENTS_DIR = Path(os.environ.get("STEPJAX_EXPERIMENTS", Path(__file__).resolve().parents[1] / "experiments"))
 
@@ -57,7 +58,7 @@ def parse_arg(arg: str | None, **defaults) -> dict:
     for item in filter(None, (arg or "").split(",")):
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(
+            raise UserError(
                 f"Experiment argument {item!r} is not key=value; write e.g. cifar10:controller=se,variant=cpu."
             )
         parsed[key.strip()] = _parse_value(text.strip())
@@ -107,7 +108,7 @@ def load_experiment(exp: str, directory: Path = EXPERIMENTS_DIR) -> ml_collectio
         name, arg = _resolve_alias(name, arg)
     path = Path(name) if name.endswith(".py") else Path(directory) / f"{name}.py"
     if not path.is_file():
-        raise ValueError(
+        raise UserError(
             f"Unknown experiment {name!r}. Available: {', '.join(available_experiments(directory))}. "
             "Run `make list` for descriptions."
         )
@@ -168,7 +169,7 @@ def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """
     path = Path(workdir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{workdir} has no config.json: not a stepjax run directory.")
+        raise UserError(f"{workdir} has no config.json: not a stepjax run directory; check the path.")
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
     for key, value in ADDED_KEYS.items():
         section, leaf = key.split(".")
@@ -216,9 +217,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"Override {item!r} is not of the form key=value (e.g. train.epochs=10).")
+            raise UserError(f"Override {item!r} is not of the form key=value (e.g. train.epochs=10).")
         if key not in known and not any(k.startswith(key + ".") for k in known):
-            raise ValueError(f"Unknown config key {key!r}. Valid keys: {', '.join(sorted(known))}.")
+            raise UserError(f"Unknown config key {key!r}. Valid keys: {', '.join(sorted(known))}.")
         *parents, leaf = key.split(".")
         node = config
         for parent in parents:
@@ -236,13 +237,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
     """Check what can be checked before anything runs; errors say what to change."""
     train = config.train
     if train.global_batch % device_count:
-        raise ValueError(
+        raise UserError(
             f"train.global_batch={train.global_batch} is not divisible by the {device_count} devices; "
             f"choose a multiple of {device_count} (e.g. train.global_batch={device_count * max(1, train.global_batch // device_count)})."
         )
     if train.eval_batch % device_count:
-        raise ValueError(f"train.eval_batch={train.eval_batch} is not divisible by the {device_count} devices.")
+        raise UserError(f"train.eval_batch={train.eval_batch} is not divisible by the {device_count} devices.")
     if config.optim.schedule not in ("step", "cosine"):
-        raise ValueError(f"optim.schedule={config.optim.schedule!r}: choose 'step' or 'cosine'.")
+        raise UserError(f"optim.schedule={config.optim.schedule!r}: choose 'step' or 'cosine'.")
     if config.model.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'.")
+        raise UserError(f"model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'.")

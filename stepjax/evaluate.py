@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
+
+from stepjax import errors
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -31,25 +32,26 @@ def evaluate_run(workdir: str | Path, *, data_dir: str | None = None) -> dict:
     **Returns:**
 
     ``{"step", "accuracy", "loss", "flip_accuracy", "flip_loss", "data", "seconds"}``, also written to
-    ``workdir/evaluation.json``.
+    ``workdir/evaluation.json`` (under the workdir's lock: refused while another process writes there).
     """
     import jax
 
     from stepjax import data, parallel
-    from stepjax.train import evaluate, make_eval_step, restore_run
+    from stepjax.train import evaluate, hold_workdir, make_eval_step, restore_run
 
     start = time.time()
-    config, graphdef, step, state, _ = restore_run(workdir)
-    if data_dir:
-        config.data.source, config.data.dir = "npz", str(data_dir)
-    mesh = parallel.data_mesh()
-    info = data.dataset_info(config.data)
-    metrics = evaluate(make_eval_step(graphdef, config, info, mesh, flip=True), state, config, mesh)
-    result = {"step": step, "data": f"{config.data.name} ({config.data.source})",
-              **{k: metrics[k] for k in ("accuracy", "loss", "flip_accuracy", "flip_loss")},
-              "seconds": round(time.time() - start, 1)}
-    if jax.process_index() == 0:
-        (Path(workdir) / EVALUATION_FILE).write_text(json.dumps(result, indent=2))
+    with hold_workdir(workdir):
+        config, graphdef, step, state, _ = restore_run(workdir)
+        if data_dir:
+            config.data.source, config.data.dir = "npz", str(data_dir)
+        mesh = parallel.data_mesh()
+        info = data.dataset_info(config.data)
+        metrics = evaluate(make_eval_step(graphdef, config, info, mesh, flip=True), state, config, mesh)
+        result = {"step": step, "data": f"{config.data.name} ({config.data.source})",
+                  **{k: metrics[k] for k in ("accuracy", "loss", "flip_accuracy", "flip_loss")},
+                  "seconds": round(time.time() - start, 1)}
+        if jax.process_index() == 0:
+            (Path(workdir) / EVALUATION_FILE).write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -67,8 +69,13 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", nargs="+", required=True, help="run directories")
     parser.add_argument("--data-dir", help="npz copy of the dataset (default: the run's data config)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    return errors.run(lambda: _evaluate_all(args), debug=args.debug)
+
+
+def _evaluate_all(args) -> int:
     from stepjax import parallel
 
     parallel.configure_cpu_devices()
@@ -76,8 +83,8 @@ def main(argv=None) -> int:
         r = evaluate_run(workdir, data_dir=args.data_dir)
         print(f"{workdir}: step {r['step']}, test accuracy {100 * r['accuracy']:.2f} %, "
               f"with flip TTA {100 * r['flip_accuracy']:.2f} % ({r['seconds']:.0f} s)", flush=True)
-    return 0
+    return errors.DONE
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.exit_process(main())

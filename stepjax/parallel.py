@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import os
 
@@ -9,9 +11,20 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from stepjax.errors import UserError
+
 COORDINATOR_ENV = ("STEPJAX_COORDINATOR", "STEPJAX_NUM_PROCESSES", "STEPJAX_PROCESS_ID")
 CPU_DEVICES_ENV = "STEPJAX_CPU_DEVICES"
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# How long a CPU device's thread waits for the others at a collective (e.g. the gradient all-reduce)
+# before XLA warns, and before it aborts the process. XLA's defaults (20 s, then 40 s more) kill a
+# training whenever other jobs starve one core for a minute; these wait out minutes of load and
+# still end a real deadlock within the hour. Set on CPU-only hosts: an accelerator plugin (libtpu,
+# a CUDA plugin) parses XLA_FLAGS with its own XLA, which may not know them.
+COLLECTIVE_TIMEOUTS = {
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds": 300,
+    "--xla_cpu_collective_call_terminate_timeout_seconds": 1800,
+}
 
 
 def host_cores() -> int:
@@ -40,18 +53,37 @@ def configure_cpu_devices(num_devices: int | None = None) -> int:
     **Returns:**
 
     The number of CPU devices JAX will create. Only the CPU backend is affected: on a GPU or
-    TPU host the accelerators are still the default devices.
+    TPU host the accelerators are still the default devices. Where JAX runs on the CPU alone, the
+    collective timeouts of `COLLECTIVE_TIMEOUTS` are added to ``XLA_FLAGS`` too (a value already
+    there wins).
     """
+    if jax.config.jax_platforms == "cpu" or not _accelerator_plugins():
+        set_default_xla_flags(COLLECTIVE_TIMEOUTS)
     if _DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
         value = os.environ["XLA_FLAGS"].split(_DEVICE_COUNT_FLAG + "=")[1].split()[0]
         return int(value)
     if num_devices is None:
         num_devices = int(os.environ.get(CPU_DEVICES_ENV) or host_cores())
     if num_devices < 1:
-        raise ValueError(f"configure_cpu_devices: num_devices must be >= 1, got {num_devices}.")
+        raise UserError(f"configure_cpu_devices: num_devices must be >= 1, got {num_devices}.")
     if jax.config.jax_num_cpu_devices != num_devices:  # a second call (e.g. the study's next run) is a no-op
         jax.config.update("jax_num_cpu_devices", int(num_devices))
     return int(num_devices)
+
+
+def _accelerator_plugins() -> bool:
+    """Whether JAX may find a GPU or TPU here: a PJRT plugin or libtpu is installed."""
+    return (any(importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu"))
+            or bool(importlib.metadata.entry_points(group="jax_plugins")))
+
+
+def set_default_xla_flags(flags: dict) -> None:
+    """Append each of `flags` (``--name`` -> value) to ``$XLA_FLAGS`` unless it is set there already.
+    XLA reads the variable once, when the first backend starts: call this before."""
+    given = os.environ.get("XLA_FLAGS", "")
+    added = [f"{name}={value}" for name, value in flags.items() if f"{name}=" not in given]
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([given, *added]).strip()
 
 
 def initialize_distributed() -> None:
@@ -80,7 +112,7 @@ def data_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices) or (jax.process_count() > 1 and num_devices != len(devices)):
-            raise ValueError(f"mesh.num_devices={num_devices}: there are {len(devices)} devices "
+            raise UserError(f"mesh.num_devices={num_devices}: there are {len(devices)} devices "
                              "(a subset is allowed only in a single process).")
         devices = devices[:num_devices]
     return Mesh(np.asarray(devices), ("data",))

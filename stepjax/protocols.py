@@ -13,6 +13,7 @@ from ml_collections.config_dict import placeholder
 
 from stepjax import data
 from stepjax.config import parse_arg
+from stepjax.errors import UserError
 
 # Paper protocol (PAPER.md): ResNet-164, 164 epochs, SGD 0.9, lr 0.1 x0.1 at 81/122, batch 128, wd 1e-4.
 PAPER_CIFAR = dict(preset="resnet164", epochs=164, boundaries=(81, 122), global_batch=128, lr=0.1)
@@ -137,7 +138,7 @@ def family_config(dataset: str, arg: str | None, paper: dict, variants: dict) ->
     controller, variant = options.pop("controller"), options.pop("variant")
     if variant and variant not in variants:
         names = ", ".join(repr(v) for v in ("", *variants))
-        raise ValueError(f"Unknown variant {variant!r}; use {names} ('' is the paper protocol).")
+        raise UserError(f"Unknown variant {variant!r}; use {names} ('' is the paper protocol).")
     c = base_config(dataset, controller, controller_options=options, **paper)
     return variants[variant](c) if variant else c
 

@@ -14,12 +14,35 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 RECORD_FILES = ("config.json", "metrics.jsonl", "summary.json", "evaluation.json", "code.txt", "command.txt")
 RESULTS_ENV = "STEPJAX_RESULTS"
 RUNS_DIR = "runs"
+CODE_VERSION_ENV = "STEPJAX_CODE_VERSION"
+
+
+def code_version(directory=Path(__file__).resolve().parents[1]) -> str:
+    """The git commit of the code in `directory` (short hash, ``+dirty`` with uncommitted changes
+    to tracked files); outside a git checkout (a copy of the tree, as a device machine gets)
+    ``$STEPJAX_CODE_VERSION`` if set (the campaign runner sets the version staged with it), else
+    ``unknown``."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get(CODE_VERSION_ENV) or "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+# the checkout's version when this module was loaded, recorded in a run's code.txt: a long-lived
+# process (the lottery) keeps running the code it imported, whatever the checkout says later
+LOADED_CODE = code_version()
 
 
 def results_root() -> Path:

@@ -4,6 +4,12 @@
 not finished yet (each in ``<root>/<experiment>_s<seed>``, resuming from its checkpoints) and
 evaluates each finished run with flip test-time augmentation (`stepjax.evaluate`); then
 ``python -m stepjax.results`` turns the run directories into docs/RESULTS.md.
+
+Each run trains in a process of its own (``python -m stepjax.main``), so that a run that dies (e.g.
+aborted by XLA) ends only itself: it is retried once (resuming from its last checkpoint), and if it
+fails again the study goes on with the next run and names the failed ones at the end (exit status
+1). SIGTERM and SIGINT are passed on to the running training, which saves a checkpoint; then the
+study stops (exit status 3). The study holds the lock of its root (`stepjax.train.lock`).
 """
 
 from __future__ import annotations
@@ -12,8 +18,12 @@ import argparse
 import json
 import logging
 import shlex
+import signal
+import subprocess
 import sys
 from pathlib import Path
+
+from stepjax import errors
 
 SEEDS = (0, 1, 2)
 PLANS = {
@@ -55,39 +65,115 @@ def command(exp: str, seed: int, workdir: Path) -> str:
     return f"python -m stepjax.main --config {exp} --workdir {shlex.quote(str(workdir))} seed={seed}"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+class _Training:
+    """Runs one training process at a time; SIGTERM and SIGINT are passed on to it and stop the study
+    once it has saved its checkpoint and ended."""
+
+    def __init__(self):
+        self.child = None
+        self.stop = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.stop = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)  # after Ctrl-C it has it already; a training ignores the repeat
+
+    def run(self, exp: str, seed: int, workdir: Path) -> int:
+        """Trains (or resumes) one run of the plan; returns the exit status of its process."""
+        self.child = subprocess.Popen([sys.executable, *shlex.split(command(exp, seed, workdir))[1:]])
+        try:
+            return self.child.wait()
+        finally:
+            self.child = None
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _retry(status: int) -> bool:
+    """Whether a training that ended with `status` is worth a second try: a crash, or a process killed
+    by a signal or aborted (by XLA); not a refusal, a stop, a failed save or a divergence."""
+    return status not in (errors.DONE, errors.REFUSED, errors.STOPPED, errors.SAVE_FAILED, errors.DIVERGED)
+
+
+def _train_pending(runs, training: _Training) -> tuple[dict, bool]:
+    """Train each unfinished run of `runs` (a run that dies is retried once) and evaluate each finished one.
+
+    **Returns:**
+
+    `(failed, stopped)`: workdir -> exit status of the runs that failed, and whether a signal stopped
+    the study.
+    """
+    from stepjax.evaluate import evaluate_run, read_evaluation
+    from stepjax.records import file_run
+
+    failed = {}
+    for exp, seed, workdir in runs:
+        if training.stop:
+            return failed, True
+        if finished_steps(workdir) is None:
+            print(command(exp, seed, workdir), flush=True)
+            status = training.run(exp, seed, workdir)
+            if _retry(status) and not training.stop:
+                print(f"{workdir}: the training died (exit status {status}); retrying once, from its last "
+                      "checkpoint.", file=sys.stderr, flush=True)
+                status = training.run(exp, seed, workdir)
+            if status == errors.STOPPED or training.stop:
+                return failed, True
+            if status != errors.DONE:
+                failed[workdir] = status
+                continue
+        if read_evaluation(workdir, finished_steps(workdir)) is None:
+            result = evaluate_run(workdir)
+            print(f"{workdir}: test accuracy {100 * result['accuracy']:.2f} %, with flip TTA "
+                  f"{100 * result['flip_accuracy']:.2f} %; record filed in {file_run(workdir)}", flush=True)
+    return failed, False
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", default="cpu", choices=sorted(PLANS))
     parser.add_argument("--root", help="run directories (default runs/study for cpu, runs/deep for deep)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of pending runs")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = parser.parse_args(argv)
     args.root = args.root or ROOTS.get(args.plan, f"runs/{args.plan}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return errors.run(lambda: _study(args), debug=args.debug)
+
+
+def _study(args) -> int:
     from stepjax import parallel
-    from stepjax.evaluate import evaluate_run, read_evaluation
-    from stepjax.main import main as train_main
-    from stepjax.records import file_run
+    from stepjax.train import hold_workdir
 
     parallel.configure_cpu_devices()
     runs = [(exp, seed, run_dir(args.root, exp, seed)) for exp, seed in PLANS[args.plan]]
     stale = [why for exp, _, d in runs if finished_steps(d) is not None and (why := protocol_mismatch(exp, d))]
     if stale:
         print("\n".join(stale), file=sys.stderr)
-        return 2
-    for exp, seed, workdir in runs:
-        if finished_steps(workdir) is None:
-            print(command(exp, seed, workdir), flush=True)
-            if args.dry_run:
-                continue
-            code = train_main(shlex.split(command(exp, seed, workdir))[3:])
-            if code:
-                return code
-        if not args.dry_run and read_evaluation(workdir, finished_steps(workdir)) is None:
-            result = evaluate_run(workdir)
-            print(f"{workdir}: test accuracy {100 * result['accuracy']:.2f} %, with flip TTA "
-                  f"{100 * result['flip_accuracy']:.2f} %; record filed in {file_run(workdir)}", flush=True)
-    return 0
+        return errors.REFUSED
+    if args.dry_run:
+        for exp, seed, workdir in runs:
+            if finished_steps(workdir) is None:
+                print(command(exp, seed, workdir))
+        return errors.DONE
+    training = _Training()
+    try:
+        with hold_workdir(args.root):
+            failed, stopped = _train_pending(runs, training)
+    finally:
+        training.restore()
+    if failed:
+        print(f"stepjax.study: {len(failed)} of {len(runs)} runs failed (their messages are above); rerun to "
+              "retry them, finished runs are kept: " + ", ".join(f"{d} (exit status {s})" for d, s in failed.items()),
+              file=sys.stderr)
+    if stopped:
+        print("stepjax.study: stopped by a signal (a running training saved its checkpoint); rerun to go on.",
+              file=sys.stderr)
+    return errors.STOPPED if stopped else errors.CRASHED if failed else errors.DONE
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    errors.exit_process(main())

@@ -1,5 +1,6 @@
 """Tests for stepjax.train.checkpoint (works with 1 or 4 CPU devices)."""
 
+import errno
 import gc
 import glob
 import logging
@@ -16,8 +17,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
-from stepjax.train.checkpoint import Checkpointer, CheckpointError
+from stepjax.train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -177,6 +179,31 @@ def test_interval_and_force(tmp_path):
     ckpt.close()
     assert _step_dirs(tmp_path) == ["10", "5"]
     assert Checkpointer(tmp_path).restore_latest(_abstract_state())[0] == 10
+
+
+def test_a_failed_write_is_reported_at_once_and_removed(tmp_path, monkeypatch):
+    # a full disk while `extra` is written in the background (as the arrays are)
+    save = JsonCheckpointHandler._save_fn
+
+    async def no_space_at_step_2(self, item, directory):
+        if "/2.orbax-checkpoint-tmp" in str(directory):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await save(self, item, directory)
+
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", no_space_at_step_2)
+    state = _trained_state()
+    ckpt = Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
+    assert ckpt.save(1, state, {"step": 1})
+    ckpt.wait()
+    assert ckpt.save(2, state, {"step": 2})
+    with pytest.raises(CheckpointSaveError, match=(
+            rf"^Could not write the checkpoint of step 2 in {tmp_path}: the disk is full\. Free space there, or keep "
+            r"fewer checkpoints \(train.keep_checkpoints, now 3\), then rerun the same command to resume from "
+            r"step 1\.$")):
+        ckpt.wait()
+    ckpt.close()  # the failure is reported once
+    assert _step_dirs(tmp_path) == ["1"]
+    assert Checkpointer(tmp_path).restore_latest(_abstract_state())[2] == {"step": 1}
 
 
 def test_extra_must_be_json(tmp_path):

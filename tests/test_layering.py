@@ -16,17 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("stepjax", "benchmarks", "experiments")
 
 LAYERS = {
-    "stepjax.ode": [],
+    "stepjax.errors": [],  # exit statuses and the user-error type: importable from every layer
+    "stepjax.ode": ["stepjax.errors"],
     "stepjax.layers": ["stepjax.ode"],
     "stepjax.controllers": ["stepjax.layers"],
     "stepjax.models": ["stepjax.controllers"],
-    "stepjax.data": [],
-    "stepjax.parallel": [],
-    "stepjax.records": [],
+    "stepjax.data": ["stepjax.errors"],
+    "stepjax.parallel": ["stepjax.errors"],
+    "stepjax.records": ["stepjax.errors"],
     "stepjax.config": ["stepjax.data"],
     "stepjax.protocols": ["stepjax.config"],
     "experiments": ["stepjax.protocols"],
-    "stepjax.train": ["stepjax.models", "stepjax.config", "stepjax.parallel"],
+    "stepjax.train": ["stepjax.models", "stepjax.config", "stepjax.parallel", "stepjax.records"],
     "stepjax": ["stepjax.models"],  # the package's public API (stepjax/__init__.py)
     # readers of trained models and runs
     "stepjax.evaluate": ["stepjax.train"],
@@ -144,7 +145,8 @@ def test_every_module_has_a_layer_and_the_layers_no_cycle():
     assert below(LAYERS)["stepjax.main"] >= {"stepjax.train", "stepjax.models", "stepjax.ode"}
 
 
-NAMEDTUPLE_API = {"_asdict", "_replace", "_fields", "_make"}
+# public names that start with an underscore: the namedtuple API, and os._exit
+NAMEDTUPLE_API = {"_asdict", "_replace", "_fields", "_make", "_exit"}
 
 
 def private_attributes(path: Path, root: Path = ROOT) -> list[str]:

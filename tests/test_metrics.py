@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from stepjax.train.metrics import MetricWriter, Progress, format_summary, read_metrics
+from stepjax.train.metrics import MetricWriter, Progress, drop_records_after, format_summary, read_metrics
 
 
 def _read_events(directory) -> list[event_pb2.Event]:
@@ -69,6 +69,19 @@ def test_truncated_last_line_tolerated(tmp_path):
     writer.write(3, {"loss": 3.0}, split="train")
     writer.close()
     assert [r["step"] for r in read_metrics(path)] == [1, 3]
+
+
+def test_records_after_the_resumed_step_are_dropped(tmp_path):
+    writer = MetricWriter(tmp_path)
+    for step, split in [(1, "train"), (2, "train"), (2, "test"), (3, "train"), (4, "train")]:
+        writer.write(step, {"loss": float(step)}, split=split)
+    writer.close()
+    path = tmp_path / "metrics.jsonl"
+    before = path.read_text().splitlines()
+    assert drop_records_after(path, 4) == 0 and path.read_text().splitlines() == before
+    assert drop_records_after(path, 2) == 2
+    assert path.read_text().splitlines() == before[:3]  # the kept records, as they were written
+    assert drop_records_after(tmp_path / "absent.jsonl", 0) == 0
 
 
 def test_corrupt_middle_line_is_an_error(tmp_path):

@@ -23,8 +23,8 @@ from stepjax import study
 from stepjax.analysis.report import load_images, load_source
 from stepjax.config import ADDED_KEYS, apply_overrides, load_experiment, read_run_config, validate
 from stepjax.evaluate import evaluate_run, read_evaluation
-from stepjax.main import CODE_VERSION_ENV, code_version
 from stepjax.models import build_model
+from stepjax.records import CODE_VERSION_ENV, code_version
 from stepjax.results import collect
 from stepjax.train import NonFiniteLossError, load_run, make_optimizer, read_metrics, restore_run, train
 
@@ -121,19 +121,30 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
     straight = _main(tmp_path / "straight", *overrides)
     killed = _main(tmp_path / "killed", *overrides)
     deadline = time.time() + 300
-    while not any(p.name.isdigit() and int(p.name) >= 4 for p in (tmp_path / "killed" / "checkpoints").glob("*")):
+
+    def logged_past_checkpoint():  # a checkpoint at step >= 4, and steps logged after the newest one
+        saved = [int(p.name) for p in (tmp_path / "killed" / "checkpoints").glob("*") if p.name.isdigit()]
+        metrics = tmp_path / "killed" / "metrics.jsonl"
+        logged = [r["step"] for r in read_metrics(metrics)] if metrics.exists() else []
+        return saved and max(saved) >= 4 and max(logged) > max(saved)
+
+    while not logged_past_checkpoint():
         assert time.time() < deadline and killed.poll() is None, killed.communicate()[1][-2000:]
-        time.sleep(0.2)
+        time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert straight.wait(timeout=300) == 0
     resumed = _main(tmp_path / "killed", *overrides)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
-    assert "Resumed from step" in err
+    assert "resumed from step" in err
     (sa, a), (sb, b) = _restored_state(tmp_path / "straight"), _restored_state(tmp_path / "killed")
     assert sa == sb == 16
     assert_same_tree(a["state"], b["state"], rtol=0, atol=0)
+    # the steps trained again after the checkpoint are logged once
+    logged = lambda w: [(r["step"], r["split"]) for r in read_metrics(w / "metrics.jsonl")]
+    resumed = logged(tmp_path / "killed")
+    assert len(set(resumed)) == len(resumed) and resumed == logged(tmp_path / "straight")
 
 
 def _free_port():
@@ -245,7 +256,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
             f.write_bytes(b"garbage" * 20)
     with caplog.at_level(logging.WARNING):
         summary = train(smoke_config(*base), tmp_path / "run")
-    assert "falling back to step 2" in caplog.text
+    [warning] = [r.getMessage() for r in caplog.records if "falling back to step 2" in r.getMessage()]
+    assert "\n" not in warning and "tensorstore" not in warning and len(warning) < 400  # one short line
     assert summary["status"] == "done" and summary["steps"] == 6
 
 

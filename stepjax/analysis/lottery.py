@@ -14,6 +14,7 @@ plain and SE runs) instead of training them again; they are checked to be the sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -22,10 +23,12 @@ from typing import Callable
 
 import numpy as np
 
+from stepjax import errors
 from stepjax.analysis import figures
 from stepjax.analysis.placement import nsi_placement, nsi_scores
 from stepjax.analysis.report import RECONSTRUCTION_NOTE, load_images, load_source
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS
+from stepjax.errors import UserError
 from stepjax.records import file_run, results_root
 
 
@@ -91,13 +94,13 @@ def _reused_summary(config, workdir: Path) -> dict:
     path = Path(workdir) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     if summary.get("status") != "done":
-        raise ValueError(f"--reuse {workdir}: not a finished run (no summary.json with status done). "
+        raise UserError(f"--reuse {workdir}: not a finished run (no summary.json with status done). "
                          "Finish it first (e.g. `make study`) or drop the --reuse.")
     saved = read_run_config(workdir)
     want, have = _training(config), _training(saved)
     differ = [f"{k}: {have[k]} instead of {want[k]}" for k in want if have[k] != want[k]]
     if differ:
-        raise ValueError(f"--reuse {workdir} is a different training from the lottery's run: "
+        raise UserError(f"--reuse {workdir} is a different training from the lottery's run: "
                          + "; ".join(differ) + ". Reuse a run of the same protocol and seed, or drop the --reuse.")
     return summary
 
@@ -127,7 +130,7 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     reuse = reuse or {}
     unknown = sorted(set(reuse) - set(configs))
     if unknown:
-        raise ValueError(f"--reuse names {unknown}, which the lottery does not train; choose from {list(configs)}.")
+        raise UserError(f"--reuse names {unknown}, which the lottery does not train; choose from {list(configs)}.")
     reused = {name: _reused_summary(configs[name], workdir) for name, workdir in reuse.items()}
     results, interrupted = {}, False
     for name, config in configs.items():
@@ -231,26 +234,35 @@ def parse_args(argv):
     p.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR",
                    help="a finished run that is the same training (repeatable), e.g. "
                         "--reuse none=runs/study/cifar10_resnet_cpu_s0 --reuse all=runs/study/cifar10_se_cpu_s0")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.progress=False")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return errors.run(lambda: _lottery(args), debug=args.debug)
+
+
+def _lottery(args) -> int:
+    """The lottery's runs (under the lock of its root, except with --plot-only, which only reads),
+    its figure, its record and its contrasts."""
     from stepjax import parallel
     from stepjax.config import command_config
+    from stepjax.train import hold_workdir
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     parallel.configure_cpu_devices()  # as `stepjax.main` and the study: one CPU device per core
     name = f"{args.exp.replace(':', '_')}_ratio{args.ratio}"
     root = Path(args.root or f"runs/lottery/{name}")
-    out = Path(args.out or f"docs/figures/analysis/lottery_{name}")
     config = command_config(args.exp, args.overrides)
-    scores = cached_scores(args.nsi_workdir, root, indicator=args.indicator, num_samples=args.nsi_samples)
-    configs = placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores)
     reuse = dict(item.split("=", 1) for item in args.reuse if "=" in item)
     if len(reuse) != len(args.reuse):
-        raise SystemExit(f"--reuse takes NAME=DIR items; got {args.reuse}.")
-    results = run_lottery(configs, root, plot_only=args.plot_only, reuse=reuse)
+        raise UserError(f"--reuse takes NAME=DIR items; got {args.reuse}.")
+    with contextlib.nullcontext() if args.plot_only else hold_workdir(root):
+        scores = cached_scores(args.nsi_workdir, root, indicator=args.indicator, num_samples=args.nsi_samples)
+        configs = placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores)
+        results = run_lottery(configs, root, plot_only=args.plot_only, reuse=reuse)
+    out = Path(args.out or f"docs/figures/analysis/lottery_{name}")
     figure = lottery_figure(results, experiment=args.exp, ratio=args.ratio, reference=args.nsi_workdir,
                             indicator=args.indicator)
     record = results_root() / "lottery" / name
@@ -265,8 +277,8 @@ def main(argv=None) -> int:
               f"  blocks {run['blocks']}")
     print("best accuracy, points:", json.dumps(figure["contrasts"]["best_accuracy"]))
     print("wrote", record / "lottery.json", out / "lottery.png", sep="\n  ")
-    return 0
+    return errors.STOPPED if any(r["status"] == "preempted" for r in results.values()) else errors.DONE
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.exit_process(main())

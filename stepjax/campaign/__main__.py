@@ -17,7 +17,7 @@ from pathlib import Path
 from stepjax.campaign import plan as planning
 from stepjax.campaign import slot, staging
 from stepjax.data.sources import DATA_DIR_ENV
-from stepjax.main import code_version
+from stepjax.records import code_version
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -34,8 +34,7 @@ from pathlib import Path
 from stepjax.campaign import plan as planning
 from stepjax.campaign import staging
 from stepjax.data.sources import DATA_DIR_ENV
-from stepjax.main import CODE_VERSION_ENV
-from stepjax.records import RUNS_DIR, file_run
+from stepjax.records import CODE_VERSION_ENV, RUNS_DIR, file_run
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_FILES, FILE_LIMIT, TOTAL_LIMIT = 8, 16 * staging.MIB, 64 * staging.MIB

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from stepjax.controllers.attention import CBAM, DIA, ECA, SRM, DIACell, SqueezeExcitation, eca_kernel_size
 from stepjax.controllers.stepnet import StepNet, step_features
+from stepjax.errors import UserError
 from stepjax.ode.controller import ConstantStepSize, LearnedStepSize
 
 CONTROLLERS = {
@@ -36,11 +37,11 @@ def make_controller(name: str, channels: int, *, rngs, **options):
     A `stepjax.ode.StepController`.
     """
     if name not in CONTROLLERS:
-        raise ValueError(f"Unknown controller {name!r}; choose one of {sorted(CONTROLLERS)}.")
+        raise UserError(f"Unknown controller {name!r}; choose one of {sorted(CONTROLLERS)}.")
     try:
         return CONTROLLERS[name](channels, rngs=rngs, **options)
     except TypeError as e:
-        raise ValueError(f"Bad options {options} for controller {name!r}: {e}") from e
+        raise UserError(f"Bad options {options} for controller {name!r}: {e}") from e
 
 
 __all__ = [

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 import ml_collections
 from ml_collections import config_dict
 
+from stepjax.errors import UserError
+
 SOURCES = ("tfds", "npz", "synthetic")
 SPLITS = ("train", "test")
 
@@ -61,7 +63,7 @@ DATASETS = {
 
 def _lookup(name: str) -> DatasetInfo:
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset data.name={name!r}; choose one of {sorted(DATASETS)}.")
+        raise UserError(f"Unknown dataset data.name={name!r}; choose one of {sorted(DATASETS)}.")
     return DATASETS[name]
 
 
@@ -105,10 +107,10 @@ def dataset_info(cfg: ml_collections.ConfigDict) -> DatasetInfo:
     `(image_size, image_size, C)`.
     """
     if cfg.source not in SOURCES:
-        raise ValueError(f"Unknown data.source={cfg.source!r}; choose one of {list(SOURCES)}.")
+        raise UserError(f"Unknown data.source={cfg.source!r}; choose one of {list(SOURCES)}.")
     info = _lookup(cfg.name)
     if cfg.num_classes != info.num_classes:
-        raise ValueError(
+        raise UserError(
             f"data.num_classes={cfg.num_classes} does not match data.name={cfg.name!r}, which has "
             f"{info.num_classes} classes: set data.num_classes={info.num_classes}."
         )
@@ -116,7 +118,7 @@ def dataset_info(cfg: ml_collections.ConfigDict) -> DatasetInfo:
         return info
     for field in ("image_size", "synthetic_train_size", "synthetic_test_size"):
         if cfg[field] < 1:
-            raise ValueError(f"data.{field} must be positive, got {cfg[field]}.")
+            raise UserError(f"data.{field} must be positive, got {cfg[field]}.")
     size = cfg.image_size
     return dataclasses.replace(info, image_shape=(size, size, info.image_shape[2]))
 
@@ -124,4 +126,4 @@ def dataset_info(cfg: ml_collections.ConfigDict) -> DatasetInfo:
 def check_split(split: str) -> None:
     """Raises a `ValueError` unless `split` is `'train'` or `'test'`."""
     if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; choose one of {list(SPLITS)}.")
+        raise UserError(f"Unknown split {split!r}; choose one of {list(SPLITS)}.")

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from stepjax.data.sources import open_source
+from stepjax.errors import UserError
 
 
 def _local_batch(global_batch: int, process_index: int, process_count: int) -> int:
@@ -40,7 +41,7 @@ def _shuffle_seed(seed: int) -> int:
     second epoch of run `seed=0`.
     """
     if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}.")
+        raise UserError(f"seed must be non-negative, got {seed}.")
     return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
@@ -87,7 +88,7 @@ class TrainLoader:
         source = open_source(cfg, "train")
         self.steps_per_epoch = len(source) // global_batch
         if not self.steps_per_epoch:
-            raise ValueError(
+            raise UserError(
                 f"global_batch={global_batch} exceeds the {len(source)} training examples of "
                 f"{cfg.name}."
             )
@@ -129,7 +130,7 @@ class TrainLoader:
         """
         saved = {key: state.get(key) for key in self._identity}
         if saved != self._identity:
-            raise ValueError(
+            raise UserError(
                 f"Data iterator state was saved with {saved} but this loader has "
                 f"{self._identity}; resume with the same seed, global batch and dataset."
             )

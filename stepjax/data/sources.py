@@ -8,12 +8,14 @@ variable-size datasets (ImageNet) use it, for their random crop.
 """
 
 import os
+import zipfile
 
 import ml_collections
 import numpy as np
 
 from stepjax.data import imagenet
 from stepjax.data.datasets import DatasetInfo, check_split, dataset_info
+from stepjax.errors import UserError
 
 DATA_DIR_ENV = "STEPJAX_DATA_DIR"
 _SYNTHETIC_NOISE = 48.0
@@ -83,53 +85,87 @@ class TfdsSource:
         return {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
 
 
-def _validate(images: np.ndarray, labels: np.ndarray, info: DatasetInfo, name: str, origin: str):
-    expected = (len(images), *info.image_shape)
+def _image_fix(images: np.ndarray, info: DatasetInfo) -> str:
+    """How to turn `images` into uint8 NHWC pixels in [0, 255], as a hint."""
+    if images.ndim == 4 and images.shape[1:] == (info.image_shape[2], *info.image_shape[:2]):
+        return "channels come first: store x.transpose(0, 2, 3, 1)"
     if images.ndim != 4 or images.shape[1:] != info.image_shape:
-        raise ValueError(
-            f"{origin}: 'image' has shape {images.shape}; expected NHWC {expected} for {name}."
+        return "check data.name and the file"
+    if np.issubdtype(images.dtype, np.floating) and images.size and float(images.max()) <= 1.0:
+        return "pixels in [0, 1]: convert with np.clip(np.round(x * 255), 0, 255).astype(np.uint8)"
+    return "convert with np.clip(np.round(x), 0, 255).astype(np.uint8)"
+
+
+def _validate(images: np.ndarray, labels: np.ndarray, info: DatasetInfo, name: str, origin: str):
+    expected = (len(images) if images.ndim else 0, *info.image_shape)
+    if images.ndim != 4 or images.shape[1:] != info.image_shape:
+        raise UserError(
+            f"{origin}: 'image' has shape {images.shape}; expected NHWC {expected} for {name} "
+            f"({_image_fix(images, info)})."
         )
     if images.dtype != np.uint8:
-        raise ValueError(
+        raise UserError(
             f"{origin}: 'image' has dtype {images.dtype}; expected uint8 pixels in [0, 255] "
-            f"(convert with np.clip(x, 0, 255).astype(np.uint8))."
+            f"({_image_fix(images, info)})."
         )
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
+        raise UserError(
             f"{origin}: 'label' has shape {labels.shape} and dtype {labels.dtype}; expected a 1-D "
-            f"integer array."
+            f"integer array (e.g. labels.reshape(-1).astype(np.int32))."
         )
-    if len(labels) != len(images):
-        raise ValueError(
-            f"{origin}: {len(labels)} labels for {len(images)} images; expected one each."
+    if len(labels) != len(images) or not len(labels):
+        raise UserError(
+            f"{origin}: {len(labels)} labels for {len(images)} images; expected one each, at least one."
         )
-    if len(labels) and (labels.min() < 0 or labels.max() >= info.num_classes):
-        raise ValueError(
+    if labels.min() < 0 or labels.max() >= info.num_classes:
+        raise UserError(
             f"{origin}: labels span [{labels.min()}, {labels.max()}] but {name} needs labels in "
             f"[0, {info.num_classes}); check data.name and the file."
         )
     return images, labels.astype(np.int32)
 
 
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The 'image' and 'label' arrays of an npz file; a file that cannot be read is named with what
+    is wrong with it."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not head:
+        what = "is empty (0 bytes; a copy or download cut short?)"
+    elif head.startswith(b"\x93NUMPY"):
+        what = "holds a single .npy array, not an npz archive of 'image' and 'label'"
+    elif not head.startswith(b"PK"):
+        what = "is not an npz archive (no zip header)"
+    else:
+        try:
+            with np.load(path) as archive:  # members of an .npz cannot be memory-mapped: read them
+                files = archive.files
+                arrays = {key: archive[key] for key in ("image", "label") if key in files}
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+            what = f"cannot be read as an npz archive, truncated or damaged ({type(error).__name__}: {error})"
+        else:
+            missing = sorted({"image", "label"} - set(files))
+            if not missing:
+                return arrays
+            what = f"lacks key(s) {missing} (has {sorted(files)})"
+    raise UserError(
+        f"{path} {what}; expected 'image' (uint8 NHWC) and 'label' (integers): write it with "
+        "np.savez(path, image=images, label=labels)."
+    )
+
+
 def _load_npz(cfg: ml_collections.ConfigDict, split: str, info: DatasetInfo):
     directory = cfg.dir or os.environ.get(DATA_DIR_ENV)
     if not directory:
-        raise ValueError(
+        raise UserError(
             f"data.source='npz' needs a directory, but neither data.dir nor {DATA_DIR_ENV} is set. "
             f"{_options(cfg.name)}"
         )
     path = os.path.join(directory, f"{split}.npz")
     if not os.path.isfile(path):
-        raise ValueError(f"{path} does not exist. {_options(cfg.name)}")
-    with np.load(path) as archive:  # members of an .npz cannot be memory-mapped: read them
-        missing = sorted({"image", "label"} - set(archive.files))
-        if missing:
-            raise ValueError(
-                f"{path} lacks key(s) {missing} (has {sorted(archive.files)}); expected 'image' "
-                f"(uint8 NHWC) and 'label' (integers)."
-            )
-        images, labels = archive["image"], archive["label"]
-    return _validate(images, labels, info, cfg.name, path)
+        raise UserError(f"{path} does not exist. {_options(cfg.name)}")
+    arrays = _read_npz(path)
+    return _validate(arrays["image"], arrays["label"], info, cfg.name, path)
 
 
 def _synthetic(cfg: ml_collections.ConfigDict, split: str, info: DatasetInfo):
@@ -152,7 +188,7 @@ def _tfds_records(cfg: ml_collections.ConfigDict, split: str, info: DatasetInfo)
         )
     except (AssertionError, FileNotFoundError, NotImplementedError, ValueError) as error:
         where = cfg.tfds_data_dir or "the default tfds data directory"
-        raise ValueError(
+        raise UserError(
             f"tfds dataset {info.tfds_name!r} (split {info.splits[split]!r}) is not prepared as "
             f"array_record files in {where}. {_options(cfg.name)} "
             f"[{type(error).__name__}: {error}]"

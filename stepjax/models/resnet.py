@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from stepjax.controllers import make_controller
+from stepjax.errors import UserError
 from stepjax.layers import Conv, Dense, Projection, batch_norm
 from stepjax.models.fields import FIELDS, zero_last_layer
 from stepjax.ode import EulerStage, EulerStep
@@ -51,12 +52,12 @@ PRESETS = {
 def get_spec(preset: str, **overrides) -> ResNetSpec:
     """The `ResNetSpec` of a preset, with fields replaced by `overrides` (None values ignored)."""
     if preset not in PRESETS:
-        raise ValueError(f"Unknown model preset {preset!r}; choose one of {sorted(PRESETS)}.")
+        raise UserError(f"Unknown model preset {preset!r}; choose one of {sorted(PRESETS)}.")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     try:
         return dataclasses.replace(PRESETS[preset], **overrides)
     except TypeError as e:
-        raise ValueError(f"Bad override for preset {preset!r}: {e}") from e
+        raise UserError(f"Bad override for preset {preset!r}: {e}") from e
 
 
 def resolve_placement(placement, depths: Sequence[int], seed: int = 0, ratio: float = 0.5):
@@ -79,17 +80,17 @@ def resolve_placement(placement, depths: Sequence[int], seed: int = 0, ratio: fl
         flat = np.zeros(total, bool)
     elif placement == "random":
         if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"placement ratio must be in [0, 1], got {ratio}.")
+            raise UserError(f"placement ratio must be in [0, 1], got {ratio}.")
         flat = np.zeros(total, bool)
         flat[np.random.default_rng(seed).choice(total, round(ratio * total), replace=False)] = True
     elif isinstance(placement, (list, tuple)):
         bad = [i for i in placement if not 0 <= int(i) < total]
         if bad:
-            raise ValueError(f"placement indices {bad} out of range for {total} blocks.")
+            raise UserError(f"placement indices {bad} out of range for {total} blocks.")
         flat = np.zeros(total, bool)
         flat[[int(i) for i in placement]] = True
     else:
-        raise ValueError(f"Unknown placement {placement!r}; use 'all', 'none', 'random' or a list of block indices.")
+        raise UserError(f"Unknown placement {placement!r}; use 'all', 'none', 'random' or a list of block indices.")
     bounds = np.cumsum((0,) + tuple(depths))
     return tuple(tuple(bool(b) for b in flat[a:z]) for a, z in zip(bounds[:-1], bounds[1:]))
 

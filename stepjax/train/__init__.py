@@ -1,19 +1,25 @@
-"""Training: pure steps, the loop, checkpoints and metrics."""
+"""Training: pure steps, the loop, checkpoints, metrics and the workdir lock."""
 
-from stepjax.train.checkpoint import Checkpointer, CheckpointError
+from stepjax.train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
+from stepjax.train.lock import WorkdirLock, WorkdirLocked, hold_workdir
 from stepjax.train.loop import NonFiniteLossError, evaluate, load_run, restore_run, train
-from stepjax.train.metrics import MetricWriter, Progress, format_summary, read_metrics
+from stepjax.train.metrics import MetricWriter, Progress, drop_records_after, format_summary, read_metrics
 from stepjax.train.step import TrainState, init_state, make_eval_step, make_optimizer, make_train_step, train_step_fn
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSaveError",
     "Checkpointer",
     "MetricWriter",
     "NonFiniteLossError",
     "Progress",
     "TrainState",
+    "WorkdirLock",
+    "WorkdirLocked",
+    "drop_records_after",
     "evaluate",
     "format_summary",
+    "hold_workdir",
     "init_state",
     "load_run",
     "make_eval_step",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -17,9 +18,12 @@ from flax import nnx
 
 from stepjax import data, parallel
 from stepjax.config import read_run_config, validate
+from stepjax.errors import DIVERGED, StepjaxError, UserError
 from stepjax.models import build_model
-from stepjax.train.checkpoint import Checkpointer
-from stepjax.train.metrics import MetricWriter, Progress, format_summary
+from stepjax.records import LOADED_CODE
+from stepjax.train import lock
+from stepjax.train.checkpoint import Checkpointer, saved_steps
+from stepjax.train.metrics import METRICS_FILE, MetricWriter, Progress, drop_records_after, format_summary, read_metrics
 from stepjax.train.step import (
     TrainState,
     init_state,
@@ -32,8 +36,10 @@ from stepjax.train.step import (
 log = logging.getLogger("stepjax")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(StepjaxError, RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+    exit_status = DIVERGED
 
 
 def _check_workdir_config(workdir: Path, config) -> None:
@@ -44,25 +50,34 @@ def _check_workdir_config(workdir: Path, config) -> None:
     current = json.loads(config.to_json())
     for key in ("model", "data"):
         if saved.get(key) != current.get(key):
-            raise ValueError(
+            raise UserError(
                 f"{workdir} holds a run with a different `{key}` config; resuming it would mix two "
                 "experiments. Use another workdir (WORKDIR=... / --workdir), or delete this one."
             )
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag checked between steps, so a checkpoint is written first."""
+class _StopSignals:
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag checked between steps, so that a checkpoint is
+    saved before the run stops. A repeated signal is reported and ignored: it cannot cut the save
+    short (SIGKILL still can; the rerun then resumes from the previous checkpoint)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.requested = True
+        name, again = signal.Signals(signum).name, self.requested
+        self.requested = True  # first: a second signal may interrupt the logging below
+        if again:
+            log.warning("%s received again: still saving the checkpoint, please wait.", name)
+        else:
+            log.warning("%s received: saving a checkpoint and stopping (rerun the same command to resume).", name)
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _host(tree):
@@ -119,7 +134,8 @@ def restore_run(workdir: str | Path, dtype: str | None = None):
     finally:
         checkpointer.close()
     if restored is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint.")
+        raise UserError(f"{workdir}/checkpoints holds no checkpoint: train the run first (or finish it by "
+                        "rerunning its command.txt).")
     step, saved, extra = restored
     return config, graphdef, step, TrainState(**saved), extra
 
@@ -138,86 +154,148 @@ def _abstract(state, mesh):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, command: str | None = None,
+          discard_record: bool = False) -> dict:
     """Train (or resume) the run of `config` in `workdir`.
+
+    The workdir is locked for the run (`stepjax.train.lock`). Everything that can refuse the run is
+    checked before anything is written: the config, both data splits, the checkpoints and the
+    record. SIGTERM and SIGINT save a checkpoint and end the run early (a repeated signal does not
+    interrupt the save).
 
     **Arguments:**
 
     - `config`: an experiment config (see ``experiments/``).
-    - `workdir`: where checkpoints, ``metrics.jsonl``, TensorBoard events, ``config.json`` and
-      ``summary.json`` go. Re-running with the same workdir resumes from the latest checkpoint.
+    - `workdir`: where checkpoints, ``metrics.jsonl``, TensorBoard events, ``config.json``,
+      ``code.txt`` and ``summary.json`` go. Re-running with the same workdir resumes from the latest
+      checkpoint; the records of the steps after it are dropped from ``metrics.jsonl``.
+    - `command`: the command line that started the run, written to ``command.txt``.
+    - `discard_record`: start from step 0 over a record (``metrics.jsonl``) that has no finished
+      checkpoint, dropping it; without it such a workdir is refused.
 
     **Returns:**
 
     The run summary (also written to ``summary.json``), with ``status`` ``"done"`` or
     ``"preempted"``.
+
+    **Raises:**
+
+    `UserError` (nothing written; e.g. `WorkdirLocked`, `CheckpointError`), `CheckpointSaveError`,
+    `NonFiniteLossError`.
     """
     workdir = Path(workdir)
-    primary = jax.process_index() == 0
-    mesh = parallel.data_mesh(config.mesh.num_devices)
-    validate(config, mesh.size)
-    _check_workdir_config(workdir, config)
-    info = data.dataset_info(config.data)
+    with lock.hold_workdir(workdir):
+        mesh = parallel.data_mesh(config.mesh.num_devices)
+        validate(config, mesh.size)
+        _check_workdir_config(workdir, config)
+        _check_resumable(workdir, discard_record)
+        loader = data.TrainLoader(
+            config.data, seed=config.seed, global_batch=config.train.global_batch,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        data.open_source(config.data, "test")  # a broken test file is refused now, not at the first evaluation
+        checkpointer = Checkpointer(
+            workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints,
+            save_interval_steps=config.train.checkpoint_every_steps,
+        )
+        try:
+            return _train(config, workdir, mesh, loader, checkpointer, command)
+        finally:
+            checkpointer.close()
 
-    loader = data.TrainLoader(
-        config.data, seed=config.seed, global_batch=config.train.global_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+
+def _check_resumable(workdir: Path, discard_record: bool) -> None:
+    """Refuse to start from step 0 over a record whose checkpoint never finished; name the leftovers
+    of a save cut short."""
+    finished, unfinished = saved_steps(workdir / "checkpoints")
+    names = ", ".join(p.name for p in unfinished)
+    if finished:
+        if unfinished:
+            log.warning("Dropping %s: a checkpoint save cut short (the process was killed while saving); "
+                        "resuming from the newest finished checkpoint.", names)
+        return
+    path = workdir / METRICS_FILE
+    records = read_metrics(path) if path.exists() else []
+    found = [f"{len(records)} records up to step {records[-1]['step']} in {METRICS_FILE}"] if records else []
+    found += [f"an unfinished checkpoint ({names}, a save cut short)"] if unfinished else []
+    if not found:
+        return
+    if discard_record:
+        log.warning("Starting afresh over %s in %s (--discard-record).", " and ".join(found), workdir)
+        return
+    raise UserError(
+        f"{workdir} holds {' and '.join(found)} but no finished checkpoint: training would restart from "
+        "step 0 over that record. Rerun with --discard-record to start afresh (the record is dropped), "
+        "or move the workdir aside to keep it."
     )
+
+
+def _train(config, workdir: Path, mesh, loader, checkpointer, command) -> dict:
+    primary = jax.process_index() == 0
+    info = data.dataset_info(config.data)
     steps_per_epoch = loader.steps_per_epoch
     total_steps = config.train.total_steps or config.train.epochs * steps_per_epoch
     schedule = learning_rate_schedule(config.optim, steps_per_epoch, total_steps)
     tx = make_optimizer(config.optim, schedule)
     graphdef, state = init_state(build_model(config), tx)
     state = jax.device_put(state, parallel.replicated(mesh))
-    log.info("%s: %d devices, %d processes, %d steps per epoch, %d steps.", config.experiment,
-             mesh.size, jax.process_count(), steps_per_epoch, total_steps)
-
-    if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json(indent=2))
-    checkpointer = Checkpointer(
-        workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints,
-        save_interval_steps=config.train.checkpoint_every_steps,
-    )
     record = {"best_accuracy": None, "best_epoch": None, "last_accuracy": None, "last_epoch": None,
               "wall_time_s": 0.0, "eval_time_s": 0.0, "trained_images": 0}
     restored = checkpointer.restore_latest(_abstract(state._asdict(), mesh))
     if restored is not None:
-        step, saved, extra = restored
+        _, saved, extra = restored
         state = TrainState(**saved)
         loader.set_state(extra["data"])
         record.update(extra["record"])
-        log.info("Resumed from step %d in %s.", step, workdir)
+    if primary:  # the run is accepted: record it
+        _record_start(workdir, config, command, int(state.step))
+    log.info("%s: %d devices, %d processes, %d steps per epoch, %d steps%s.", config.experiment, mesh.size,
+             jax.process_count(), steps_per_epoch, total_steps,
+             f"; resumed from step {int(state.step)} in {workdir}" if restored is not None else "")
 
     train_step = make_train_step(graphdef, tx, schedule, config, info, mesh)
     eval_step = make_eval_step(graphdef, config, info, mesh, flip=config.train.eval_flip)
     writer = MetricWriter(workdir, enabled=primary)
     progress = Progress(total_steps, int(state.step), enabled=primary and config.train.progress)
-    preemption = _Preemption()
+    stop = _StopSignals()
     try:
         status, step = _run(config, state, loader, train_step, eval_step, checkpointer, writer, progress,
-                      preemption, record, steps_per_epoch, total_steps, mesh)
+                            stop, record, steps_per_epoch, total_steps, mesh)
     finally:
-        preemption.restore()
         progress.close()
-        checkpointer.wait()
-        checkpointer.close()
         writer.close()
+        stop.restore()
     return _finish(workdir, record, status, step, primary)
 
 
+def _record_start(workdir: Path, config, command: str | None, step: int) -> None:
+    """Write the run's config, command and code version, and drop the records of the steps after
+    `step` (trained again now) from its metrics."""
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+    if command is not None:
+        (workdir / "command.txt").write_text(command + "\n")
+    with open(workdir / "code.txt", "a") as f:  # one line per start: a resumed run may span code versions
+        f.write(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} {LOADED_CODE}\n")
+    dropped = drop_records_after(workdir / METRICS_FILE, step)
+    if dropped:
+        log.info("Dropped %d records after step %d from %s: those steps are trained again.", dropped, step,
+                 METRICS_FILE)
+
+
 def _save(checkpointer, state, loader, record, force=False):
+    """Save and wait until it is on disk, so that a failed write stops the run at once."""
     extra = {"data": loader.get_state(), "record": record}
     checkpointer.save(int(state.step), state._asdict(), extra, force=force)
+    checkpointer.wait()
 
 
-def _run(config, state, loader, train_step, eval_step, checkpointer, writer, progress, preemption,
+def _run(config, state, loader, train_step, eval_step, checkpointer, writer, progress, stop,
          record, steps_per_epoch, total_steps, mesh):
     step = int(state.step)
     halt = config.train.halt_after_steps
     window_start, window_images, metrics = time.time(), 0, None
     while step < total_steps:
-        if preemption.requested or (halt is not None and step >= halt):
+        if stop.requested or (halt is not None and step >= halt):
             if metrics is not None:
                 _check_finite(_host(metrics), step)
             _close_window(record, window_start, window_images)

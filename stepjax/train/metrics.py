@@ -141,6 +141,31 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def drop_records_after(path: str | os.PathLike, step: int) -> int:
+    """Removes the records of the steps after `step` from a `metrics.jsonl` file, so that a run
+    resumed at `step` logs each step once.
+
+    **Arguments:**
+
+    - `path`: the file (missing: nothing to do).
+    - `step`: the step the run resumes from.
+
+    **Returns:**
+
+    How many records were dropped. The file is replaced atomically, and only when some are.
+    """
+    if not os.path.exists(path):
+        return 0
+    records = read_metrics(path)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) < len(records):
+        temporary = f"{path}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(temporary, path)
+    return len(records) - len(kept)
+
+
 class Progress:
     """A tqdm progress bar over training steps showing loss, accuracy, images/s and ETA.
 
