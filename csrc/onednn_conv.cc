@@ -45,10 +45,12 @@ struct Plan {
   dnnl::primitive conv;
   memory::desc kernel;       // the layout the primitive wants
   memory::desc user_kernel;  // HWIO, the caller's
+  memory::desc scratchpad;   // the caller provides it: the same primitive may run on two threads
   dnnl::primitive to_kernel, from_kernel;  // reorders between the two (when they differ)
 
-  Plan(dnnl::primitive conv, memory::desc kernel, memory::desc user)
-      : conv(conv), kernel(kernel), user_kernel(user) {
+  template <typename PrimitiveDesc>
+  Plan(const PrimitiveDesc& pd, memory::desc kernel, memory::desc user)
+      : conv(pd), kernel(kernel), user_kernel(user), scratchpad(pd.scratchpad_desc()) {
     if (blocked()) {
       to_kernel = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(), kernel));
       from_kernel = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), kernel, Engine(), user));
@@ -65,17 +67,19 @@ Plan MakePlan(Kind kind, const Geometry& g) {
   memory::desc hwio({g.o, g.c, g.k, g.k}, f32, tag::hwio);
   memory::dims strides{g.s, g.s}, pad{g.pad(), g.pad()};
   const auto algo = dnnl::algorithm::convolution_direct;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training, algo, x,
-                                                any_kernel, y, strides, pad, pad);
-  if (kind == kForward) return Plan(dnnl::convolution_forward(fwd), fwd.weights_desc(), hwio);
+                                                any_kernel, y, strides, pad, pad, attr);
+  if (kind == kForward) return Plan(fwd, fwd.weights_desc(), hwio);
   if (kind == kInputGrad) {
     dnnl::convolution_backward_data::primitive_desc pd(Engine(), algo, x, any_kernel, y, strides, pad,
-                                                       pad, fwd);
-    return Plan(dnnl::convolution_backward_data(pd), pd.weights_desc(), hwio);
+                                                       pad, fwd, attr);
+    return Plan(pd, pd.weights_desc(), hwio);
   }
   dnnl::convolution_backward_weights::primitive_desc pd(Engine(), algo, x, any_kernel, y, strides,
-                                                        pad, pad, fwd);
-  return Plan(dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(), hwio);
+                                                        pad, pad, fwd, attr);
+  return Plan(pd, pd.diff_weights_desc(), hwio);
 }
 
 // Plans are built once per (kind, geometry) and shared by all threads (oneDNN primitives are
@@ -102,17 +106,18 @@ void Run(Kind kind, const Geometry& g, float* act, float* grad, float* kernel, i
   memory y(memory::desc({g.n, g.o, g.ho(), g.wo()}, f32, tag::nhwc), Engine(), grad);
   memory user(plan.user_kernel, Engine(), kernel);
   memory k = plan.blocked() ? memory(plan.kernel, Engine()) : user;
+  memory scratch(plan.scratchpad, Engine());
   auto reorder = [&](const dnnl::primitive& r, memory& from, memory& to) {
     if (plan.blocked()) r.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
   };
   if (kind == kForward) {
     reorder(plan.to_kernel, user, k);
-    plan.conv.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, k}, {DNNL_ARG_DST, y}});
+    plan.conv.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, k}, {DNNL_ARG_DST, y}, {DNNL_ARG_SCRATCHPAD, scratch}});
   } else if (kind == kInputGrad) {
     reorder(plan.to_kernel, user, k);
-    plan.conv.execute(stream, {{DNNL_ARG_DIFF_DST, y}, {DNNL_ARG_WEIGHTS, k}, {DNNL_ARG_DIFF_SRC, x}});
+    plan.conv.execute(stream, {{DNNL_ARG_DIFF_DST, y}, {DNNL_ARG_WEIGHTS, k}, {DNNL_ARG_DIFF_SRC, x}, {DNNL_ARG_SCRATCHPAD, scratch}});
   } else {
-    plan.conv.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, y}, {DNNL_ARG_DIFF_WEIGHTS, k}});
+    plan.conv.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, y}, {DNNL_ARG_DIFF_WEIGHTS, k}, {DNNL_ARG_SCRATCHPAD, scratch}});
     reorder(plan.from_kernel, k, user);
   }
   stream.wait();

@@ -18,6 +18,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 LIBRARY = Path(__file__).resolve().with_name("_onednn_conv.so")
 _SYMBOLS = {"forward": "StepjaxConvForward", "input_grad": "StepjaxConvInputGrad", "kernel_grad": "StepjaxConvKernelGrad"}
@@ -72,10 +76,61 @@ def threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) // jax.local_device_count("cpu"))
 
 
-def _call(name, a, b, stride, like):
-    call = jax.ffi.ffi_call(f"stepjax_onednn_conv_{name}", jax.ShapeDtypeStruct(like.shape, like.dtype),
+def _ffi(name, a, b, shape, stride):
+    """One oneDNN call on whole operands: `name`'s result of `shape`."""
+    call = jax.ffi.ffi_call(f"stepjax_onednn_conv_{name}", jax.ShapeDtypeStruct(shape, a.dtype),
                             vmap_method="sequential")
     return call(a, b, stride=np.int64(stride), threads=np.int64(threads()))
+
+
+def _partitioned(name, rule, reduce):
+    """`name` as a `custom_partitioning` op for a batch split over devices (the ``data`` mesh of a
+    sharded training step): each device convolves its own examples; the kernel gradient
+    (`reduce`) is summed over the devices. Every other dimension stays whole (Shardy `rule`)."""
+
+    @functools.partial(custom_partitioning, static_argnums=(2, 3))
+    def kernel(a, b, shape, stride):
+        return _ffi(name, a, b, shape, stride)
+
+    def partition(shape, stride, mesh, arg_shapes, result_shape):
+        spec = arg_shapes[0].sharding.spec
+        axis = spec[0] if len(spec) else None
+        split, whole = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
+
+        def lower(a, b):
+            if not reduce:
+                return _ffi(name, a, b, (a.shape[0], *shape[1:]), stride)
+            out = _ffi(name, a, b, shape, stride)
+            return out if axis is None else jax.lax.psum(out, axis)
+
+        return mesh, lower, whole if reduce else split, (split, split if reduce else whole)
+
+    factors = dict.fromkeys(rule.replace(",", " ").replace("->", " ").split())
+    kernel.def_partition(partition, sharding_rule=rule, reduction_factors=("b",) if reduce else (),
+                         need_replication_factors=tuple(f for f in factors if f != "b"))
+    return kernel
+
+
+_KERNELS = {
+    "forward": _partitioned("forward", "b h w c, k l c o -> b i j o", reduce=False),
+    "input_grad": _partitioned("input_grad", "b i j o, k l c o -> b h w c", reduce=False),
+    "kernel_grad": _partitioned("kernel_grad", "b h w c, b i j o -> k l c o", reduce=True),
+}
+
+
+def _call(name, a, b, stride, like):
+    """`name` on `a` and `b`, a result shaped like `like`; under `vmap`, a loop of oneDNN calls."""
+
+    @custom_vmap
+    def call(a, b):
+        return _KERNELS[name](a, b, tuple(like.shape), stride)
+
+    @call.def_vmap
+    def _loop(axis_size, in_batched, a, b):
+        a, b = (v if batched else jnp.broadcast_to(v, (axis_size, *v.shape)) for v, batched in zip((a, b), in_batched))
+        return jax.lax.map(lambda ab: _ffi(name, *ab, tuple(like.shape), stride), (a, b)), True
+
+    return call(a, b)
 
 
 def _output(x, w, stride):
