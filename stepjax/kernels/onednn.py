@@ -64,7 +64,7 @@ def path_for(dtype) -> str:
 @functools.cache
 def _notice(path: str, why: str) -> str:
     where = "oneDNN through XLA's FFI" if path == "onednn" else "XLA's own convolution"
-    _log.info("stepjax: convolutions run in %s (%s).", where, why)
+    _log.info("convolutions run in %s (%s).", where, why)
     return path
 
 
