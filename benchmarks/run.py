@@ -11,6 +11,11 @@ momentum and weight decay, donated state), fed a real CIFAR-10 batch from the np
 
 The parent prints a table and writes JSON (default ``benchmarks/results/latest.json``); the
 load average of the machine is recorded next to every figure, because other jobs may share it.
+Every worker runs with glibc's malloc thresholds of a tuned PyTorch run (`benchmarks.measure.MALLOC`).
+
+This module plans the measurements and runs them; `benchmarks.workers` holds the measurements,
+`benchmarks.measure` what they share, `benchmarks.flops` the FLOP counts, `benchmarks.report` the
+ratios, targets and markdown; `benchmarks.profile` is the per-operation profile.
 """
 
 from __future__ import annotations
