@@ -1,7 +1,7 @@
 """Where the time of one ResNet-164 training step goes: JAX (XLA's convolutions and oneDNN's) and
 PyTorch side by side, per kind of operation (docs/BENCHMARKS.md).
 
-    python -m benchmarks.profile [--steps 2] [--out benchmarks/results/profile.json]
+    python -m benchmarks.op_profile [--steps 2] [--out benchmarks/results/profile.json]
 
 One process, the batch of 128 over the CPU devices (one per core) for JAX, PyTorch eager with
 its default threads (one per core), `channels_last`. JAX: `jax.profiler.trace` of `--steps` steps
@@ -27,7 +27,8 @@ from pathlib import Path
 from benchmarks.measure import DEFAULT_DATA, ROOT, build_step, load
 
 ROWS = ("conv forward", "conv input gradient", "conv kernel gradient", "conv gradients (input + kernel)",
-        "other ops, forward", "other ops, backward", "augmentation, loss, optimizer, copies")
+        "other ops, forward", "other ops, backward", "augmentation, loss, optimizer, copies",
+        "all-reduce (incl. waiting for the other device)")
 _ONEDNN = {"forward": "conv forward", "input_grad": "conv input gradient", "kernel_grad": "conv kernel gradient"}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? (\S+?)\(")
 
@@ -45,6 +46,8 @@ def hlo_categories(hlo: str) -> dict:
         backward = "transpose(" in op_name
         if target:
             out[name] = _ONEDNN[target[1]]
+        elif opcode.startswith("all-reduce"):
+            out[name] = ROWS[-1]
         elif opcode in ("convolution", "dot") or op_name.endswith(("conv_general_dilated", "dot_general")):
             out[name] = "conv gradients (input + kernel)" if backward else "conv forward"
         elif backward:
@@ -75,7 +78,7 @@ def jax_profile(path: str, steps: int, data_dir: str) -> dict:
     ms = defaultdict(float)
     for plane in data.planes:
         for line in plane.lines:
-            if "PjRtCpuClient" not in line.name:
+            if "PjRtCpuClient" not in line.name and "XLAEigen" not in line.name:
                 continue
             for event in line.events:
                 if event.name in categories:
@@ -136,7 +139,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.op_profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2, help="profiled steps per framework")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile.json"))
