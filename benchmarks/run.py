@@ -15,7 +15,8 @@ Every worker runs with glibc's malloc thresholds of a tuned PyTorch run (`benchm
 
 This module plans the measurements and runs them; `benchmarks.workers` holds the measurements,
 `benchmarks.measure` what they share, `benchmarks.flops` the FLOP counts, `benchmarks.report` the
-ratios, targets and markdown; `benchmarks.op_profile` is the per-operation profile (a module named `profile` would hide the standard library's when run.py runs as a script).
+ratios, targets and markdown; `benchmarks.op_profile` is the per-operation profile (not named
+`profile`: run.py runs as a script, and that name would hide the standard library's module).
 """
 
 from __future__ import annotations
