@@ -16,7 +16,9 @@ endif
 .PHONY: setup lint test train list data summary study results records evaluate bench analyze lottery ode-bench ode-bench-quick \
 	campaign-status campaign-wheels campaign-stage campaign-file
 
-setup: $(VENV)/.installed
+KERNELS := stepjax/kernels/_onednn_conv.so
+
+setup: $(VENV)/.installed $(KERNELS)
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +26,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# the oneDNN convolutions for the CPU (pip's oneDNN wheels + the machine's g++); where they cannot be
+# built, stepjax runs XLA's convolutions and setup still succeeds
+$(KERNELS): csrc/onednn_conv.cc $(VENV)/.installed
+	$(PY) -m stepjax.kernels.build || echo "oneDNN extension not built: convolutions run on the XLA path"
 
 # pyflakes, syntax errors and import order (pyproject.toml [tool.ruff]); `ruff check --fix .` mends most
 lint: setup

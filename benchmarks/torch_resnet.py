@@ -15,7 +15,7 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 
 
-def _build(depths, num_classes=10):
+def _build(depths, block="bottleneck", num_classes=10):
     import torch
     from torch import nn
 
@@ -39,26 +39,53 @@ def _build(depths, num_classes=10):
             f = self.bn3(self.conv3(f))
             return torch.relu((x if self.shortcut is None else self.shortcut(x)) + f)
 
+    class Basic(nn.Module):
+        def __init__(self, cin, planes, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.shortcut = None
+            if stride != 1 or cin != planes:
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+        def forward(self, x):
+            f = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            return torch.relu((x if self.shortcut is None else self.shortcut(x)) + f)
+
+    cls, expansion = (Bottleneck, 4) if block == "bottleneck" else (Basic, 1)
     layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
     cin = 16
     for depth, planes, stride in zip(depths, (16, 32, 64), (1, 2, 2)):
         for i in range(depth):
-            layers.append(Bottleneck(cin, planes, stride if i == 0 else 1))
-            cin = 4 * planes
+            layers.append(cls(cin, planes, stride if i == 0 else 1))
+            cin = expansion * planes
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
 
 
-def make_torch_step(*, depths=(18, 18, 18), batch=128, channels_last=True, seed=0):
-    """A function that runs one training step of the PyTorch ResNet and returns the loss."""
+# the PyTorch rows of the same-time comparison (benchmarks.workers.worker_interleaved)
+TORCH_RUNS = {
+    "pytorch resnet164": {"depths": (18, 18, 18), "batch": 128},
+    "pytorch resnet164 (torch.compile)": {"depths": (18, 18, 18), "batch": 128, "compile": True},
+    "pytorch resnet20 (batch 32)": {"depths": (3, 3, 3), "block": "basic", "batch": 32},
+}
+
+
+def make_torch_step(*, depths=(18, 18, 18), block="bottleneck", batch=128, channels_last=True, compile=False, seed=0):
+    """A function that runs one training step of the PyTorch ResNet (`block`: ``"bottleneck"``
+    for ResNet-164, ``"basic"`` for ResNet-20) and returns the loss; `compile`: the model under
+    `torch.compile` (inductor, compiled on the first two calls)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
-    model = _build(depths)
+    model = _build(depths, block)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    forward = torch.compile(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     images = torch.from_numpy(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
@@ -80,10 +107,10 @@ def make_torch_step(*, depths=(18, 18, 18), batch=128, channels_last=True, seed=
         x = torch.where(flip.view(batch, 1, 1, 1), x.flip(3), x)
         x = ((x / 255.0 - mean) / std).contiguous(memory_format=fmt)
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), labels)
+        loss = F.cross_entropy(forward(x), labels)
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.item()
 
     model.train()
     return step

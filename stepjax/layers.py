@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from stepjax import kernels
 from stepjax.ode.euler import SAVED
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -20,7 +21,9 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def conv2d(x, w, stride=1):
     """A bias-free NHWC/HWIO convolution with "same"-style padding ``k // 2`` (odd ``k``).
 
-    A 1x1 kernel is a matrix product (after striding), which XLA's CPU backend runs several
+    On the CPU, float32 convolutions run in oneDNN through XLA's FFI when the extension is built
+    (`stepjax.kernels.conv_same`, forward and both gradients; `stepjax.kernels.path_for` says
+    which path runs). Otherwise a 1x1 kernel is a matrix product (after striding), which XLA's CPU backend runs several
     times faster than its generic convolution. A larger kernel is ``lax.conv_general_dilated``
     with a hand-written gradient (`_conv_same`): the same mathematics as XLA's own, but every
     convolution of the backward pass is stated in the canonical NHWC/HWIO form. XLA's CPU
@@ -37,7 +40,9 @@ def conv2d(x, w, stride=1):
     ``(B, ceil(H / stride), ceil(W / stride), O)``.
     """
     k = w.shape[0]
-    if k == 1:
+    if kernels.path_for(x.dtype) == "onednn":
+        y = kernels.conv_same(x, w, stride)
+    elif k == 1:
         y = _pointwise(x[:, ::stride, ::stride, :], w[0, 0])
     else:
         y = _conv_same(x, w, stride)

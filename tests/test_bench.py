@@ -108,7 +108,7 @@ def _fake_results():
 
 
 def test_benchmark_summary_and_table():
-    from benchmarks.run import summarise, table
+    from benchmarks.report import summarise, table
 
     results = _fake_results()
     s = summarise(results)
@@ -124,7 +124,7 @@ def test_benchmark_summary_and_table():
 
 
 def test_benchmark_results_replace_only_the_marked_block(tmp_path):
-    from benchmarks.run import MARKERS, environment, summarise, write_docs
+    from benchmarks.report import MARKERS, environment, summarise, write_docs
 
     BEGIN, END = MARKERS[False]
     results = _fake_results()
@@ -141,7 +141,7 @@ def test_benchmark_results_replace_only_the_marked_block(tmp_path):
 
 
 def test_gpu_results_merge_and_fill_their_own_block(tmp_path):
-    from benchmarks.run import MARKERS, merge, write_docs
+    from benchmarks.report import MARKERS, merge, write_docs
 
     env = {"cpu": "x", "cores": 16, "python": "3.12", "jax": "j", "jaxlib": "j", "flax": "f", "optax": "o",
            "grain": "g", "date": "d"}
@@ -165,17 +165,17 @@ def test_gpu_results_merge_and_fill_their_own_block(tmp_path):
 
 
 def test_jaxpr_flops_count_convolutions_matmuls_and_scan_bodies():
-    from benchmarks.run import _jaxpr_flops
+    from benchmarks.flops import jaxpr_flops
 
     x, w = jnp.zeros((2, 8, 8, 16)), jnp.zeros((3, 3, 16, 32))
     conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    assert _jaxpr_flops(jax.make_jaxpr(conv)(x, w).jaxpr) == 2 * (2 * 4 * 4 * 32) * (3 * 3 * 16)
+    assert jaxpr_flops(jax.make_jaxpr(conv)(x, w).jaxpr) == 2 * (2 * 4 * 4 * 32) * (3 * 3 * 16)
     power = lambda a: jax.lax.scan(lambda c, _: (c @ c, None), a, length=5)[0]
-    assert _jaxpr_flops(jax.make_jaxpr(jax.jit(power))(jnp.zeros((4, 6, 6))).jaxpr) == 5 * 2 * 4 * 6 * 6 * 6
+    assert jaxpr_flops(jax.make_jaxpr(jax.jit(power))(jnp.zeros((4, 6, 6))).jaxpr) == 5 * 2 * 4 * 6 * 6 * 6
 
 
 def test_gpu_worker_runs_on_any_backend_and_counts_model_flops(tmp_path):
-    from benchmarks.run import worker_gpu
+    from benchmarks.workers import worker_gpu
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 64), ("test", 32)):

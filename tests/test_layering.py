@@ -18,7 +18,8 @@ SOURCES = ("stepjax", "benchmarks", "experiments")
 LAYERS = {
     "stepjax.errors": [],  # exit statuses and the user-error type: importable from every layer
     "stepjax.ode": ["stepjax.errors"],
-    "stepjax.layers": ["stepjax.ode"],
+    "stepjax.kernels": [],  # the oneDNN convolutions (XLA FFI)
+    "stepjax.layers": ["stepjax.ode", "stepjax.kernels"],
     "stepjax.controllers": ["stepjax.layers"],
     "stepjax.models": ["stepjax.controllers"],
     "stepjax.data": ["stepjax.errors"],

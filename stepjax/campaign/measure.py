@@ -104,7 +104,8 @@ def build_step(exp: str, overrides: list[str], members: int):
 
     from stepjax import data
     from stepjax.config import apply_overrides, load_experiment
-    from stepjax.train import build_model, init_state, make_optimizer, train_step_fn
+    from stepjax.models import build_model
+    from stepjax.train import init_state, make_optimizer, train_step_fn
     from stepjax.train.step import learning_rate_schedule
 
     config = apply_overrides(load_experiment(exp), overrides)
