@@ -3,24 +3,31 @@
 from stepjax.ode.controller import (
     ConstantStepSize,
     ControllerState,
+    ErrorStepController,
     LearnedStepSize,
     StageShared,
+    StepAttempt,
     StepController,
     StepSchedule,
+    scaled_norm,
 )
-from stepjax.ode.diffrax_bridge import DiffraxStepController
+from stepjax.ode.diffrax_bridge import DiffraxErrorController, DiffraxStepController
 from stepjax.ode.euler import EulerStage, EulerStep, StageOutput, build_stacked
 
 __all__ = [
     "ConstantStepSize",
     "ControllerState",
+    "DiffraxErrorController",
     "DiffraxStepController",
+    "ErrorStepController",
     "EulerStage",
     "EulerStep",
     "LearnedStepSize",
     "StageOutput",
     "StageShared",
+    "StepAttempt",
     "StepController",
     "StepSchedule",
     "build_stacked",
+    "scaled_norm",
 ]
