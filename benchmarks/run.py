@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = os.environ.get("STEPJAX_DATA_DIR") or str(ROOT.parent / "shared" / "data" / "cifar10")
-CONTROLLERS = ("resnet", "se", "cbam", "eca", "srm", "dia", "stepnet")
+MODEL_VARIANTS = ("resnet", "se", "cbam", "eca", "srm", "dia", "stepnet")  # plain ResNet, then one per attention controller
 CPU_PROTOCOL = "cifar10_resnet:cpu"  # ResNet-20 at the protocol's batch (32), and at batch 128
 
 
@@ -427,7 +427,7 @@ def plan(args):
     common = {"data_dir": args.data_dir, "devices": args.devices, "src": args.src}
     warm, reps = (1, 2) if quick else (1, args.repeats)
     specs = []
-    r164 = ("resnet",) if quick else CONTROLLERS
+    r164 = ("resnet",) if quick else MODEL_VARIANTS
     for c in r164:  # controllers: fewer repeats, their ratios come from the interleaved run
         specs.append({**common, "kind": "train", "name": f"resnet164/{c}", "exp": _controller_exp(c),
                       "warmup": warm, "repeats": reps if c == "resnet" else min(reps, 2), "eval": not quick,
@@ -444,7 +444,7 @@ def plan(args):
     specs.append({**common, "kind": "pipeline", "name": "input pipeline", "exp": "cifar10_resnet",
                   "batches": 40 if quick else 150})
     if not quick:
-        configs = [[f"resnet164/{c}", _controller_exp(c)] for c in CONTROLLERS]
+        configs = [[f"resnet164/{c}", _controller_exp(c)] for c in MODEL_VARIANTS]
         specs.append({**common, "kind": "interleaved", "name": "interleaved", "configs": configs,
                       "rounds": args.rounds, "torch": args.torch})
     if args.torch and not quick:
@@ -504,13 +504,13 @@ def summarise(results):
     if inter:  # same-time medians: the ratios that the targets use
         steps = inter["step_s"]
         base = steps.get("resnet164/resnet")
-        for c in CONTROLLERS[1:]:
+        for c in MODEL_VARIANTS[1:]:
             if base and f"resnet164/{c}" in steps:
                 out[f"step_ratio_{c}_vs_plain"] = steps[f"resnet164/{c}"] / base
         if base and "pytorch resnet164" in steps:
             out["speed_ratio_jax_vs_torch"] = steps["pytorch resnet164"] / base
     elif plain:
-        for c in CONTROLLERS[1:]:
+        for c in MODEL_VARIANTS[1:]:
             if f"resnet164/{c}" in by:
                 out[f"step_ratio_{c}_vs_plain"] = by[f"resnet164/{c}"]["step_s"] / plain["step_s"]
     if plain:
