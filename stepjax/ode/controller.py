@@ -199,6 +199,8 @@ class ErrorStepController(StepController):
     - `rtol`, `atol`: tolerances, kept as float64 NumPy arrays in `nnx.Variable`s so that one
       compilation serves every tolerance.
     - `norm`: the norm of the scaled error, as diffrax's (default `optimistix.rms_norm`).
+
+    A subclass whose decisions read the vector field sets ``uses_vector_field = True``.
     """
 
     uses_vector_field: bool = False
