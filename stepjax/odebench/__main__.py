@@ -8,7 +8,7 @@ import sys
 from stepjax.records import results_root
 
 from .benchmark import FULL, QUICK, run, write_records
-from .report import regenerate
+from .report import QUICK_RECORD_DIR, regenerate
 
 
 def main(argv=None) -> int:
@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="rebuild the page and figures from OUT/results.json alone, without solving; the record is not changed")
     args = parser.parse_args(argv)
-    out = args.out or (pathlib.Path("runs/odebench_quick") if args.quick else results_root() / "odebench")
+    out = args.out or (pathlib.Path(QUICK_RECORD_DIR) if args.quick else results_root() / "odebench")
     docs = args.docs or (out if args.quick else pathlib.Path("docs"))
     log = lambda msg: print(msg, flush=True)
     if args.report_only:

@@ -29,6 +29,7 @@ CRITERION = (
     "no failed solve."
 )
 RECORD_DIR = "results/odebench"  # where `python -m stepjax.odebench` files its record (under $STEPJAX_RESULTS)
+QUICK_RECORD_DIR = "runs/odebench_quick"  # ... and `--quick` its own
 
 
 def _geomean(x) -> float:
@@ -279,15 +280,15 @@ def write_markdown(payload: dict, path: pathlib.Path, figures: dict):
     - `path`: markdown file.
     - `figures`: problem name -> PNG path.
     """
-    v = payload["verdict"]
+    v, quick = payload["verdict"], payload["config"]["quick"]
     anchors = "\n".join(f"| {a['name']} | {a['max_rel_error']:.1e} | {'ok' if a['ok'] else 'FAILED'} |" for a in payload["anchors"])
     lines = [
         "# Learned step-size control vs diffrax's PID family: results",
         "",
         f"Measured by `{payload['command']}` on {payload['device']} in {payload['elapsed_s'] / 60:.1f} min. "
-        f"Record: `{RECORD_DIR}/` (`results.json` and the trained controllers, "
+        f"Record: `{QUICK_RECORD_DIR if quick else RECORD_DIR}/` (`results.json` and the trained controllers, "
         f"{', '.join(f'`{name}`' for name in payload['policies'].values())}); this page and its figures are "
-        f"regenerated from it alone by `python -m stepjax.odebench --report-only`.",
+        f"regenerated from it alone by `python -m stepjax.odebench --report-only{' --quick' if quick else ''}`.",
         "",
         "## Verdict",
         "",
@@ -311,6 +312,10 @@ def write_markdown(payload: dict, path: pathlib.Path, figures: dict):
         *_results_table(payload["results"]),
         "",
         "## Training",
+        "",
+        f"One training seed ({payload['config']['seed']}). The training is deterministic on x86-64 CPUs with AVX2: the implicit "
+        "solves factorise without LAPACK, whose CPU-dependent kernels made another machine keep another imitation round "
+        "(`stepjax/odebench/linear.py`). How much the result varies over seeds is not measured here (`--seed N` trains with another).",
         "",
         *_training_lines(payload["training"]),
         "",
