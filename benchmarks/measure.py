@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = os.environ.get("STEPJAX_DATA_DIR") or str(ROOT.parent / "shared" / "data" / "cifar10")
 
 
-CONTROLLERS = ("resnet", "se", "cbam", "eca", "srm", "dia", "stepnet")
+MODEL_VARIANTS = ("resnet", "se", "cbam", "eca", "srm", "dia", "stepnet")  # plain ResNet, then one per attention controller
 
 
 # glibc malloc thresholds of a tuned PyTorch CPU run: freed blocks stay mapped for reuse

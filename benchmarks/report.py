@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.measure import CONTROLLERS, jsonable
+from benchmarks.measure import MODEL_VARIANTS, jsonable
 
 
 def environment():
@@ -50,7 +50,7 @@ def summarise(results):
     if inter:  # same-time medians: the ratios that the targets use
         steps = inter["step_s"]
         base = steps.get("resnet164/resnet")
-        for c in CONTROLLERS[1:]:
+        for c in MODEL_VARIANTS[1:]:
             if base and f"resnet164/{c}" in steps:
                 out[f"step_ratio_{c}_vs_plain"] = steps[f"resnet164/{c}"] / base
         ratios = {"speed_ratio_jax_vs_torch": ("pytorch resnet164", "resnet164/resnet"),
@@ -61,7 +61,7 @@ def summarise(results):
             if slow in steps and fast in steps:
                 out[key] = steps[slow] / steps[fast]
     elif plain:
-        for c in CONTROLLERS[1:]:
+        for c in MODEL_VARIANTS[1:]:
             if f"resnet164/{c}" in by:
                 out[f"step_ratio_{c}_vs_plain"] = by[f"resnet164/{c}"]["step_s"] / plain["step_s"]
     if plain:

@@ -32,7 +32,7 @@ from pathlib import Path
 if __name__ == "__main__":  # a worker started as a script: this checkout's benchmarks package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import CONTROLLERS, CPU_PROTOCOL, DEFAULT_DATA, MALLOC, ROOT, controller_exp, load
+from benchmarks.measure import CPU_PROTOCOL, DEFAULT_DATA, MALLOC, MODEL_VARIANTS, ROOT, controller_exp, load
 from benchmarks.report import environment, gpu_table, markdown, merge, table, write_docs, write_results
 from benchmarks.workers import worker_main
 
@@ -68,7 +68,7 @@ def plan(args):
     common = {"data_dir": args.data_dir, "devices": args.devices, "src": args.src}
     warm, reps = (1, 2) if quick else (1, args.repeats)
     specs = []
-    r164 = ("resnet",) if quick else CONTROLLERS
+    r164 = ("resnet",) if quick else MODEL_VARIANTS
     for c in r164:  # controllers: fewer repeats, their ratios come from the interleaved run
         specs.append({**common, "kind": "train", "name": f"resnet164/{c}", "exp": controller_exp(c),
                       "warmup": warm, "repeats": reps if c == "resnet" else min(reps, 2), "eval": not quick,
@@ -85,7 +85,7 @@ def plan(args):
     specs.append({**common, "kind": "pipeline", "name": "input pipeline", "exp": "cifar10_resnet",
                   "batches": 40 if quick else 150})
     if not quick:
-        configs = [[f"resnet164/{c}", controller_exp(c), "auto"] for c in CONTROLLERS]
+        configs = [[f"resnet164/{c}", controller_exp(c), "auto"] for c in MODEL_VARIANTS]
         configs += [["resnet164/resnet (XLA convolutions)", "cifar10_resnet", "xla"],
                     ["resnet20/resnet (cpu protocol)", CPU_PROTOCOL, "auto"]]
         specs.append({**common, "kind": "interleaved", "name": "interleaved", "configs": configs,

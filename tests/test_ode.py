@@ -10,7 +10,9 @@ from flax import nnx
 from stepjax.layers import Dense
 from stepjax.ode import (
     ConstantStepSize,
+    DiffraxErrorController,
     DiffraxStepController,
+    ErrorStepController,
     EulerStage,
     EulerStep,
     LearnedStepSize,
@@ -159,6 +161,70 @@ def test_diffrax_bridge_rejects_multi_element_steps():
 
     with pytest.raises(ValueError, match="one step size per solve"):
         _solve_with(Wide(), jnp.ones(2))
+
+
+class IController(ErrorStepController):
+    """diffrax's default `PIDController` (an I controller) written on the protocol; with
+    `counting`, it also reads the vector field and counts the attempts it judged."""
+
+    def __init__(self, rtol, atol, *, counting=False):
+        super().__init__(rtol, atol)
+        self.uses_vector_field = counting
+
+    def init(self, y0):
+        return (jnp.zeros(()), jnp.array(True), jnp.zeros((), jnp.int32))
+
+    def judge_step(self, attempt, controller_state):
+        _, _, count = controller_state
+        inv_error = 1 / self.scaled_norm(attempt, attempt.y_error)
+        keep_step = inv_error > 1
+        factor = jnp.clip(0.9 * inv_error ** (1 / attempt.error_order), jnp.where(keep_step, 1, 0.2), jnp.where(keep_step, 10, 0.9))
+        if self.uses_vector_field:  # f0, f1 are the field at the attempt's ends
+            count = count + (jnp.all(attempt.f0 == -attempt.y0) & jnp.all(attempt.f1 == -attempt.y1_candidate))
+        return keep_step, ((attempt.t1 - attempt.t0) * factor, keep_step, count)
+
+    def adapt_step_size(self, t0, y0, f0, controller_state):
+        assert (f0 is not None) == self.uses_vector_field
+        return controller_state[0], controller_state
+
+
+def _adaptive_solve(controller, vector_field, y0):
+    return diffrax.diffeqsolve(diffrax.ODETerm(vector_field), diffrax.Tsit5(), 0.0, 20.0, 0.05, y0, stepsize_controller=controller, saveat=diffrax.SaveAt(steps=True), max_steps=2048)
+
+
+def test_diffrax_bridge_runs_an_error_controller_as_diffrax_does():
+    jax.config.update("jax_enable_x64", True)
+    try:
+        field = lambda t, y, args: jnp.stack([y[1], 8.0 * (1 - y[0] ** 2) * y[1] - y[0]])  # van der Pol
+        y0 = jnp.array([2.0, 0.0])
+        ours = _adaptive_solve(DiffraxStepController.from_module(IController(1e-6, 1e-6)), field, y0)
+        ref = _adaptive_solve(diffrax.PIDController(rtol=1e-6, atol=1e-6), field, y0)
+        assert ref.stats["num_rejected_steps"] > 5  # rejections are exercised
+        for key in ("num_accepted_steps", "num_rejected_steps"):
+            assert ours.stats[key] == ref.stats[key]
+        np.testing.assert_array_equal(ours.ts, ref.ts)  # every accepted step, bitwise
+        np.testing.assert_array_equal(ours.ys, ref.ys)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_diffrax_bridge_hands_the_vector_field_to_a_controller_that_reads_it():
+    field = lambda t, y, args: -y
+    bridge = DiffraxStepController.from_module(IController(1e-4, 1e-4, counting=True))
+    assert isinstance(bridge, DiffraxErrorController) and bridge.extra_evaluations(7) == 8
+
+    def solve(controller, dt0=0.05):
+        saveat = diffrax.SaveAt(t1=True, controller_state=True)
+        return diffrax.diffeqsolve(diffrax.ODETerm(field), diffrax.Tsit5(), 0.0, 3.0, dt0, jnp.ones(2), stepsize_controller=controller, saveat=saveat)
+
+    with pytest.raises(ValueError, match="bind"):
+        solve(bridge)
+    with pytest.raises(ValueError, match="dt0"):
+        solve(bridge.bind(field), dt0=None)
+    sol = solve(bridge.bind(field))
+    (_, _, count), f = sol.controller_state
+    assert sol.stats["num_steps"] > 3 and count == sol.stats["num_steps"]  # every attempt saw f at both ends
+    np.testing.assert_array_equal(f, -sol.ys[-1])  # the carried f is the field at the point reached
 
 
 def test_bad_stage_arguments():

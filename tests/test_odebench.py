@@ -3,10 +3,15 @@ evaluations, published reference values, analytic work-precision curves)."""
 
 import json
 import math
+import os
+import pathlib
+import platform
+import subprocess
+import sys
 
 import diffrax
-import equinox as eqx
 import jax
+import lineax as lx
 import numpy as np
 import pytest
 
@@ -15,17 +20,20 @@ from stepjax.odebench import (
     Curve,
     LearnedPolicy,
     check_anchor,
-    classical_gains,
     cost_ratio,
     error_levels,
     get_family,
     init_network,
     oracle_log_steps,
+    pid_gains,
     solve,
 )
+from stepjax.odebench.__main__ import main as odebench_main
 from stepjax.odebench._x64 import callback_f64
-from stepjax.odebench.benchmark import rejudge
-from stepjax.odebench.report import compare, verdict, write_json
+from stepjax.odebench.linear import PivotedLU
+from stepjax.odebench.report import compare, regenerate, rejudge, verdict, write_json
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _logging(vector_field, times):
@@ -52,7 +60,7 @@ def _evaluation_times(problem, controller):
         ("vdp", 50.0, lambda rtol, atol: diffrax.PIDController(rtol=rtol, atol=atol, pcoeff=0.4, icoeff=0.3)),
         # Implicit solver: the Newton tolerances come from the controller, so compare with
         # array-valued coefficients as the benchmark uses (XLA folds Python constants).
-        ("robertson", 3e7, classical_gains("PI34").controller),
+        ("robertson", 3e7, pid_gains("PI34").controller),
     ],
 )
 def test_untrained_learned_controller_takes_pi34_steps(family, param, baseline):
@@ -72,9 +80,9 @@ def test_network_output_scales_the_steps():
     # A constant output b multiplies every step factor by exp(log(3) tanh(b)) within the
     # limits, so a positive b must mean fewer steps than PI34.
     problem = get_family("vdp").problem(3.0)
-    net = init_network(jax.random.PRNGKey(0))
+    net, bigger = init_network(jax.random.PRNGKey(0)), init_network(jax.random.PRNGKey(0))
     with jax.enable_x64(True):
-        bigger = eqx.tree_at(lambda m: m.layers[-1].bias, net, net.layers[-1].bias + 0.3)
+        bigger.layers[-1].bias[...] = net.layers[-1].bias[...] + 0.3
     pi34 = solve(problem, LearnedPolicy(net).controller(1e-6, 1e-6))
     scaled = solve(problem, LearnedPolicy(bigger).controller(1e-6, 1e-6))
     assert scaled.success and scaled.num_accepted < 0.9 * pi34.num_accepted
@@ -87,7 +95,7 @@ def test_explicit_nfe_formula_equals_counted_evaluations(family, param, controll
     if controller == "learned+secant":
         make = LearnedPolicy(init_network(jax.random.PRNGKey(0), stiffness=True), stiffness=True).controller
     else:
-        make = classical_gains(controller).controller
+        make = pid_gains(controller).controller
     c = make(1e-5, 1e-5 * problem.atol_factor)
     formula = solve(problem, c)
     counted = solve(problem, c, count=True)
@@ -169,7 +177,7 @@ def test_unknown_names_list_the_known_ones():
     with pytest.raises(ValueError, match="known: vdp, robertson, brusselator"):
         get_family("van_der_pol")
     with pytest.raises(ValueError, match="PI34"):
-        classical_gains("PI99")
+        pid_gains("PI99")
 
 
 def test_float64_callback_round_trip():
@@ -197,6 +205,96 @@ def test_verdict_applies_the_design_criterion():
     unmatched = _result("b", True, False, [0.7, 0.8, 0.84, 0.85])
     unmatched["comparison"]["unmatched"] = ["tuned PID"]
     assert not verdict(stiff_win[:1] + [unmatched] + nonstiff_ok)["win"]
+
+
+def test_verdict_names_the_sanity_set_and_reports_trained_nonstiff_problems_beside_it():
+    # The criterion's non-stiff check covers the never-trained sanity set only; a held-out member
+    # of a trained non-stiff family (Lorenz) is reported beside it, never passed off as within it.
+    results = [_result("lotka_volterra", False, True, [0.9, 1.002]), _result("lorenz", False, False, [0.8, 1.448])]
+    judged = verdict(results)
+    assert judged["nonstiff_ok"] and judged["worst_nonstiff_ratio"] == 1.002 and judged["worst_trained_nonstiff_ratio"] == 1.448
+    assert "sanity set (lotka_volterra) 1.002" in judged["summary"] and "(lorenz) 1.448" in judged["summary"]
+
+
+def test_pivoted_lu_solves_like_lapack():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 40))
+    a[0, 0] = 0.0  # needs a row exchange
+    b = rng.standard_normal(40)
+    with jax.enable_x64(True):
+        operator = lx.MatrixLinearOperator(jax.numpy.asarray(a))
+        x = lx.linear_solve(operator, jax.numpy.asarray(b), PivotedLU()).value
+    np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-11, atol=1e-12)
+
+
+_DIGESTS = """
+import hashlib
+import diffrax, jax, numpy as np
+from stepjax.odebench import get_family
+from stepjax.odebench.solve import make_solver
+jax.config.update("jax_enable_x64", True)
+problem = get_family("brusselator").problem(32)
+for name, solver in (("pivoted", make_solver("kvaerno5")), ("lapack", diffrax.Kvaerno5())):  # diffrax's default LU, for contrast
+    controller = diffrax.PIDController(rtol=1e-6, atol=1e-6, pcoeff=0.4, icoeff=0.3)
+    sol = diffrax.diffeqsolve(diffrax.ODETerm(problem.vector_field), solver, 0.0, problem.t1, 1e-3, problem.y0, problem.args,
+                              stepsize_controller=controller, saveat=diffrax.SaveAt(ts=problem.save_ts))
+    print(name, hashlib.sha256(np.asarray(sol.ys).tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or "avx2" not in pathlib.Path("/proc/cpuinfo").read_text(), reason="needs OpenBLAS's x86 kernels (AVX2)")
+def test_implicit_solves_do_not_depend_on_the_blas_kernels():
+    # OpenBLAS picks its kernels for the CPU it runs on; OPENBLAS_CORETYPE plays two machines.
+    # diffrax's LAPACK LU then rounds differently, PivotedLU does not.
+    runs = {}
+    for core in ("Haswell", "Sandybridge"):
+        env = {**os.environ, "OPENBLAS_CORETYPE": core, "PYTHONPATH": str(REPO)}
+        out = subprocess.run([sys.executable, "-c", _DIGESTS], env=env, capture_output=True, text=True, check=True).stdout
+        runs[core] = dict(line.split() for line in out.splitlines())
+    assert runs["Haswell"]["pivoted"] == runs["Sandybridge"]["pivoted"]
+    assert runs["Haswell"]["lapack"] != runs["Sandybridge"]["lapack"]  # the cause this guards against
+
+
+def _payload():
+    errors = np.logspace(-9, -3, 7)
+    curves = {"learned": _power_curve("learned", 80.0, 0.2, errors), "PI34": _power_curve("PI34", 90.0, 0.25, errors)}
+    result = {"problem": "vdp[mu=3]", "family": "vdp", "solver": "tsit5", "stiff": True, "sanity": False, "curves": curves, "comparison": {}}
+    training = {"history": [{"round": 0, "score": 0.0}], "kept_round": 0, "problems": ["vdp[mu=1]"], "rtols": [1e-4], "solves": 10.0,
+                "tuned": {"gains": {"pcoeff": 0.4, "icoeff": 0.3, "dcoeff": 0.0, "safety": 0.9}, "score": 0.0, "solves": 10, "history": [{}]}}
+    anchors = [{"name": "vdp", "max_rel_error": 1e-9, "ok": True}]
+    return {"command": "python -m stepjax.odebench", "config": {"quick": False, "seed": 0}, "device": "CPU", "elapsed_s": 60.0, "classical": ["PI34"],
+            "anchors": anchors, "training": {"tsit5": training}, "policies": {"tsit5": "learned_tsit5.json"}, "results": [result]}
+
+
+def test_report_is_regenerated_from_the_record_alone(tmp_path):
+    write_json(_payload(), tmp_path / "record" / "results.json")
+    page = regenerate(tmp_path / "record", tmp_path / "docs", log=lambda msg: None)
+    text = page.read_text()
+    expected = compare(_payload()["results"][0]["curves"], "learned", ["PI34"])
+    assert ", ".join(f"{r:.3f}" for r in expected["ratios"]) in text  # the table row, from the curves
+    assert "NO WIN" in text and "`results/odebench/`" in text and "docs/ODE_BENCH.md" not in text
+    assert (tmp_path / "docs" / "figures" / "odebench" / "vdp_mu_3.png").stat().st_size > 0
+    assert odebench_main(["--report-only", "--out", str(tmp_path / "record"), "--docs", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "ODE_BENCH_RESULTS.md").read_text() == text  # deterministic
+    assert sorted(p.name for p in (tmp_path / "record").iterdir()) == ["results.json"]  # the record is only read
+
+
+def test_report_only_without_a_record_says_so(tmp_path, capsys):
+    assert odebench_main(["--report-only", "--out", str(tmp_path)]) == 2
+    assert "results.json does not exist" in capsys.readouterr().err
+
+
+def test_policy_round_trips_through_its_json_record(tmp_path):
+    policy = LearnedPolicy(init_network(jax.random.PRNGKey(1), stiffness=True), stiffness=True)
+    with jax.enable_x64(True):
+        for layer in policy.net.layers:
+            layer.bias[...] = layer.bias[...] + 1 / 3  # a last layer that is not zero
+    policy.save(tmp_path / "learned.json", solver="kvaerno5")
+    again = LearnedPolicy.load(tmp_path / "learned.json")
+    assert (again.stiffness, again.max_log_residual, again.shrink_after_accept) == (True, policy.max_log_residual, False)
+    for a, b in zip(policy.net.layers, again.net.layers, strict=True):
+        np.testing.assert_array_equal(a.weight[...], b.weight[...])
+        np.testing.assert_array_equal(a.bias[...], b.bias[...])
 
 
 def test_oracle_step_is_the_largest_with_error_below_target():

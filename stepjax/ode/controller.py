@@ -10,15 +10,23 @@ step to step), with the differences that a network needs:
 - the controller receives the derivative ``f0 = f_k(y_k)`` itself rather than diffrax's
   ``y1_candidate = y0 + dt * f0``. Every block is a unit time step, so the two carry the same
   information; passing ``f0`` saves a subtraction and keeps ``h = 1`` bit-exact.
+
+An ODE solver with an error estimate needs one thing more: to judge a step after trying it, and to
+reject it. `ErrorStepController` adds that half (``judge_step``, from the step's `StepAttempt`) to
+the same protocol; the choice of the next step stays ``adapt_step_size`` from the point reached.
+Both run inside ``diffrax.diffeqsolve`` through `stepjax.ode.DiffraxStepController`.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optimistix as optx
 from flax import nnx
 
 ControllerState = Any
@@ -121,3 +129,101 @@ class LearnedStepSize(StepController):
         if self.per_sample:
             h = jnp.broadcast_to(h, (y0.shape[0],) + (1,) * (y0.ndim - 1))
         return h, controller_state
+
+
+def scaled_norm(norm, rtol, atol, y0, y1_candidate, tree) -> jax.Array:
+    """``norm(tree / (atol + rtol * max(|y0|, |y1_candidate|)))``, diffrax's error scaling.
+
+    **Arguments:**
+
+    - `norm`: a norm of pytrees, e.g. `optimistix.rms_norm`.
+    - `rtol`, `atol`: tolerances.
+    - `y0`, `y1_candidate`: the step's start and proposed end; a candidate with a NaN is replaced by
+      `y0` in the scale (the solver stepped where the field is undefined).
+    - `tree`: what to measure, e.g. the error estimate.
+
+    **Returns:**
+
+    The scalar norm, operation for operation as `diffrax.PIDController` scales its error.
+    """
+
+    def scale(_y0, _y1, _x):
+        _y1 = jnp.where(jnp.isnan(_y1).any(), _y0, _y1)
+        _y = jnp.maximum(jnp.abs(_y0), jnp.abs(_y1))
+        with jax.numpy_dtype_promotion("standard"):
+            return _x / (atol + _y * rtol)
+
+    return norm(jtu.tree_map(scale, y0, y1_candidate, tree))
+
+
+class StepAttempt(NamedTuple):
+    """An attempted step as an `ErrorStepController` judges it (diffrax's `adapt_step_size` inputs).
+
+    - `t0`, `t1`: the step's interval.
+    - `y0`, `y1_candidate`: the state at `t0` and the proposed state at `t1`.
+    - `args`: the vector field's arguments.
+    - `y_error`: the solver's estimate of the local error of `y1_candidate`.
+    - `error_order`: the order of that estimate.
+    - `f0`, `f1`: the vector field at `(t0, y0)` and `(t1, y1_candidate)` for a controller that
+      `uses_vector_field` (one evaluation per attempt plus one at the start, which the caller
+      counts), else None.
+    """
+
+    t0: jax.Array
+    t1: jax.Array
+    y0: Any
+    y1_candidate: Any
+    args: Any
+    y_error: Any
+    error_order: Any
+    f0: Any = None
+    f1: Any = None
+
+
+class ErrorStepController(StepController):
+    """A `StepController` that judges each attempted step by its error estimate and may reject it.
+
+    A step of an adaptive ODE solver is decided in two halves. `judge_step` sees the `StepAttempt`
+    (the step's error estimate above all), accepts or rejects it, and records in the controller
+    state what it needs; `adapt_step_size` then picks the size of the next attempt from the point
+    reached, a priori, as a network block's controller does. Differences from the network case:
+
+    - ``t0`` of `adapt_step_size` is the time, not a step index; ``y0`` is the solver's state
+      without a batch axis (one controller per solve);
+    - ``f0`` is the vector field at ``y0`` when `uses_vector_field`, else None: no evaluation is
+      spent on a controller that does not read it;
+    - the first step size is the caller's ``dt0`` (a starting-step rule), not a decision.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: tolerances, kept as float64 NumPy arrays in `nnx.Variable`s so that one
+      compilation serves every tolerance.
+    - `norm`: the norm of the scaled error, as diffrax's (default `optimistix.rms_norm`).
+
+    A subclass whose decisions read the vector field sets ``uses_vector_field = True``.
+    """
+
+    uses_vector_field: bool = False
+
+    def __init__(self, rtol, atol, *, norm: Callable = optx.rms_norm):
+        self.rtol = nnx.Variable(np.asarray(rtol, dtype=np.float64))
+        self.atol = nnx.Variable(np.asarray(atol, dtype=np.float64))
+        self.norm = norm
+
+    def scaled_norm(self, attempt: StepAttempt, tree) -> jax.Array:
+        """**Returns:** `scaled_norm` of `tree` (e.g. ``attempt.y_error``) at the attempt's scale."""
+        return scaled_norm(self.norm, self.rtol[...], self.atol[...], attempt.y0, attempt.y1_candidate, tree)
+
+    @abc.abstractmethod
+    def judge_step(self, attempt: StepAttempt, controller_state: ControllerState) -> tuple[jax.Array, ControllerState]:
+        """Accept or reject an attempted step.
+
+        **Arguments:**
+
+        - `attempt`: the `StepAttempt`.
+        - `controller_state`: the state after the previous `adapt_step_size` (or `init`).
+
+        **Returns:**
+
+        A pair `(keep_step, controller_state)`; the state goes on to `adapt_step_size`.
+        """

@@ -6,21 +6,21 @@ import math
 import os
 import pathlib
 import platform
-import re
+import shlex
 import time
 
 import diffrax
-import equinox as eqx
 import jax
 
-from .controllers import CLASSICAL, classical_gains, tune_pid
-from .learned import LearnedPolicy, init_network, train_imitation
+from .imitation import ImitationConfig, train_imitation
+from .learned import LearnedPolicy, init_network
+from .pid import PID_BASELINES, pid_gains, tune_pid
 from .problems import FAMILIES, get_family
 from .reference import ANCHORS, check_anchor, reference_solution
-from .report import compare, plot_work_precision, verdict, verdict_words, write_json, write_markdown
-from .workprecision import Curve, measure_curve
+from .report import compare, verdict, verdict_words, write_json
+from .workprecision import measure_curve
 
-BASELINES = (*CLASSICAL, "tuned PID", "PI34-shrink")
+BASELINES = (*PID_BASELINES, "tuned PID", "PI34-shrink")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,18 +93,8 @@ def _train_solver(config, solver, families, log):
     references = [reference_solution(p) for p in problems]
     rtols = config.train_rtols[solver]
     log(f"[train] {solver}: learned controller on {len(problems)} problems x {len(rtols)} tolerances")
-    trained = train_imitation(
-        problems,
-        rtols,
-        references,
-        stiffness=config.stiffness[solver],
-        overshoot=config.overshoot,
-        rounds=config.rounds,
-        fit_steps=config.fit_steps,
-        max_records=config.max_records,
-        seed=config.seed,
-        log=log,
-    )
+    imitation = ImitationConfig(stiffness=config.stiffness[solver], overshoot=config.overshoot, rounds=config.rounds, fit_steps=config.fit_steps, max_records=config.max_records)
+    trained = train_imitation(problems, rtols, references, imitation, seed=config.seed, log=log)
     budget = math.ceil(trained.solves)
     log(f"[train] {solver}: tuned PID search with {budget} solves")
     tuned = tune_pid(problems, rtols, references, trained.baselines, budget, seed=config.seed, log=log)
@@ -129,17 +119,17 @@ def _evaluate(problem, makers, rtols, repeats, log):
     return curves
 
 
-def run(config: BenchConfig, *, out_dir: pathlib.Path, log=print) -> dict:
+def run(config: BenchConfig, *, log=print) -> tuple[dict, dict]:
     """Run the benchmark described by `config`.
 
     **Arguments:**
 
-    - `config`: a [`BenchConfig`][] (`QUICK` or `FULL`).
-    - `out_dir`: where the trained networks are saved.
+    - `config`: a `BenchConfig` (`QUICK` or `FULL`).
     - `log`: progress printer.
 
-    **Returns:** the results payload (config, anchors, training, per-problem curves and
-    comparisons, verdict), as written to JSON.
+    **Returns:** `(payload, policies)`: the results payload (config, anchors, training,
+    per-problem curves and comparisons, verdict), as written to JSON, and the trained
+    `LearnedPolicy` of each solver.
     """
     start = time.perf_counter()
     families = [config.family(name) for name in config.families]
@@ -148,14 +138,12 @@ def run(config: BenchConfig, *, out_dir: pathlib.Path, log=print) -> dict:
     policies, tuned, training = {}, {}, {}
     for solver in sorted({f.solver for f in families}):
         policies[solver], tuned[solver], training[solver] = _train_solver(config, solver, families, log)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        eqx.tree_serialise_leaves(out_dir / f"learned_{solver}.eqx", policies[solver].net)
     shrink = LearnedPolicy(init_network(jax.random.PRNGKey(config.seed)), shrink_after_accept=True)
     results = []
     for family in families:
         for problem in family.held_out_problems():
             log(f"[evaluate] {problem.name} ({problem.solver})")
-            makers = {name: classical_gains(name).controller for name in CLASSICAL}
+            makers = {name: pid_gains(name).controller for name in PID_BASELINES}
             makers |= {"tuned PID": tuned[problem.solver].controller, "PI34-shrink": shrink.controller, "learned": policies[problem.solver].controller}
             curves = _evaluate(problem, makers, config.rtols[problem.solver], config.repeats, log)
             comparison = compare(curves, "learned", list(BASELINES))
@@ -165,48 +153,32 @@ def run(config: BenchConfig, *, out_dir: pathlib.Path, log=print) -> dict:
             results.append({"problem": problem.name, "family": family.name, "solver": problem.solver, "stiff": family.stiff, "sanity": sanity, "metric": curves["learned"].metric, "curves": curves, "comparison": comparison})
     judged = verdict(results)
     log(f"[verdict] {judged['summary']}")
-    return {
+    payload = {
+        "command": shlex.join(["python", "-m", "stepjax.odebench", *(["--quick"] if config.quick else []), "--seed", str(config.seed)]),
         "config": dataclasses.asdict(config),
         "device": _device(),
         "elapsed_s": time.perf_counter() - start,
         "classical": list(BASELINES),
         "anchors": anchors,
         "training": training,
+        "policies": {solver: policy_file(solver) for solver in policies},
         "results": results,
         "verdict": judged,
         "verdict_words": verdict_words(results, judged),
     }
+    return payload, policies
 
 
-def rejudge(payload: dict) -> dict:
-    """Recompute every comparison and the verdict of a saved payload (as read back from
-    `results.json`) with the current comparison code; the measured curves are unchanged.
-
-    **Arguments:**
-
-    - `payload`: the dict read from `results.json`.
-
-    **Returns:** the payload with `Curve` objects, new comparisons, verdict and verdict words.
-    """
-    nan = lambda v: [math.nan if x is None else x for x in v] if isinstance(v, list) else v
-    for r in payload["results"]:
-        r["curves"] = {name: Curve(**{k: nan(v) for k, v in c.items()}) for name, c in r["curves"].items()}
-        r["comparison"] = compare(r["curves"], "learned", payload["classical"])
-    payload["verdict"] = verdict(payload["results"])
-    payload["verdict_words"] = verdict_words(payload["results"], payload["verdict"])
-    return payload
+def policy_file(solver: str) -> str:
+    """**Returns:** the file name of the learned policy for `solver` in a record directory."""
+    return f"learned_{solver}.json"
 
 
-def write_outputs(payload: dict, *, out_dir: pathlib.Path, docs_dir: pathlib.Path | None, log=print):
-    """Write `results.json` to `out_dir`, and the markdown page and one PNG per held-out
-    problem to `docs_dir` (`ODE_BENCH_RESULTS.md`, `figures/odebench/`), or to `out_dir`
-    when `docs_dir` is `None`."""
-    page_dir = docs_dir or out_dir
-    figures = {}
-    for r in payload["results"]:
-        path = page_dir / "figures" / "odebench" / f"{re.sub('[^A-Za-z0-9.]+', '_', r['problem']).strip('_')}.png"
-        plot_work_precision(r["problem"], r["curves"], r["comparison"]["levels"], path)
-        figures[r["problem"]] = path.relative_to(page_dir).as_posix()
+def write_records(payload: dict, policies: dict, out_dir: pathlib.Path, log=print):
+    """Write the run's record to `out_dir`: `results.json` and one `learned_<solver>.json` per
+    trained policy (its settings and float64 weights, reloadable with `LearnedPolicy.load`)."""
+    for solver, policy in policies.items():
+        kept = payload["training"][solver]["kept_round"]
+        policy.save(out_dir / policy_file(solver), solver=solver, seed=payload["config"]["seed"], kept_round=kept)
     write_json(payload, out_dir / "results.json")
-    write_markdown(payload, page_dir / "ODE_BENCH_RESULTS.md", figures)
-    log(f"[write] {out_dir / 'results.json'}, {page_dir / 'ODE_BENCH_RESULTS.md'}, {len(figures)} figures")
+    log(f"[write] {out_dir / 'results.json'}, {len(policies)} policies")

@@ -24,22 +24,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stepjax.ode import DiffraxStepController, StepController
+
 from ._x64 import x64
+from .linear import PivotedLU
 from .problems import Problem
 
 MAX_STEPS = 200_000  # ten times the longest successful benchmark solve
 _EVALS_PER_STEP = {"tsit5": 6}  # Tsit5: 7 stages, first same as last
 
 
-def make_solver(name: str) -> diffrax.AbstractSolver:
-    """**Arguments:** `name`: `"tsit5"` or `"kvaerno5"`.
+def make_solver(name: str, root_finder: diffrax.VeryChord | None = None) -> diffrax.AbstractSolver:
+    """The solver `name`; an implicit one factorises its Newton matrix with `PivotedLU`, so
+    that its rounding does not depend on the machine's BLAS (see `stepjax.odebench.linear`).
+
+    **Arguments:**
+
+    - `name`: `"tsit5"` or `"kvaerno5"`.
+    - `root_finder`: an implicit solver's Newton iteration, if not diffrax's default (whose
+      tolerances are the step-size controller's); its linear solver is replaced.
 
     **Returns:** the diffrax solver.
     """
     solvers = {"tsit5": diffrax.Tsit5, "kvaerno5": diffrax.Kvaerno5}
     if name not in solvers:
         raise ValueError(f"Unknown solver {name!r}; known: {', '.join(solvers)}")
-    return solvers[name]()
+    solver = solvers[name]()
+    if isinstance(solver, diffrax.AbstractImplicitSolver):
+        root_finder = eqx.tree_at(lambda r: r.linear_solver, root_finder or solver.root_finder, PivotedLU())
+        solver = eqx.tree_at(lambda s: s.root_finder, solver, root_finder)
+    return solver
 
 
 def is_explicit(solver_name: str) -> bool:
@@ -136,7 +150,8 @@ def _seed_fsal(solver, term, t0, t1, y0, args, f0):
 
 
 @eqx.filter_jit
-def _solve(vector_field, solver_name, max_steps, controller, y0, args, t0, t1, ts):
+def _solve(vector_field, solver_name, max_steps, controller, inputs):
+    y0, args, t0, t1, ts = inputs
     term = diffrax.ODETerm(vector_field)
     solver = make_solver(solver_name)
     f0 = vector_field(t0, y0, args)
@@ -202,7 +217,8 @@ def solve(problem: Problem, controller, *, count: bool = False, repeats: int = 0
 
     - `problem`: a [`Problem`][].
     - `controller`: an adaptive diffrax step-size controller whose numeric fields are
-      arrays (so that one compilation serves all tolerances and coefficients).
+      arrays (so that one compilation serves all tolerances and coefficients), or a
+      `stepjax.ode.ErrorStepController`, run through `stepjax.ode.DiffraxStepController`.
     - `count`: count evaluations with [`EvaluationCounter`][] (needed for the NFE of
       implicit solvers; slow).
     - `repeats`: if positive (and `count` is false), time that many runs after a
@@ -212,7 +228,9 @@ def solve(problem: Problem, controller, *, count: bool = False, repeats: int = 0
     **Returns:** [`SolveStats`][].
     """
     vector_field = COUNTER.wrap(problem.vector_field) if count else problem.vector_field
-    run = functools.partial(_solve, vector_field, problem.solver, max_steps, controller, *_inputs(problem))
+    if isinstance(controller, StepController):
+        controller = DiffraxStepController.from_module(controller)
+    run = functools.partial(_solve, vector_field, problem.solver, max_steps, controller, _inputs(problem))
     COUNTER.reset()
     (ys, num_steps, accepted, rejected, ok), _ = _timed(run)
     jax.effects_barrier()

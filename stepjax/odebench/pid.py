@@ -1,4 +1,5 @@
-"""Classical PID baselines and a PID tuned by search on the training problems."""
+"""The classical baselines: diffrax's `PIDController` with the published PID filters, and a PID tuned
+by search on the training problems with the learned controller's budget."""
 
 import dataclasses
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from .problems import Problem
 from .workprecision import Curve, cost_ratio, error_levels, measure_curve
 
 # diffrax's (pcoeff, icoeff, dcoeff) for the classical filters.
-CLASSICAL = {
+PID_BASELINES = {
     "I": (0.0, 1.0, 0.0),
     "PI34": (0.4, 0.3, 0.0),
     "PI42": (0.2, 0.4, 0.0),
@@ -43,14 +44,14 @@ class PIDGains:
         )
 
 
-def classical_gains(name: str) -> PIDGains:
-    """**Arguments:** `name`: a key of `CLASSICAL`.
+def pid_gains(name: str) -> PIDGains:
+    """**Arguments:** `name`: a key of `PID_BASELINES`.
 
-    **Returns:** its [`PIDGains`][].
+    **Returns:** its `PIDGains`.
     """
-    if name not in CLASSICAL:
-        raise ValueError(f"Unknown classical controller {name!r}; known: {', '.join(CLASSICAL)}")
-    return PIDGains(*CLASSICAL[name])
+    if name not in PID_BASELINES:
+        raise ValueError(f"Unknown PID baseline {name!r}; known: {', '.join(PID_BASELINES)}")
+    return PIDGains(*PID_BASELINES[name])
 
 
 def training_score(curves: Sequence[Curve], baselines: Sequence[Curve]) -> float:
@@ -72,7 +73,7 @@ def training_score(curves: Sequence[Curve], baselines: Sequence[Curve]) -> float
 
 @dataclasses.dataclass
 class TuneResult:
-    """Outcome of [`tune_pid`][]: best gains, their score, every candidate tried, solves used."""
+    """Outcome of `tune_pid`: best gains, their score, every candidate tried, solves used."""
 
     gains: PIDGains
     score: float
@@ -94,7 +95,7 @@ def tune_pid(
     seed: int = 0,
     log=print,
 ) -> TuneResult:
-    """Search (pcoeff, icoeff, dcoeff, safety) for the lowest [`training_score`][].
+    """Search (pcoeff, icoeff, dcoeff, safety) for the lowest `training_score`.
 
     Half the candidates are uniform in a box around the published filters, the rest are
     Gaussian perturbations of the best so far with a shrinking radius. PI34 is the first
@@ -110,12 +111,12 @@ def tune_pid(
     - `seed`: random seed.
     - `log`: progress printer.
 
-    **Returns:** a [`TuneResult`][].
+    **Returns:** a `TuneResult`.
     """
     per_candidate = len(problems) * len(rtols)
     n = max(1, budget // per_candidate)
     rng = np.random.default_rng(seed)
-    best = np.array([*CLASSICAL["PI34"], 0.9])
+    best = np.array([*PID_BASELINES["PI34"], 0.9])
     best_score, history = np.inf, []
     for k in range(n):
         if k == 0:
