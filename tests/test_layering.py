@@ -39,7 +39,7 @@ LAYERS = {
     "stepjax.study": ["stepjax.main", "stepjax.results"],
     "stepjax.campaign": ["stepjax.main"],  # the GPU campaign: trains, analyses and files records
     "benchmarks": ["stepjax.train"],
-    "stepjax.odebench": ["stepjax.controllers"],
+    "stepjax.odebench": ["stepjax.controllers", "stepjax.records"],
 }
 
 
