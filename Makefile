@@ -60,6 +60,7 @@ records: setup
 # every document and figure that comes from runs, regenerated from the records in results/ only
 results: setup
 	$(PY) -m stepjax.docs
+	$(PY) -m stepjax.odebench --report-only
 
 # speed, compile time, memory, input pipeline (docs/BENCHMARKS.md); torch for the comparison
 bench: setup

@@ -23,9 +23,11 @@ from stepjax.odebench import (
     cost_ratio,
     error_levels,
     get_family,
+    global_error,
     init_network,
     oracle_log_steps,
     pid_gains,
+    reference_solution,
     solve,
 )
 from stepjax.odebench.__main__ import main as odebench_main
@@ -34,6 +36,7 @@ from stepjax.odebench.linear import PivotedLU
 from stepjax.odebench.report import compare, regenerate, rejudge, verdict, write_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+RECORD = REPO / "results" / "odebench"  # the committed record of `make ode-bench`
 
 
 def _logging(vector_field, times):
@@ -318,3 +321,26 @@ def test_oracle_step_is_the_largest_with_error_below_target():
         for t, y, log_h in zip(ts, ys, found):
             assert guess[0] - span + resolution < log_h < guess[0] + span - 2 * resolution  # interior
             assert error(t, y, math.exp(log_h)) <= target < error(t, y, math.exp(log_h + 1.01 * resolution))
+
+
+def test_committed_page_is_regenerated_from_the_committed_record(tmp_path):
+    regenerate(RECORD, tmp_path, log=lambda msg: None)
+    assert (tmp_path / "ODE_BENCH_RESULTS.md").read_text() == (REPO / "docs" / "ODE_BENCH_RESULTS.md").read_text()
+    made = sorted(p.name for p in (tmp_path / "figures" / "odebench").iterdir())
+    assert made == sorted(p.name for p in (REPO / "docs" / "figures" / "odebench").iterdir())
+
+
+@pytest.mark.parametrize("problem_name, rtol", [("lotka_volterra[a=1.5]", 1e-6), ("robertson[k2=3e+08]", 1e-3)])
+def test_recorded_learned_controller_reproduces_its_recorded_solve(problem_name, rtol):
+    # The trained controller, reloaded from the record and run through the bridge, takes the
+    # recorded steps on a held-out problem: same NFE, accepted and rejected steps, and error.
+    payload = json.loads((RECORD / "results.json").read_text())
+    row = next(r for r in payload["results"] if r["problem"] == problem_name)
+    curve, family = row["curves"]["learned"], get_family(row["family"])
+    problem = next(p for p in family.held_out_problems() if p.name == problem_name)
+    policy = LearnedPolicy.load(RECORD / payload["policies"][problem.solver])
+    i = curve["rtol"].index(rtol)
+    stats = solve(problem, policy.controller(rtol, rtol * problem.atol_factor), count=problem.solver == "kvaerno5")
+    assert (stats.nfe, stats.num_accepted, stats.num_rejected) == (curve["nfe"][i], curve["accepted"][i], curve["rejected"][i])
+    rms, final = global_error(problem, stats.ys, reference_solution(problem))
+    np.testing.assert_allclose([rms, final], [curve["error"][i], curve["final_error"][i]], rtol=1e-9)
