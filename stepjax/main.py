@@ -56,7 +56,7 @@ def recorded_environment() -> list[str]:
 def setup_logging(debug: bool) -> None:
     """INFO lines of stepjax on stderr; without `debug`, the libraries' noise is kept out
     (`errors.quiet_library_noise`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not debug:

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = parser.parse_args(argv)
     args.root = args.root or ROOTS.get(args.plan, f"runs/{args.plan}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     return errors.run(lambda: _study(args), debug=args.debug)
 
 

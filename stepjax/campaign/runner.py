@@ -34,7 +34,7 @@ from pathlib import Path
 from stepjax.campaign import plan as planning
 from stepjax.campaign import staging
 from stepjax.data.sources import DATA_DIR_ENV
-from stepjax.records import CODE_VERSION_ENV, RUNS_DIR, file_run
+from stepjax.records import CODE_VERSION_ENV, RESULTS_ENV, RUNS_DIR, file_run
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_FILES, FILE_LIMIT, TOTAL_LIMIT = 8, 16 * staging.MIB, 64 * staging.MIB
@@ -139,6 +139,8 @@ def analysis_job(analysis: planning.Analysis, ctx: Context, env: dict) -> Job:
         argv += ["--compare", str(ctx.workdir(analysis.compare))]
     if DATA_DIR_ENV in env:
         argv += ["--data-dir", env[DATA_DIR_ENV]]
+    # the record (analysis.json) goes to <results>/analysis/<name>: here, beside its figures
+    env = {**env, RESULTS_ENV: str(ctx.work)}
     return Job(analysis.name, argv, env, ctx.work / "logs" / f"{analysis.name}.log")
 
 
