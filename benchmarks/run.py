@@ -37,8 +37,10 @@ from benchmarks.report import environment, gpu_table, markdown, merge, table, wr
 from benchmarks.workers import worker_main
 
 
-def run_worker(spec, timeout=1200):
-    """Run one measurement in a fresh interpreter; its result dict (or an error entry)."""
+def run_worker(spec):
+    """Run one measurement in a fresh interpreter; its result dict (or an error entry). It may
+    take ``spec["timeout"]`` seconds (default 20 minutes)."""
+    timeout = spec.get("timeout", 1200)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(MALLOC)  # glibc keeps freed memory for reuse, as tuned PyTorch runs (JAX runs with it too)
@@ -89,7 +91,8 @@ def plan(args):
         configs += [["resnet164/resnet (XLA convolutions)", "cifar10_resnet", "xla"],
                     ["resnet20/resnet (cpu protocol)", CPU_PROTOCOL, "auto"]]
         specs.append({**common, "kind": "interleaved", "name": "interleaved", "configs": configs,
-                      "rounds": args.rounds, "torch": args.torch, "torch_compile": args.torch_compile})
+                      "rounds": args.rounds, "torch": args.torch, "torch_compile": args.torch_compile,
+                      "timeout": 4 * 3600})  # 12 steps a round: at load 8 it took more than 20 minutes
     if args.torch and not quick:
         specs.append({"kind": "torch", "name": "pytorch resnet164", "depths": [18, 18, 18], "batch": 128,
                       "warmup": warm, "repeats": reps, "channels_last": True})

@@ -23,8 +23,8 @@ def conv2d(x, w, stride=1):
 
     On the CPU, float32 convolutions run in oneDNN through XLA's FFI when the extension is built
     (`stepjax.kernels.conv_same`, forward and both gradients; `stepjax.kernels.path_for` says
-    which path runs). Otherwise a 1x1 kernel is a matrix product (after striding), which XLA's CPU backend runs several
-    times faster than its generic convolution. A larger kernel is ``lax.conv_general_dilated``
+    which path runs). Otherwise a 1x1 kernel is a matrix product (after striding), which XLA's
+    CPU backend runs several times faster than its generic convolution. A larger kernel is ``lax.conv_general_dilated``
     with a hand-written gradient (`_conv_same`): the same mathematics as XLA's own, but every
     convolution of the backward pass is stated in the canonical NHWC/HWIO form. XLA's CPU
     backend rewrites its own transposed convolutions into that form only outside loops; inside
