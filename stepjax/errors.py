@@ -60,6 +60,16 @@ def _not_from_orbax(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+def setup_logging(debug: bool) -> None:
+    """A command's logging: stepjax's INFO lines on stderr; the libraries' INFO chatter (absl, JAX's
+    backend probing) and, without `debug`, their failure noise (`quiet_library_noise`) kept out."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not debug:
+        quiet_library_noise()
+
+
 def quiet_library_noise() -> None:
     """Keep a failure's one-line message readable: drop orbax's error tracebacks (stepjax reports every
     failed save or restore itself) and the "Event loop is closed" tracebacks that orbax's background

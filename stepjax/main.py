@@ -53,23 +53,13 @@ def recorded_environment() -> list[str]:
     return [f"{name}={value}" for name, value in values.items()]
 
 
-def setup_logging(debug: bool) -> None:
-    """INFO lines of stepjax on stderr; without `debug`, the libraries' noise is kept out
-    (`errors.quiet_library_noise`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("absl", "jax._src.xla_bridge"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not debug:
-        errors.quiet_library_noise()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv_used(argv))
     if args.list:
         for name in available_experiments():
             print(f"{name:32s} {describe(name)}")
         return 0
-    setup_logging(args.debug)
+    errors.setup_logging(args.debug)
     return errors.run(lambda: _train(args, argv_used(argv)), debug=args.debug)
 
 

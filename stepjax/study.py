@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import signal
 import subprocess
@@ -140,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = parser.parse_args(argv)
     args.root = args.root or ROOTS.get(args.plan, f"runs/{args.plan}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    errors.setup_logging(args.debug)
     return errors.run(lambda: _study(args), debug=args.debug)
 
 
