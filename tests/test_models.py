@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepjax.models import PRESETS, get_spec, make_model, resolve_placement
+from stepjax.models import PRESETS, RandomPlacement, get_spec, make_model, resolve_placement
 from stepjax.models.__main__ import PUBLISHED, param_count
 
 TINY = dict(depths=(2, 3, 2), widths=(2, 4, 4), stem_width=4)
@@ -75,10 +75,13 @@ def test_resolve_placement():
     assert resolve_placement("all", (2, 1)) == ((True, True), (True,))
     assert resolve_placement("none", (2, 1)) == ((False, False), (False,))
     assert resolve_placement([0, 2], (2, 1)) == ((True, False), (True,))
-    masks = resolve_placement("random", (18, 18, 18), seed=1, ratio=0.4)
+    masks = resolve_placement(RandomPlacement(0.4, 1), (18, 18, 18))
     assert sum(map(sum, masks)) == round(0.4 * 54)
-    assert masks == resolve_placement("random", (18, 18, 18), seed=1, ratio=0.4)
-    assert masks != resolve_placement("random", (18, 18, 18), seed=2, ratio=0.4)
+    assert masks == resolve_placement(RandomPlacement(0.4, 1), (18, 18, 18))
+    assert masks != resolve_placement(RandomPlacement(0.4, 2), (18, 18, 18))
+    # the draws of the recorded ResNet-20 lottery (results/lottery/cifar10_se_cpu_ratio0.4: random_0, random_1)
+    for seed, blocks in ((0, [2, 4, 5, 7]), (1, [2, 3, 6, 8])):
+        assert np.flatnonzero(np.concatenate(resolve_placement(RandomPlacement(0.4, seed), (3, 3, 3)))).tolist() == blocks
 
 
 def test_bad_model_arguments():

@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from stepjax import study
+from stepjax import kernels, study
 from stepjax.analysis.report import load_images, load_source
 from stepjax.config import ADDED_KEYS, apply_overrides, load_experiment, read_run_config, validate
 from stepjax.evaluate import evaluate_run, read_evaluation
@@ -47,12 +47,17 @@ def assert_same_tree(a, b, **tol):
 
 
 def test_make_train_smoke_end_to_end(tmp_path):
+    """`make train` as a user runs it: the CPU's default convolution path (oneDNN where it is built;
+    the other tests run XLA's, see conftest)."""
     workdir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "STEPJAX_CONV"}
     result = subprocess.run(
         ["make", "-s", "train", f"EXP={SMOKE}", f"WORKDIR={workdir}", "ARGS=train.progress=False"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    if kernels.load() is None:
+        assert "convolutions run in oneDNN" in result.stderr
     assert "best test accuracy" in result.stdout
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "done" and summary["steps"] == 16

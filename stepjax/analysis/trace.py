@@ -139,14 +139,17 @@ def gate_input_statistics(y0, f0) -> dict:
     return {"gap_f": jnp.sqrt(jnp.mean(mean_f**2, axis=-1)), "gap_relative": relative.mean(axis=-1)}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 9))
-def _run_block(graphdef, params, y0, controller_state, t0, active, gate, use_gate, valid, options, key):
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _run_block(graphdef, params, carry, position, gate, valid, options, key):
     """One block, taken as `EulerStep.propose` then `EulerStep.advance`, keeping ``f0`` and the
-    full ``h``. Where `use_gate`, `gate` replaces the controller's output (the controller still
-    runs and carries its state); `gate` is an array either way, so that both cases share one
-    compilation. `valid` ``(B,)`` marks the samples that are not batch padding."""
+    full ``h``. `carry` is ``(y0, controller_state)``, `position` ``(t0, active)`` (the block's
+    index in its stage and whether its controller is on). `gate` is ``(gate, use_gate)``: where
+    `use_gate`, the array `gate` replaces the controller's output (the controller still runs and
+    carries its state); it is an array either way, so that both cases share one compilation.
+    `valid` ``(B,)`` marks the samples that are not batch padding."""
+    (y0, controller_state), (gate, use_gate) = carry, gate
     step = nnx.merge(graphdef, params)
-    proposal = step.propose(y0, controller_state, t0, active)
+    proposal = step.propose(y0, controller_state, *position)
     f0 = proposal.f0
     h = jnp.where(use_gate, gate, jnp.broadcast_to(proposal.h, f0.shape))
     y1 = step.advance(proposal.base, h, f0)
@@ -188,11 +191,9 @@ def _trace_batch(model, x, valid, blocks, gates, options):
         controller_state, stage_records = None, []
         for k, (graphdef, params) in enumerate(stage_steps):
             key = jax.random.fold_in(jax.random.key(options.seed), 1000 * s + k)
-            gate, use_gate = gates[s][k]
+            position = (jnp.asarray(k), jnp.asarray(stage.placement[k]))
             y, controller_state, record = _run_block(
-                graphdef, params, y, controller_state, jnp.asarray(k), jnp.asarray(stage.placement[k]),
-                gate, use_gate, valid, options, key,
-            )
+                graphdef, params, (y, controller_state), position, gates[s][k], valid, options, key)
             stage_records.append(jax.device_get(record))
         records.append(stage_records)
     return records, np.asarray(_classify(model, y))

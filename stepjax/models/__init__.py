@@ -1,9 +1,18 @@
 """Vector fields and ResNet presets."""
 
 from stepjax.layers import Conv, Projection, batch_norm
-from stepjax.models.factory import DTYPES, build_model
+from stepjax.models.factory import DTYPES, build_model, placement_of
 from stepjax.models.fields import FIELDS, BasicField, BottleneckField
-from stepjax.models.resnet import PRESETS, ResNet, ResNetSpec, count_params, get_spec, make_model, resolve_placement
+from stepjax.models.resnet import (
+    PRESETS,
+    RandomPlacement,
+    ResNet,
+    ResNetSpec,
+    count_params,
+    get_spec,
+    make_model,
+    resolve_placement,
+)
 
 __all__ = [
     "DTYPES",
@@ -13,6 +22,7 @@ __all__ = [
     "BottleneckField",
     "Conv",
     "Projection",
+    "RandomPlacement",
     "ResNet",
     "ResNetSpec",
     "batch_norm",
@@ -20,5 +30,6 @@ __all__ = [
     "count_params",
     "get_spec",
     "make_model",
+    "placement_of",
     "resolve_placement",
 ]

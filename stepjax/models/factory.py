@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from stepjax.models.resnet import ResNet, make_model
+from stepjax.models.resnet import RandomPlacement, ResNet, make_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -26,11 +26,18 @@ def build_model(config: ml_collections.ConfigDict) -> ResNet:
     A `ResNet`.
     """
     m = config.model
-    placement = list(m.placement) if isinstance(m.placement, (tuple, list)) else m.placement
     return make_model(
         m.preset, num_classes=config.data.num_classes, controller=m.controller,
-        controller_options=dict(m.controller_options), placement=placement,
-        placement_seed=m.placement_seed, placement_ratio=m.placement_ratio, seed=config.seed,
+        controller_options=dict(m.controller_options), placement=placement_of(m), seed=config.seed,
         dtype=DTYPES[m.dtype], scan=m.scan, depths=m.depths, widths=m.widths, stem_width=m.stem_width,
         zero_init_residual=m.zero_init_residual,
     )
+
+
+def placement_of(model_config: ml_collections.ConfigDict):
+    """The placement a config's ``model`` group asks for, as `resolve_placement` takes it:
+    ``'random'`` with its ``placement_ratio`` and ``placement_seed`` becomes a `RandomPlacement`."""
+    m = model_config
+    if m.placement == "random":
+        return RandomPlacement(m.placement_ratio, m.placement_seed)
+    return list(m.placement) if isinstance(m.placement, (tuple, list)) else m.placement

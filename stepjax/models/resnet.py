@@ -60,13 +60,21 @@ def get_spec(preset: str, **overrides) -> ResNetSpec:
         raise UserError(f"Bad override for preset {preset!r}: {e}") from e
 
 
-def resolve_placement(placement, depths: Sequence[int], seed: int = 0, ratio: float = 0.5):
+@dataclasses.dataclass(frozen=True)
+class RandomPlacement:
+    """The controller in ``round(ratio * num_blocks)`` blocks drawn with `seed` (a lottery ticket)."""
+
+    ratio: float = 0.5
+    seed: int = 0
+
+
+def resolve_placement(placement, depths: Sequence[int]):
     """Per-stage boolean masks saying in which blocks the controller is on.
 
     **Arguments:**
 
-    - `placement`: ``"all"`` (or None), ``"none"``, ``"random"`` (a `ratio` of all blocks, chosen
-      with `seed`), or an explicit list of global block indices (0-based, counting across stages).
+    - `placement`: ``"all"`` (or None), ``"none"``, a `RandomPlacement`, or an explicit list of
+      global block indices (0-based, counting across stages).
     - `depths`: blocks per stage.
 
     **Returns:**
@@ -78,11 +86,12 @@ def resolve_placement(placement, depths: Sequence[int], seed: int = 0, ratio: fl
         flat = np.ones(total, bool)
     elif placement == "none":
         flat = np.zeros(total, bool)
-    elif placement == "random":
-        if not 0.0 <= ratio <= 1.0:
-            raise UserError(f"placement ratio must be in [0, 1], got {ratio}.")
+    elif isinstance(placement, RandomPlacement):
+        if not 0.0 <= placement.ratio <= 1.0:
+            raise UserError(f"placement ratio must be in [0, 1], got {placement.ratio}.")
         flat = np.zeros(total, bool)
-        flat[np.random.default_rng(seed).choice(total, round(ratio * total), replace=False)] = True
+        chosen = np.random.default_rng(placement.seed).choice(total, round(placement.ratio * total), replace=False)
+        flat[chosen] = True
     elif isinstance(placement, (list, tuple)):
         bad = [i for i in placement if not 0 <= int(i) < total]
         if bad:
@@ -90,7 +99,7 @@ def resolve_placement(placement, depths: Sequence[int], seed: int = 0, ratio: fl
         flat = np.zeros(total, bool)
         flat[[int(i) for i in placement]] = True
     else:
-        raise UserError(f"Unknown placement {placement!r}; use 'all', 'none', 'random' or a list of block indices.")
+        raise UserError(f"Unknown placement {placement!r}; use 'all', 'none', a RandomPlacement or a list of block indices.")
     bounds = np.cumsum((0,) + tuple(depths))
     return tuple(tuple(bool(b) for b in flat[a:z]) for a, z in zip(bounds[:-1], bounds[1:]))
 
@@ -196,8 +205,6 @@ def make_model(
     controller: str = "constant",
     controller_options: dict | None = None,
     placement="all",
-    placement_seed: int = 0,
-    placement_ratio: float = 0.5,
     seed: int = 0,
     dtype=jnp.float32,
     scan: bool = True,
@@ -206,7 +213,7 @@ def make_model(
     """Build a preset with a controller. `spec_overrides` replace `ResNetSpec` fields (e.g.
     ``depths=(2, 2, 2), widths=(4, 8, 16), stem_width=8`` for a tiny test network)."""
     spec = get_spec(preset, **spec_overrides)
-    masks = resolve_placement(placement, spec.depths, placement_seed, placement_ratio)
+    masks = resolve_placement(placement, spec.depths)
 
     def build():
         return ResNet(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -9,6 +10,7 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -253,18 +255,20 @@ def _train(config, workdir: Path, mesh, loader, checkpointer, command) -> dict:
              jax.process_count(), steps_per_epoch, total_steps,
              f"; resumed from step {int(state.step)} in {workdir}" if restored is not None else "")
 
-    train_step = make_train_step(graphdef, tx, schedule, config, info, mesh)
-    eval_step = make_eval_step(graphdef, config, info, mesh, flip=config.train.eval_flip)
-    writer = MetricWriter(workdir, enabled=primary)
-    progress = Progress(total_steps, int(state.step), enabled=primary and config.train.progress)
-    stop = _StopSignals()
+    run = _Run(
+        config, mesh, loader, checkpointer, record, steps_per_epoch, total_steps,
+        train_step=make_train_step(graphdef, tx, schedule, config, info, mesh),
+        eval_step=make_eval_step(graphdef, config, info, mesh, flip=config.train.eval_flip),
+        writer=MetricWriter(workdir, enabled=primary),
+        progress=Progress(total_steps, int(state.step), enabled=primary and config.train.progress),
+        stop=_StopSignals(),
+    )
     try:
-        status, step = _run(config, state, loader, train_step, eval_step, checkpointer, writer, progress,
-                            stop, record, steps_per_epoch, total_steps, mesh)
+        status, step = _run(run, state)
     finally:
-        progress.close()
-        writer.close()
-        stop.restore()
+        run.progress.close()
+        run.writer.close()
+        run.stop.restore()
     return _finish(workdir, record, status, step, primary)
 
 
@@ -282,47 +286,77 @@ def _record_start(workdir: Path, config, command: str | None, step: int) -> None
                  METRICS_FILE)
 
 
-def _save(checkpointer, state, loader, record, force=False):
+@dataclasses.dataclass
+class _Run:
+    """One start of a run: what it trains with, where its outputs go, and its running record (images,
+    wall time and accuracies, saved in every checkpoint)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    loader: data.TrainLoader
+    checkpointer: Checkpointer
+    record: dict
+    steps_per_epoch: int
+    total_steps: int
+    train_step: Callable
+    eval_step: Callable
+    writer: MetricWriter
+    progress: Progress
+    stop: _StopSignals
+
+
+def _save(run: _Run, state, force=False):
     """Save and wait until it is on disk, so that a failed write stops the run at once."""
-    extra = {"data": loader.get_state(), "record": record}
-    checkpointer.save(int(state.step), state._asdict(), extra, force=force)
-    checkpointer.wait()
+    extra = {"data": run.loader.get_state(), "record": run.record}
+    run.checkpointer.save(int(state.step), state._asdict(), extra, force=force)
+    run.checkpointer.wait()
 
 
-def _run(config, state, loader, train_step, eval_step, checkpointer, writer, progress, stop,
-         record, steps_per_epoch, total_steps, mesh):
+def _run(run: _Run, state):
+    """Train from `state` to the last step, or until a stop signal or `train.halt_after_steps`.
+
+    **Returns:** ``(status, step)``: ``"done"`` or ``"preempted"``, and the step reached.
+    """
     step = int(state.step)
-    halt = config.train.halt_after_steps
+    halt = run.config.train.halt_after_steps
     window_start, window_images, metrics = time.time(), 0, None
-    while step < total_steps:
-        if stop.requested or (halt is not None and step >= halt):
+    while step < run.total_steps:
+        if run.stop.requested or (halt is not None and step >= halt):
             if metrics is not None:
                 _check_finite(_host(metrics), step)
-            _close_window(record, window_start, window_images)
-            _save(checkpointer, state, loader, record, force=True)
+            _close_window(run.record, window_start, window_images)
+            _save(run, state, force=True)
             return "preempted", step
-        state, metrics = train_step(state, parallel.global_batch(next(loader), mesh))
+        state, metrics = run.train_step(state, parallel.global_batch(next(run.loader), run.mesh))
         step += 1
-        window_images += config.train.global_batch
-        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-        if step % config.train.log_every_steps == 0 or end_of_epoch or checkpointer.should_save(step):
-            values = _check_finite(_host(metrics), step)
-            values["images_per_sec"] = _close_window(record, window_start, window_images)
-            writer.write(step, values, split="train")
-            progress.update(step, loss=values["loss"], accuracy=values["accuracy"],
-                            images_per_sec=values["images_per_sec"])
+        window_images += run.config.train.global_batch
+        end_of_epoch = step % run.steps_per_epoch == 0 or step == run.total_steps
+        if step % run.config.train.log_every_steps == 0 or end_of_epoch or run.checkpointer.should_save(step):
+            _log_train(run, metrics, step, window_start, window_images)
             window_start, window_images = time.time(), 0
-        epoch = math.ceil(step / steps_per_epoch)
-        if end_of_epoch and (epoch % config.train.eval_every_epochs == 0 or step == total_steps):
-            eval_start = time.time()
-            result = evaluate(eval_step, state, config, mesh)
-            writer.write(step, {**result, "epoch": epoch}, split="test")
-            _update_record(record, result["accuracy"], epoch)
+        epoch = math.ceil(step / run.steps_per_epoch)
+        if end_of_epoch and (epoch % run.config.train.eval_every_epochs == 0 or step == run.total_steps):
+            _evaluate_epoch(run, state, step, epoch)
             window_start = time.time()
-            record["eval_time_s"] = record.get("eval_time_s", 0.0) + window_start - eval_start
-        if checkpointer.should_save(step) or (end_of_epoch and step == total_steps):
-            _save(checkpointer, state, loader, record, force=step == total_steps)
+        if run.checkpointer.should_save(step) or (end_of_epoch and step == run.total_steps):
+            _save(run, state, force=step == run.total_steps)
     return "done", step
+
+
+def _log_train(run: _Run, metrics, step, window_start, window_images):
+    values = _check_finite(_host(metrics), step)
+    values["images_per_sec"] = _close_window(run.record, window_start, window_images)
+    run.writer.write(step, values, split="train")
+    run.progress.update(step, loss=values["loss"], accuracy=values["accuracy"],
+                        images_per_sec=values["images_per_sec"])
+
+
+def _evaluate_epoch(run: _Run, state, step, epoch):
+    eval_start = time.time()
+    result = evaluate(run.eval_step, state, run.config, run.mesh)
+    run.writer.write(step, {**result, "epoch": epoch}, split="test")
+    _update_record(run.record, result["accuracy"], epoch)
+    run.record["eval_time_s"] = run.record.get("eval_time_s", 0.0) + time.time() - eval_start
 
 
 def _close_window(record, window_start, window_images):
