@@ -7,6 +7,8 @@ WORKDIR ?= runs/$(subst :,_,$(EXP))
 ARGS ?=
 DATASET ?= cifar10
 PLAN ?= cpu
+# SEEDS=0 or 1,2: only those seeds of the study plan (default all)
+SEEDS ?=
 # DATA=dir: train from a local npz copy (train.npz/test.npz) instead of tensorflow-datasets
 DATA ?=
 ifneq ($(DATA),)
@@ -51,7 +53,7 @@ data: setup
 
 # the accuracy study (plan in stepjax/study.py), resumable; each run's record lands in results/
 study: setup
-	$(PY) -m stepjax.study --plan $(PLAN)
+	$(PY) -m stepjax.study --plan $(PLAN) $(if $(SEEDS),--seeds $(SEEDS))
 
 # file the record of every run directory under runs/ into results/ (training does it when a run stops)
 records: setup

@@ -131,10 +131,20 @@ def _train_pending(runs, training: _Training) -> tuple[dict, bool]:
     return failed, False
 
 
+def seed_set(text: str) -> set[int]:
+    """``--seeds`` as a set: ``0`` or ``1,2``."""
+    try:
+        return {int(s) for s in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds, e.g. 0 or 1,2") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", default="cpu", choices=sorted(PLANS))
     parser.add_argument("--root", help="run directories (default runs/study for cpu, runs/deep for deep)")
+    parser.add_argument("--seeds", type=seed_set,
+                        help="only the plan's runs of these seeds, e.g. 0 or 1,2 (default all)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of pending runs")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = parser.parse_args(argv)
@@ -148,7 +158,11 @@ def _study(args) -> int:
     from stepjax.train import hold_workdir
 
     parallel.configure_cpu_devices()
-    runs = [(exp, seed, run_dir(args.root, exp, seed)) for exp, seed in PLANS[args.plan]]
+    runs = [(exp, seed, run_dir(args.root, exp, seed)) for exp, seed in PLANS[args.plan]
+            if args.seeds is None or seed in args.seeds]
+    if not runs:
+        raise errors.UserError(f"plan {args.plan} has no run of seeds {sorted(args.seeds)}; its seeds are "
+                               f"{sorted({seed for _, seed in PLANS[args.plan]})}.")
     stale = [why for exp, _, d in runs if finished_steps(d) is not None and (why := protocol_mismatch(exp, d))]
     if stale:
         print("\n".join(stale), file=sys.stderr)

@@ -90,7 +90,8 @@ def _restored_state(workdir):
     return step, {"state": jax.tree.map(np.asarray, state._asdict()), "extra": extra}
 
 
-def test_resume_after_halt_is_identical(tmp_path):
+def test_resume_after_halt_is_identical(tmp_path, monkeypatch):
+    monkeypatch.delenv("STEPJAX_CONV")  # the CPU's default path: oneDNN's convolutions where built
     overrides = ["train.total_steps=4", "train.checkpoint_every_steps=1", "train.log_every_steps=1"]
     train(smoke_config(*overrides), tmp_path / "straight")
     halted = train(smoke_config(*overrides, "train.halt_after_steps=2"), tmp_path / "resumed")
@@ -283,6 +284,14 @@ def test_study_refuses_finished_runs_of_another_protocol(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "another protocol" in err and "lr 0.5 step" in err and "nothing was trained" in err
     assert sorted(p.name for p in workdir.iterdir()) == ["config.json", "summary.json"]
+
+
+def test_study_runs_the_seeds_asked_for(tmp_path, capsys):
+    assert study.main(["--plan", "deep", "--seeds", "0", "--root", str(tmp_path), "--dry-run"]) == 0
+    pending = capsys.readouterr().out.splitlines()
+    assert [line.split()[-1] for line in pending] == ["seed=0"] * 3 and "cifar10_stepnet:deep" in pending[2]
+    assert study.main(["--plan", "deep", "--seeds", "7", "--root", str(tmp_path), "--dry-run"]) == 2
+    assert capsys.readouterr().err == "stepjax: plan deep has no run of seeds [7]; its seeds are [0, 1, 2].\n"
 
 
 def test_study_trains_then_evaluates_with_flip_tta(tmp_path, monkeypatch):
