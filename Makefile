@@ -15,7 +15,7 @@ ifneq ($(DATA),)
 export STEPJAX_DATA_DIR := $(abspath $(DATA))
 endif
 
-.PHONY: setup lint test train list data summary study results records evaluate bench analyze lottery ode-bench ode-bench-quick \
+.PHONY: setup lint test train list data summary study deep results records evaluate bench analyze lottery ode-bench ode-bench-quick \
 	campaign-status campaign-wheels campaign-stage campaign-file
 
 KERNELS := stepjax/kernels/_onednn_conv.so
@@ -54,6 +54,16 @@ data: setup
 # the accuracy study (plan in stepjax/study.py), resumable; each run's record lands in results/
 study: setup
 	$(PY) -m stepjax.study --plan $(PLAN) $(if $(SEEDS),--seeds $(SEEDS))
+
+# the deep CPU protocol in the order of its issue: seed 0 of plain, SE and StepNet, the lottery at
+# depth (SE in 40 % of the 54 blocks, ranked by the SE model's NSI), then seeds 1 and 2; every step
+# resumes where it stopped and files its records into results/ (make deep DATA=../shared/data/cifar10)
+DEEP_LOTTERY := --exp cifar10_se:deep --ratio 0.4 --num-random 3 --nsi-workdir runs/deep/cifar10_se_deep_s0 \
+	--reuse none=runs/deep/cifar10_resnet_deep_s0 --reuse all=runs/deep/cifar10_se_deep_s0
+deep: setup
+	$(PY) -m stepjax.study --plan deep --seeds 0
+	$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY)
+	$(PY) -m stepjax.study --plan deep --seeds 1,2
 
 # file the record of every run directory under runs/ into results/ (training does it when a run stops)
 records: setup
