@@ -48,7 +48,22 @@ LOST_NOTE = ("Runs reported before 2026-11-30 whose records are lost (their figu
              "\"record lost\"): [lost/RESULTS.md](lost/RESULTS.md), [lost/RESULTS_PILOTS.md](lost/RESULTS_PILOTS.md).")
 
 
-def accuracy_report(report: Report, results_dir: Path, docs_dir: Path, draw: bool) -> dict[str, str]:
+@dataclasses.dataclass(frozen=True)
+class Drawing:
+    """Which figures to draw: all (`redraw`), none (`draw` off, as in the drift test), or those whose
+    data digest differs from the one `previous` lists (or whose file is missing)."""
+
+    draw: bool
+    docs_dir: Path
+    previous: dict[str, str]
+    redraw: bool = False
+
+    def needed(self, digests: dict[str, str]) -> bool:
+        return self.draw and (self.redraw or any(
+            self.previous.get(name) != value or not (self.docs_dir / name).exists() for name, value in digests.items()))
+
+
+def accuracy_report(report: Report, results_dir: Path, docs_dir: Path, drawing: Drawing) -> dict[str, str]:
     """Write one accuracy report; returns its figures' data digests (figure path -> digest)."""
     roots = [results_dir / root for root in report.roots if (results_dir / root).is_dir()]
     records = results.collect(*roots)
@@ -57,34 +72,41 @@ def accuracy_report(report: Report, results_dir: Path, docs_dir: Path, draw: boo
         out.write_text(f"# {report.title}\n\nNo run records yet under "
                        f"{', '.join(f'`results/{r}`' for r in report.roots)}.\n\n{LOST_NOTE}\n")
         return {}
-    sections, digests = results.write_report(records, out, docs_dir / report.figure, title=report.title,
-                                             per_run=report.per_run, draw=draw)
+
+    def write(draw):
+        _, digests = results.write_report(records, out, docs_dir / report.figure, title=report.title,
+                                          per_run=report.per_run, draw=draw)
+        return {str(Path(path).relative_to(docs_dir)): value for path, value in digests.items()}
+
+    digests = write(False)
+    if drawing.needed(digests):
+        write(True)
     out.write_text(out.read_text() + f"\n{LOST_NOTE}\n")
-    return {str(Path(path).relative_to(docs_dir)): value for path, value in digests.items()}
-
-
-def analysis_figures(results_dir: Path, docs_dir: Path, draw: bool) -> dict[str, str]:
-    """Draw every analysis record into ``figures/analysis/<name>/``; returns the data digests."""
-    digests = {}
-    for path in sorted((results_dir / "analysis").glob("*/analysis.json")):
-        report = json.loads(path.read_text())
-        out = docs_dir / "figures" / "analysis" / path.parent.name
-        render_report(report, out, draw=draw)
-        digests.update({f"figures/analysis/{path.parent.name}/{name}.png": digest(figure)
-                        for name, figure in report["figures"].items()})
     return digests
 
 
-def lottery_figures(results_dir: Path, docs_dir: Path, draw: bool) -> dict[str, str]:
+def analysis_figures(results_dir: Path, docs_dir: Path, drawing: Drawing) -> dict[str, str]:
+    """Draw every analysis record into ``figures/analysis/<name>/``; returns the data digests."""
+    all_digests = {}
+    for path in sorted((results_dir / "analysis").glob("*/analysis.json")):
+        report = json.loads(path.read_text())
+        digests = {f"figures/analysis/{path.parent.name}/{name}.png": digest(figure)
+                   for name, figure in report["figures"].items()}
+        render_report(report, docs_dir / "figures" / "analysis" / path.parent.name, draw=drawing.needed(digests))
+        all_digests.update(digests)
+    return all_digests
+
+
+def lottery_figures(results_dir: Path, docs_dir: Path, drawing: Drawing) -> dict[str, str]:
     """Draw every lottery record into ``figures/analysis/lottery_<name>/``; returns the data digests."""
     digests = {}
     for path in sorted((results_dir / "lottery").glob("*/lottery.json")):
         figure = json.loads(path.read_text())
         name = f"figures/analysis/lottery_{path.parent.name}/lottery.png"
         (docs_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        if draw:
-            figures.plot_lottery(figure, docs_dir / name)
         digests[name] = digest(figure)
+        if drawing.needed({name: digests[name]}):
+            figures.plot_lottery(figure, docs_dir / name)
     return digests
 
 
@@ -96,7 +118,16 @@ def seed_tables(results_dir: Path, docs_dir: Path) -> None:
             (docs_dir / table).write_text(seeds.render(seeds.rows([json.loads(p.read_text()) for p in paths])))
 
 
-def regenerate(results_dir: str | Path = "results", docs_dir: str | Path = "docs", *, draw: bool = True) -> list[Path]:
+def read_digests(docs_dir: Path) -> dict[str, str]:
+    """The figure digests listed in ``docs_dir``'s `DIGESTS` (empty where there is none)."""
+    path = docs_dir / DIGESTS
+    rows = path.read_text().splitlines() if path.exists() else []
+    return {cells[1].strip(" `"): cells[2].strip() for cells in (row.split("|") for row in rows)
+            if len(cells) == 4 and cells[1].strip().startswith("`")}
+
+
+def regenerate(results_dir: str | Path = "results", docs_dir: str | Path = "docs", *, draw: bool = True,
+               redraw: bool = False) -> list[Path]:
     """Regenerate every run-derived document and figure from the records.
 
     **Arguments:**
@@ -104,8 +135,10 @@ def regenerate(results_dir: str | Path = "results", docs_dir: str | Path = "docs
     - `results_dir`: the results tree (``results/``). Paths in the documents are written relative
       to its parent (the repository), wherever the process runs.
     - `docs_dir`: where the documents go (``docs/``; a temporary folder in the drift test).
-    - `draw`: draw the figures; off, only the markdown and the figures' data digests are written
-      (what the drift test compares, in seconds).
+    - `draw`: draw the figures whose data changed (digest unlike the listed one) or whose file is
+      missing; off, only the markdown and the figures' data digests are written (what the drift
+      test compares, in seconds).
+    - `redraw`: draw every figure.
 
     **Returns:**
 
@@ -113,15 +146,16 @@ def regenerate(results_dir: str | Path = "results", docs_dir: str | Path = "docs
     """
     results_dir, docs_dir = Path(results_dir).resolve(), Path(docs_dir).resolve()
     docs_dir.mkdir(parents=True, exist_ok=True)
+    drawing = Drawing(draw, docs_dir, read_digests(docs_dir), redraw)
     here = Path.cwd()
     os.chdir(results_dir.parent)  # records are named as `results/...` in the documents
     try:
         relative = Path(results_dir.name)
         digests = {}
         for report in REPORTS:
-            digests.update(accuracy_report(report, relative, docs_dir, draw))
-        digests.update(analysis_figures(relative, docs_dir, draw))
-        digests.update(lottery_figures(relative, docs_dir, draw))
+            digests.update(accuracy_report(report, relative, docs_dir, drawing))
+        digests.update(analysis_figures(relative, docs_dir, drawing))
+        digests.update(lottery_figures(relative, docs_dir, drawing))
         seed_tables(relative, docs_dir)
     finally:
         os.chdir(here)
@@ -146,10 +180,12 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="results", help="the results tree (default results)")
     parser.add_argument("--docs", default="docs", help="where the documents go (default docs)")
+    parser.add_argument("--redraw", action="store_true",
+                        help="draw every figure (default: those whose data changed or whose file is missing)")
     args = parser.parse_args(argv)
     if not Path(args.results).is_dir():
         parser.error(f"no results tree at {args.results}; run from the repository root or pass --results DIR")
-    for path in regenerate(args.results, args.docs):
+    for path in regenerate(args.results, args.docs, redraw=args.redraw):
         print("wrote", path)
     return 0
 
