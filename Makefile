@@ -39,7 +39,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 test: setup lint
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist worksteal tests
 
 train: setup
 	$(PY) -m stepjax.main --config $(EXP) --workdir $(WORKDIR) $(ARGS)

@@ -1,5 +1,4 @@
-"""Test setup: four fake CPU devices (set before JAX is imported), programs compiled without
-LLVM's optimiser (they run for milliseconds, compiling them is the cost), and a persistent compilation
+"""Test setup: four fake CPU devices (set before JAX is imported), and a persistent compilation
 cache shared by the test processes and the training processes they start, so that the many small
 trainings of the same smoke network compile each program once. Convolutions take XLA's path
 (``STEPJAX_CONV=xla``): a program with the oneDNN calls is never found in that cache, because their
@@ -11,8 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-# LLVM at -O0: the suite is dominated by compiling small programs, which this makes about 40 % faster
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("STEPJAX_CONV", "xla")
 os.environ.setdefault("STEPJAX_RESULTS", tempfile.mkdtemp(prefix="stepjax-results-"))
