@@ -64,11 +64,10 @@ def placement_configs(config, *, ratio: float, num_random: int, scores) -> dict:
 def _blocks(config) -> tuple[list[int], int]:
     """The global block indices where `config`'s controller is on (none for the constant step), and
     the number of blocks."""
-    from stepjax.models import get_spec, placement_of, resolve_placement
+    from stepjax.models import placement_masks
 
-    m = config.model
-    masks = np.concatenate(resolve_placement(placement_of(m), get_spec(m.preset, depths=m.depths).depths))
-    on = [] if m.controller == "constant" else [int(i) for i in np.flatnonzero(masks)]
+    masks = np.concatenate(placement_masks(config.model))
+    on = [] if config.model.controller == "constant" else [int(i) for i in np.flatnonzero(masks)]
     return on, len(masks)
 
 

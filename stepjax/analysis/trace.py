@@ -140,14 +140,14 @@ def gate_input_statistics(y0, f0) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
-def _run_block(graphdef, params, carry, position, gate, valid, options, key):
+def _run_block(graphdef, params, carry, position, gating, valid, options, key):
     """One block, taken as `EulerStep.propose` then `EulerStep.advance`, keeping ``f0`` and the
     full ``h``. `carry` is ``(y0, controller_state)``, `position` ``(t0, active)`` (the block's
-    index in its stage and whether its controller is on). `gate` is ``(gate, use_gate)``: where
+    index in its stage and whether its controller is on), `gating` ``(gate, use_gate)``: where
     `use_gate`, the array `gate` replaces the controller's output (the controller still runs and
     carries its state); it is an array either way, so that both cases share one compilation.
     `valid` ``(B,)`` marks the samples that are not batch padding."""
-    (y0, controller_state), (gate, use_gate) = carry, gate
+    (y0, controller_state), (gate, use_gate) = carry, gating
     step = nnx.merge(graphdef, params)
     proposal = step.propose(y0, controller_state, *position)
     f0 = proposal.f0

@@ -1,7 +1,7 @@
 """Vector fields and ResNet presets."""
 
 from stepjax.layers import Conv, Projection, batch_norm
-from stepjax.models.factory import DTYPES, build_model, placement_of
+from stepjax.models.factory import DTYPES, build_model, placement_masks
 from stepjax.models.fields import FIELDS, BasicField, BottleneckField
 from stepjax.models.resnet import (
     PRESETS,
@@ -30,6 +30,6 @@ __all__ = [
     "count_params",
     "get_spec",
     "make_model",
-    "placement_of",
+    "placement_masks",
     "resolve_placement",
 ]

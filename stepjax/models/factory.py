@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from stepjax.models.resnet import RandomPlacement, ResNet, make_model
+from stepjax.models.resnet import RandomPlacement, ResNet, get_spec, make_model, resolve_placement
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -28,16 +28,22 @@ def build_model(config: ml_collections.ConfigDict) -> ResNet:
     m = config.model
     return make_model(
         m.preset, num_classes=config.data.num_classes, controller=m.controller,
-        controller_options=dict(m.controller_options), placement=placement_of(m), seed=config.seed,
+        controller_options=dict(m.controller_options), placement=_placement(m), seed=config.seed,
         dtype=DTYPES[m.dtype], scan=m.scan, depths=m.depths, widths=m.widths, stem_width=m.stem_width,
         zero_init_residual=m.zero_init_residual,
     )
 
 
-def placement_of(model_config: ml_collections.ConfigDict):
-    """The placement a config's ``model`` group asks for, as `resolve_placement` takes it:
-    ``'random'`` with its ``placement_ratio`` and ``placement_seed`` becomes a `RandomPlacement`."""
+def placement_masks(model_config: ml_collections.ConfigDict) -> tuple[tuple[bool, ...], ...]:
+    """Per-stage masks of the blocks where a config's ``model`` group puts its controller, as
+    `build_model` places it (`resolve_placement` on the preset's depths)."""
     m = model_config
+    return resolve_placement(_placement(m), get_spec(m.preset, depths=m.depths).depths)
+
+
+def _placement(m: ml_collections.ConfigDict):
+    """``model.placement`` as `resolve_placement` takes it: ``'random'`` with its
+    ``placement_ratio`` and ``placement_seed`` becomes a `RandomPlacement`."""
     if m.placement == "random":
         return RandomPlacement(m.placement_ratio, m.placement_seed)
     return list(m.placement) if isinstance(m.placement, (tuple, list)) else m.placement
