@@ -251,17 +251,19 @@ def verdict(stats: dict, pairs: list[tuple[str, str]], alpha: float = 0.05, key:
             word = f"significant at {alpha} by the {test} test ({'better' if gain > 0 else 'worse'})"
         else:
             word = f"no significant difference ({test} test)"
+        welch = "" if math.isnan(p) else f", Welch p={p:.3f}"
         lines.append(f"- {ours} vs {other}: {diff:+.2f} points in mean {key} accuracy{welch_ci} "
-                     f"(n={len(a)} vs {len(b)}, Welch p={p:.3f}{paired}): {word}.")
+                     f"(n={len(a)} vs {len(b)}{welch}{paired}): {word}.")
     return lines
 
 
 def single_seed_lines(stats: dict, key: str = "best") -> list[str]:
     """For each experiment with one finished run: its `key` accuracy minus that of the same seed in
-    each multi-seed experiment (no test is possible), and for scale the seed-to-seed standard
+    each other experiment (no test is possible), and for scale the seed-to-seed standard
     deviation of the same-seed differences between the multi-seed experiments, with the upper end
     of its 95 % chi-square interval (`sd_interval`)."""
-    multi = {name: s[f"{key}_by_seed"] for name, s in sorted(stats.items()) if s["n"] > 1}
+    by_seed = {name: s[f"{key}_by_seed"] for name, s in sorted(stats.items())}
+    multi = {name: runs for name, runs in by_seed.items() if stats[name]["n"] > 1}
     paired = [diffs for a, b in itertools.combinations(multi.values(), 2) if len(diffs := paired_by_seed(a, b)[0]) > 1]
     spreads = [100 * diffs.std(ddof=1) for diffs in paired]
     lines = []
@@ -269,8 +271,8 @@ def single_seed_lines(stats: dict, key: str = "best") -> list[str]:
         if s["n"] != 1 or not s[f"{key}_by_seed"]:
             continue
         (seed, accuracy), = s[f"{key}_by_seed"].items()
-        against = ", ".join(f"{other} {100 * (accuracy - by_seed[seed]):+.2f}"
-                            for other, by_seed in multi.items() if seed in by_seed)
+        against = ", ".join(f"{other} {100 * (accuracy - runs[seed]):+.2f}"
+                            for other, runs in by_seed.items() if other != name and seed in runs)
         compared = f"; minus the same seed of: {against} points" if against else "; no other experiment has this seed"
         lines.append(f"- {name} (seed {seed} only): {_pct(accuracy)} % {key}{compared}.")
     if lines and spreads:
@@ -335,7 +337,7 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, pairs
         out += list(dict.fromkeys(line for key in ("best", "last") for line in verdict(stats, pairs, key=key)))
     single = single_seed_lines(stats)
     if pairs and single:
-        out += ["", "Single-seed runs (no test is possible; compared with the same seed of the multi-seed "
+        out += ["", "Single-seed runs (no test is possible; compared with the same seed of the other "
                 "experiments, which start from the same backbone and see the same data order):", "", *single]
     if figure:
         out += ["", f"![{variant} curves]({figure})"]

@@ -124,6 +124,11 @@ def test_verdict_pairs_runs_by_seed():
     # one shared seed: no pairing, the words fall back to Welch
     line = verdict(_stats(a={0: 0.81, 5: 0.86}, b=b), [("a", "b")])[0]
     assert "paired" not in line and "no significant difference (Welch test)" in line
+    # one seed each: the difference, no p-value, and the single runs compared seed against seed
+    stats = {name: {**s, "n": 1} for name, s in _stats(a={0: 0.7962}, b={0: 0.7835}).items()}
+    assert verdict(stats, [("a", "b")]) == ["- a vs b: +1.27 points in mean best accuracy (n=1 vs 1): too few seeds for a test."]
+    assert single_seed_lines(stats) == ["- a (seed 0 only): 79.62 % best; minus the same seed of: b +1.27 points.",
+                                        "- b (seed 0 only): 78.35 % best; minus the same seed of: a -1.27 points."]
 
 
 def test_verdict_gives_confidence_intervals_and_the_uncertainty_of_the_sd():

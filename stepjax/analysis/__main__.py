@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from stepjax import errors
 from stepjax.analysis import figures
 from stepjax.analysis.metrics import StatsOptions
 from stepjax.analysis.report import INIT_PREFIX, analyse, build_report, write_report
@@ -55,6 +56,7 @@ def default_out(source: str) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    errors.setup_logging(debug=False)
     options = TraceOptions(eps=args.eps, tol=args.tol, power_iters=args.power_iters, seed=args.seed,
                            batch_size=args.batch_size)
     stats = StatsOptions(num_permutations=args.permutations, num_bootstrap=args.bootstrap, seed=args.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -118,6 +119,14 @@ class Analysed:
     correct: np.ndarray | None = None
 
 
+_log = logging.getLogger("stepjax")
+
+
+def _traced(key, label, model, images, options, gate=None):
+    _log.info("tracing %s (%s) on %d images", key, label, len(images))
+    return trace_model(model, images, options=options, gate=gate)
+
+
 def _analysed(key, label, source, step, trace, labels):
     correct = np.argmax(trace.logits, -1) == labels
     return Analysed(key, label, source, step, trace, float(np.mean(correct)), correct)
@@ -144,20 +153,23 @@ def analyse(source: str, *, compare: str | None = None, num_samples: int = 1000,
     config, model, step = load_source(source)
     images, labels = load_images(config, num_samples, split=split, data_dir=data_dir, seed=options.seed)
     label = model_label(config, step)
-    main = trace_model(model, images, options=options)
+    main = _traced("main", label, model, images, options)
     out = [_analysed("main", label, source, step, main, labels)]
     if controls and step:
-        out.append(_analysed("random_init", f"{model_label(config, 0)} [control]", source, 0,
-                             trace_model(random_init(config), images, options=options), labels))
+        init_label = f"{model_label(config, 0)} [control]"
+        out.append(_analysed("random_init", init_label, source, 0,
+                             _traced("random_init", init_label, random_init(config), images, options), labels))
     if controls and any(np.ptp(stage.step_size, axis=0).max() > 0 for stage in main.stages):
-        out.append(_analysed("mean_gate", f"{label} [control: gate = dataset mean]", source, step,
-                             trace_model(model, images, options=options, gate=main.gate_mean), labels))
+        gate_label = f"{label} [control: gate = dataset mean]"
+        out.append(_analysed("mean_gate", gate_label, source, step,
+                             _traced("mean_gate", gate_label, model, images, options, main.gate_mean), labels))
     if compare is not None:
         other_config, other, other_step = load_source(compare)
         if other_config.data.name != config.data.name:
             raise ValueError(f"--compare uses dataset {other_config.data.name!r}, the model {config.data.name!r}.")
-        out.append(_analysed("compare", model_label(other_config, other_step), compare, other_step,
-                             trace_model(other, images, options=options), labels))
+        other_label = model_label(other_config, other_step)
+        out.append(_analysed("compare", other_label, compare, other_step,
+                             _traced("compare", other_label, other, images, options), labels))
     return out
 
 
