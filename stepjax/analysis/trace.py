@@ -29,7 +29,6 @@ from flax import nnx
 from stepjax.analysis import indicators as ind
 from stepjax.controllers import step_features
 
-
 _log = logging.getLogger("stepjax")
 
 @dataclasses.dataclass(frozen=True)
