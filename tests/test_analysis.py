@@ -26,6 +26,7 @@ from stepjax.analysis import (
     linearised_field,
     relative_increment,
     representational_ability,
+    resolvable_permutations,
     secant_lipschitz,
     seeds,
     spearman,
@@ -280,6 +281,18 @@ def test_significant_blocks_are_counted_after_holm_adjustment():
     np.testing.assert_allclose(holm([[0.01, np.nan, 0.02], [0.5, 0.9, 0.001]]),
                                [[0.02, np.nan, 0.02], [1.0, 1.0, 0.003]])
     np.testing.assert_allclose(within["p_value_holm"], holm(within["p_value"]))
+
+
+def test_every_block_of_a_deep_network_can_pass_holm():
+    # 51 blocks (ResNet-164) with a strong correlation each: 1000 permutations give p >= 1/1001 and
+    # Holm's 51 * 1/1001 > 0.05 would count none; the count raises the permutations until all pass
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(51, 200))
+    options = StatsOptions(num_permutations=1000, num_bootstrap=10)
+    assert resolvable_permutations(51, options) == 2039 and resolvable_permutations(7, options) == 1000
+    within = representational_ability(_synthetic_trace(x, x + rng.normal(size=x.shape)), options)[
+        "relative_derivative"]["within_block"]
+    assert within["num_significant_positive"] == 51 and max(within["p_value_holm"]) <= 51 / 2040
 
 
 def test_gate_partial_control_removes_a_built_in_correlation():

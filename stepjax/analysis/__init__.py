@@ -24,6 +24,7 @@ from stepjax.analysis.metrics import (
     curve_statistics,
     gate_partial_correlation,
     representational_ability,
+    resolvable_permutations,
     step_size_statistics,
 )
 from stepjax.analysis.report import (
@@ -88,6 +89,7 @@ __all__ = [
     "mean_gate_test",
     "relative_increment",
     "representational_ability",
+    "resolvable_permutations",
     "sample_norm",
     "secant_lipschitz",
     "spearman",
