@@ -105,19 +105,6 @@ class CheckpointSaveError(StepjaxError):
     exit_status = SAVE_FAILED
 
 
-def _write_whole_arrays_on_cpu() -> None:
-    """On CPU devices, let orbax write each replicated array from one replica instead of in slices
-    from all of them (its default off GPU): the slices are compiled programs, 112-128 of them on
-    a process's first save (each lowered again in every process), and buy nothing where every
-    device is the same host memory. Orbax's constructor option is set on the process's registered
-    `jax.Array` handler itself (a new handler would lose its array-metadata store, which keeps PRNG
-    keys keys), so the process's other orbax saves do the same; the files are the same either way.
-    `tests/test_checkpoint.py` checks that a save compiles nothing."""
-    handler = ocp.type_handlers.get_type_handler(jax.Array)
-    if jax.default_backend() == "cpu" and hasattr(handler, "_use_replica_parallel"):
-        handler._use_replica_parallel = False
-
-
 class Checkpointer:
     """Saves and restores `(step, state, extra)` under one directory.
 
@@ -141,7 +128,6 @@ class Checkpointer:
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
         self.directory = pathlib.Path(directory).absolute()
-        _write_whole_arrays_on_cpu()
         self._max_to_keep = max_to_keep
         self._failed = False
         self._pending = None
