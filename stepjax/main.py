@@ -67,12 +67,16 @@ def _train(args, argv) -> int:
     import jax  # imported here, not at the top: keeps `--list` fast
 
     from stepjax import parallel
-    from stepjax.analysis.placement import resolve_nsi_placement
+    from stepjax.models import is_nsi_placement
     from stepjax.train import train
 
     parallel.configure_cpu_devices()  # one CPU device per core; no effect on accelerators
     parallel.initialize_distributed()
-    config = resolve_nsi_placement(command_config(args.config, args.overrides))
+    config = command_config(args.config, args.overrides)
+    if is_nsi_placement(config.model.placement):  # the analysis is imported only then (about 1.3 s)
+        from stepjax.analysis.placement import resolve_nsi_placement
+
+        config = resolve_nsi_placement(config)
     workdir = Path(args.workdir or f"runs/{args.config.replace(':', '_')}")
     command = shlex.join([*recorded_environment(), "python", "-m", "stepjax.main", *argv])
     summary = train(config, workdir, command=command, discard_record=args.discard_record)

@@ -7,9 +7,8 @@ import numpy as np
 
 from stepjax.analysis.report import load_images, load_source
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, TraceOptions, trace_model
-from stepjax.models import get_spec
+from stepjax.models import NSI_PREFIX, get_spec, is_nsi_placement
 
-NSI_PREFIX = "nsi:"
 NSI_SAMPLES = 500
 
 
@@ -85,7 +84,7 @@ def resolve_nsi_placement(config):
     `config`, changed in place.
     """
     m = config.model
-    if not (isinstance(m.placement, str) and m.placement.startswith(NSI_PREFIX)):
+    if not is_nsi_placement(m.placement):
         return config
     reference, model, _ = load_source(m.placement[len(NSI_PREFIX):])
     scores = nsi_scores(model, load_images(reference, NSI_SAMPLES, split="train")[0])

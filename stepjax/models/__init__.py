@@ -1,7 +1,7 @@
 """Vector fields and ResNet presets."""
 
 from stepjax.layers import Conv, Projection, batch_norm
-from stepjax.models.factory import DTYPES, build_model, placement_masks
+from stepjax.models.factory import DTYPES, NSI_PREFIX, build_model, is_nsi_placement, placement_masks
 from stepjax.models.fields import FIELDS, BasicField, BottleneckField
 from stepjax.models.resnet import (
     PRESETS,
@@ -17,6 +17,7 @@ from stepjax.models.resnet import (
 __all__ = [
     "DTYPES",
     "FIELDS",
+    "NSI_PREFIX",
     "PRESETS",
     "BasicField",
     "BottleneckField",
@@ -29,6 +30,7 @@ __all__ = [
     "build_model",
     "count_params",
     "get_spec",
+    "is_nsi_placement",
     "make_model",
     "placement_masks",
     "resolve_placement",

@@ -9,6 +9,13 @@ import ml_collections
 from stepjax.models.resnet import RandomPlacement, ResNet, get_spec, make_model, resolve_placement
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NSI_PREFIX = "nsi:"  # model.placement = 'nsi:REF': the blocks of largest NSI of the reference run REF
+
+
+def is_nsi_placement(placement) -> bool:
+    """Whether a config's ``model.placement`` is an NSI-guided ``'nsi:REF'``, which the command
+    resolves to a block list before the model is built."""
+    return isinstance(placement, str) and placement.startswith(NSI_PREFIX)
 
 
 def build_model(config: ml_collections.ConfigDict) -> ResNet:
