@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import time
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ from stepjax.analysis import indicators as ind
 from stepjax.controllers import step_features
 
 _log = logging.getLogger("stepjax")
+
 
 @dataclasses.dataclass(frozen=True)
 class Indicator:
@@ -241,7 +243,8 @@ def trace_model(model, images, *, options: TraceOptions = TraceOptions(), gate=N
          for k, shape in enumerate(stage_shapes)]
         for s, stage_shapes in enumerate(shapes)
     ]
-    batches, start, total = [], time.monotonic(), -(-len(images) // min(options.batch_size, len(images)))
+    batches, start = [], time.monotonic()
+    total = math.ceil(len(images) / min(options.batch_size, len(images)))
     for x, valid in _batches(images, options.batch_size):
         batches.append(_trace_batch(model, jnp.asarray(x), jnp.asarray(valid), blocks, gates, options))
         _log.info("traced batch %d of %d (%.0f s)", len(batches), total, time.monotonic() - start)
