@@ -18,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECORD_FILES = ("config.json", "metrics.jsonl", "summary.json", "evaluation.json", "code.txt", "command.txt")
+RECORD_FILES = ("config.json", "metrics.jsonl", "summary.json", "evaluation.json", "code.txt", "code.diff",
+                "command.txt")
 RESULTS_ENV = "STEPJAX_RESULTS"
 RUNS_DIR = "runs"
 CODE_VERSION_ENV = "STEPJAX_CODE_VERSION"
@@ -40,9 +41,25 @@ def code_version(directory=Path(__file__).resolve().parents[1]) -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-# the checkout's version when this module was loaded, recorded in a run's code.txt: a long-lived
-# process (the lottery) keeps running the code it imported, whatever the checkout says later
+CODE_PATHS = ("stepjax", "experiments", "benchmarks")  # the code a run executes, for `code_changes`
+
+
+def code_changes(directory=Path(__file__).resolve().parents[1]) -> str:
+    """The uncommitted changes to the code of the checkout in `directory` (``git diff HEAD`` of
+    `CODE_PATHS`): what a ``+dirty`` version ran beyond its commit. Empty when there are none or
+    outside a git checkout."""
+    try:
+        return subprocess.run(["git", "-C", str(directory), "diff", "HEAD", "--", *CODE_PATHS],
+                              capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+# the checkout's version and uncommitted code changes when this module was loaded, recorded in a
+# run's code.txt and code.diff: a long-lived process (the lottery) keeps running the code it
+# imported, whatever the checkout says later
 LOADED_CODE = code_version()
+LOADED_CHANGES = code_changes()
 
 
 def results_root() -> Path:

@@ -24,7 +24,7 @@ from stepjax.analysis.report import load_images, load_source
 from stepjax.config import ADDED_KEYS, apply_overrides, load_experiment, read_run_config, validate
 from stepjax.evaluate import evaluate_run, read_evaluation
 from stepjax.models import build_model
-from stepjax.records import CODE_VERSION_ENV, code_version
+from stepjax.records import CODE_VERSION_ENV, code_changes, code_version
 from stepjax.results import collect
 from stepjax.train import NonFiniteLossError, load_run, make_optimizer, read_metrics, restore_run, train
 
@@ -193,8 +193,32 @@ def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path, monkeyp
     git("add", "a.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
     assert code_version(tmp_path) == git("rev-parse", "--short", "HEAD")
+    assert code_changes(tmp_path) == ""
     (tmp_path / "a.py").write_text("x = 2\n")
     assert code_version(tmp_path) == git("rev-parse", "--short", "HEAD") + "+dirty"
+    assert code_changes(tmp_path) == ""  # a change outside the code paths is not the code that ran
+    (tmp_path / "stepjax").mkdir()
+    (tmp_path / "stepjax" / "b.py").write_text("y = 1\n")
+    git("add", "stepjax/b.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "second")
+    (tmp_path / "stepjax" / "b.py").write_text("y = 2\n")
+    assert "-y = 1\n+y = 2\n" in code_changes(tmp_path)
+
+
+def test_a_start_on_uncommitted_code_keeps_its_changes_in_the_record(tmp_path, monkeypatch):
+    from stepjax.train import loop
+
+    workdir = tmp_path / "run"
+    monkeypatch.setattr(loop, "LOADED_CHANGES", "")
+    train(smoke_config("train.total_steps=2"), workdir)
+    assert not (workdir / "code.diff").exists()  # a clean start writes none
+    monkeypatch.setattr(loop, "LOADED_CODE", "abc1234+dirty")
+    monkeypatch.setattr(loop, "LOADED_CHANGES", "--- a/stepjax/x.py\n+++ b/stepjax/x.py\n")
+    train(smoke_config("train.total_steps=4"), workdir)  # resumed on changed code
+    diff = (workdir / "code.diff").read_text().splitlines()
+    assert diff[0].startswith("# start ") and diff[0].endswith(" abc1234+dirty") and diff[1:] == [
+        "--- a/stepjax/x.py", "+++ b/stepjax/x.py"]
+    assert (workdir / "code.txt").read_text().splitlines()[-1] == diff[0][len("# start "):]
 
 
 def test_unknown_experiment_lists_what_exists():

@@ -22,7 +22,7 @@ from stepjax import data, parallel
 from stepjax.config import read_run_config, validate
 from stepjax.errors import DIVERGED, StepjaxError, UserError
 from stepjax.models import build_model
-from stepjax.records import LOADED_CODE
+from stepjax.records import LOADED_CHANGES, LOADED_CODE
 from stepjax.train import lock
 from stepjax.train.checkpoint import Checkpointer, saved_steps
 from stepjax.train.metrics import METRICS_FILE, MetricWriter, Progress, drop_records_after, format_summary, read_metrics
@@ -273,13 +273,18 @@ def _train(config, workdir: Path, mesh, loader, checkpointer, command) -> dict:
 
 
 def _record_start(workdir: Path, config, command: str | None, step: int) -> None:
-    """Write the run's config, command and code version, and drop the records of the steps after
-    `step` (trained again now) from its metrics."""
+    """Write the run's config, command and code version (with a dirty checkout, also its uncommitted
+    code changes, in ``code.diff``), and drop the records of the steps after `step` (trained again
+    now) from its metrics."""
     (workdir / "config.json").write_text(config.to_json(indent=2))
     if command is not None:
         (workdir / "command.txt").write_text(command + "\n")
+    started = f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} {LOADED_CODE}"
     with open(workdir / "code.txt", "a") as f:  # one line per start: a resumed run may span code versions
-        f.write(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} {LOADED_CODE}\n")
+        f.write(started + "\n")
+    if LOADED_CHANGES:  # a +dirty start: what it ran beyond its commit
+        with open(workdir / "code.diff", "a") as f:
+            f.write(f"# start {started}\n{LOADED_CHANGES}")
     dropped = drop_records_after(workdir / METRICS_FILE, step)
     if dropped:
         log.info("Dropped %d records after step %d from %s: those steps are trained again.", dropped, step,
