@@ -25,17 +25,19 @@ RUNS_DIR = "runs"
 CODE_VERSION_ENV = "STEPJAX_CODE_VERSION"
 
 
+def _git(directory, *args) -> str:
+    """The output of ``git -C directory ARGS``; raises `OSError` or `CalledProcessError` outside a checkout."""
+    return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True).stdout
+
+
 def code_version(directory=Path(__file__).resolve().parents[1]) -> str:
     """The git commit of the code in `directory` (short hash, ``+dirty`` with uncommitted changes
     to tracked files); outside a git checkout (a copy of the tree, as a device machine gets)
     ``$STEPJAX_CODE_VERSION`` if set (the campaign runner sets the version staged with it), else
     ``unknown``."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True).stdout.strip()
-
     try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        commit = _git(directory, "rev-parse", "--short", "HEAD").strip()
+        dirty = _git(directory, "status", "--porcelain", "--untracked-files=no").strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get(CODE_VERSION_ENV) or "unknown"
     return commit + ("+dirty" if dirty else "")
@@ -49,8 +51,7 @@ def code_changes(directory=Path(__file__).resolve().parents[1]) -> str:
     `CODE_PATHS`): what a ``+dirty`` version ran beyond its commit. Empty when there are none or
     outside a git checkout."""
     try:
-        return subprocess.run(["git", "-C", str(directory), "diff", "HEAD", "--", *CODE_PATHS],
-                              capture_output=True, text=True, check=True).stdout
+        return _git(directory, "diff", "HEAD", "--", *CODE_PATHS)
     except (OSError, subprocess.CalledProcessError):
         return ""
 
