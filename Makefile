@@ -15,6 +15,9 @@ ifneq ($(DATA),)
 export STEPJAX_DATA_DIR := $(abspath $(DATA))
 endif
 
+# large host allocations on transparent huge pages: about 1.15x faster CPU steps (stepjax.parallel.host_pages)
+export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
+
 .PHONY: setup lint test train list data summary study deep results records evaluate bench analyze lottery ode-bench ode-bench-quick \
 	campaign-status campaign-wheels campaign-stage campaign-file
 

@@ -16,8 +16,13 @@ DEFAULT_DATA = os.environ.get("STEPJAX_DATA_DIR") or str(ROOT.parent / "shared" 
 MODEL_VARIANTS = ("resnet", "se", "cbam", "eca", "srm", "dia", "stepnet")  # plain ResNet, then one per attention controller
 
 
-# glibc malloc thresholds of a tuned PyTorch CPU run: freed blocks stay mapped for reuse
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+# glibc malloc settings of a tuned CPU run: the thresholds keep freed blocks mapped for reuse (PyTorch
+# allocates from the main thread), huge pages take the page faults out of XLA's large blocks, which
+# come from thread arenas (PyTorch's step is the same with them). The tunable is
+# stepjax.parallel.HUGE_PAGES_TUNABLE, written out here so that the PyTorch worker does not import
+# jax (test_bench checks that the two agree).
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+          "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 CPU_PROTOCOL = "cifar10_resnet:cpu"  # ResNet-20 at the protocol's batch (32), and at batch 128
 

@@ -11,7 +11,7 @@ momentum and weight decay, donated state), fed a real CIFAR-10 batch from the np
 
 The parent prints a table and writes JSON (default ``benchmarks/results/latest.json``); the
 load average of the machine is recorded next to every figure, because other jobs may share it.
-Every worker runs with glibc's malloc thresholds of a tuned PyTorch run (`benchmarks.measure.MALLOC`).
+Every worker runs with the glibc malloc settings of a tuned run (`benchmarks.measure.MALLOC`).
 
 This module plans the measurements and runs them; `benchmarks.workers` holds the measurements,
 `benchmarks.measure` what they share, `benchmarks.flops` the FLOP counts, `benchmarks.report` the
@@ -43,7 +43,7 @@ def run_worker(spec):
     timeout = spec.get("timeout", 1200)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(MALLOC)  # glibc keeps freed memory for reuse, as tuned PyTorch runs (JAX runs with it too)
+    env.update(MALLOC)  # the same tuned malloc for both frameworks
     first = [spec["src"], str(ROOT)] if spec.get("src") else [str(ROOT)]
     env["PYTHONPATH"] = os.pathsep.join(first + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     t = time.perf_counter()

@@ -1,14 +1,26 @@
 """The speed work keeps the mathematics: the optimised convolution against plain XLA, forward and
 gradient; the scanned training step against the unrolled one; the benchmark's helpers."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks.measure import MALLOC
+from stepjax import parallel
 from stepjax.layers import conv2d
 from stepjax.models import make_model
+
+
+def _thp_setting():
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.read_text() if path.exists() else "[never]"
 
 
 def _reference(x, w, stride):
@@ -188,3 +200,48 @@ def test_gpu_worker_runs_on_any_backend_and_counts_model_flops(tmp_path):
     assert result["device_kind"] == jax.devices()[0].device_kind
     assert result["model_flops_per_step"] > 0 and result["step_s"] > 0
     assert result["paper_epoch_s"] == pytest.approx(50_000 // 8 * result["step_s"] + 10_000 / result["eval_images_per_s"])
+
+
+# large blocks malloc'd, written and freed by a thread, as XLA:CPU's worker threads do at every step
+_THREAD_FAULTS = """
+import ctypes, resource, threading
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+def work():
+    for _ in range(3):
+        block = libc.malloc(128 << 20)
+        ctypes.memset(block, 1, 128 << 20)
+        libc.free(ctypes.c_void_p(block))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _thread_faults(tunables):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | tunables
+    return int(subprocess.run([sys.executable, "-c", _THREAD_FAULTS], env=env, capture_output=True, text=True,
+                              check=True).stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "[never]" in _thp_setting(), reason="no transparent huge pages")
+def test_the_huge_pages_tunable_takes_the_page_faults_out_of_large_thread_blocks():
+    assert MALLOC["GLIBC_TUNABLES"] == parallel.HUGE_PAGES_TUNABLE  # benchmarks run what training runs
+    plain = _thread_faults({})
+    huge = _thread_faults({"GLIBC_TUNABLES": parallel.HUGE_PAGES_TUNABLE})
+    assert plain > 3 * 32768 * 0.9  # every 4 KiB page of every block faulted in again
+    assert huge < plain / 20
+
+
+def test_host_pages_names_the_pages_and_the_fix(monkeypatch, tmp_path):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert parallel.host_pages().startswith(f"4 KiB pages: GLIBC_TUNABLES={parallel.HUGE_PAGES_TUNABLE} when")
+    setting = tmp_path / "enabled"
+    monkeypatch.setattr(parallel, "_THP_SETTING", str(setting))
+    monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.arena_max=2:{parallel.HUGE_PAGES_TUNABLE}")
+    setting.write_text("always [madvise] never\n")
+    assert parallel.host_pages() == f"huge pages ({parallel.HUGE_PAGES_TUNABLE}; transparent huge pages: madvise)"
+    setting.write_text("always madvise [never]\n")
+    assert parallel.host_pages().startswith("4 KiB pages:") and "never" in parallel.host_pages()

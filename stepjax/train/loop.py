@@ -254,6 +254,8 @@ def _train(config, workdir: Path, mesh, loader, checkpointer, command) -> dict:
     log.info("%s: %d devices, %d processes, %d steps per epoch, %d steps%s.", config.experiment, mesh.size,
              jax.process_count(), steps_per_epoch, total_steps,
              f"; resumed from step {int(state.step)} in {workdir}" if restored is not None else "")
+    if mesh.devices.flat[0].platform == "cpu":
+        log.info("host memory: %s.", parallel.host_pages())
 
     run = _Run(
         config, mesh, loader, checkpointer, record, steps_per_epoch, total_steps,
