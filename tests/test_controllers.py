@@ -97,6 +97,32 @@ def test_stepnet_features_by_hand():
                                [0.0, 2.0, 0.5, np.sqrt(5.0)], rtol=1e-6)  # r = 2 / 2 = 1 -> r / (1 + r)
 
 
+def _features_by_autodiff(y, f, eps):
+    mean_f = f.mean(axis=(1, 2))
+    abs_f = jnp.abs(f).mean(axis=(1, 2))
+    relative = abs_f / (abs_f + jnp.abs(y).mean(axis=(1, 2)) + eps)
+    return mean_f, y.mean(axis=(1, 2)), relative, jnp.sqrt(f.var(axis=(1, 2)) + eps)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_stepnet_features_hand_written_gradient_equals_autodiff(eps):
+    # the oracle is autodiff of the formula; y has exact zeros (after a ReLU), where |y|'s slope is 1
+    ky, kf, kw = jax.random.split(jax.random.key(2), 3)
+    y = jax.nn.relu(jax.random.normal(ky, (3, 5, 4, C)))
+    f = 0.3 * jax.random.normal(kf, (3, 5, 4, C))
+    weights = [jax.random.normal(k, (3, C)) for k in jax.random.split(kw, 4)]
+
+    def loss(features):
+        return lambda y, f: sum(jnp.sum(w * x) for w, x in zip(weights, features(y, f, eps)))
+
+    got = jax.jit(jax.grad(loss(step_features), argnums=(0, 1)))(y, f)
+    want = jax.grad(loss(_features_by_autodiff), argnums=(0, 1))(y, f)
+    assert float(jnp.abs(got[0]).max()) > 1e-3 and float(jnp.abs(got[1]).max()) > 1e-3
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(step_features(y, f, eps), _features_by_autodiff(y, f, eps))
+
+
 def test_stepnet_relative_increment_is_bounded_on_a_dead_channel():
     # a channel zeroed by a ReLU (GAP(|y|) = 0) must not give a huge feature or a huge gradient
     y = jnp.ones((4, 3, 3, C)).at[..., 0].set(0.0)

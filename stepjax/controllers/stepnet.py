@@ -17,6 +17,8 @@ control:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -38,14 +40,48 @@ def step_features(y0, f0, eps=1e-5):
     The bounded form matters: a channel that a ReLU has zeroed has ``GAP(|y|) = 0``, and the raw
     ratio ``GAP(|f|) / (GAP(|y|) + eps)`` then reaches ``1e5``; its gradient into the feature mix
     made ResNet-164 with StepNet diverge at the paper's learning rate (0.1, no warm-up).
+
+    The gradient is written out (`_features_bwd`: the same mathematics as autodiff's, with
+    ``d|x|/dx = 1`` at 0 as JAX has it). From autodiff's form, XLA's CPU backend fused the whole
+    expression into each of the gradient's several consumers and computed it three times over:
+    the deep StepNet step (ResNet-164 at half width, batch 64) took 3.23 s against 2.49 s.
     """
-    f = f0.astype(jnp.float32)
-    y = y0.astype(jnp.float32)
+    return _features(y0.astype(jnp.float32), f0.astype(jnp.float32), eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _features(y, f, eps):
+    return _features_fwd(y, f, eps)[0]
+
+
+def _features_fwd(y, f, eps):
     mean_f = f.mean(axis=(1, 2))
     abs_f = jnp.abs(f).mean(axis=(1, 2))
-    relative = abs_f / (abs_f + jnp.abs(y).mean(axis=(1, 2)) + eps)
+    abs_y = jnp.abs(y).mean(axis=(1, 2))
     spread = jnp.sqrt(f.var(axis=(1, 2)) + eps)
-    return mean_f, y.mean(axis=(1, 2)), relative, spread
+    features = (mean_f, y.mean(axis=(1, 2)), abs_f / (abs_f + abs_y + eps), spread)
+    return features, (y, f, mean_f, abs_f, abs_y, spread)
+
+
+def _features_bwd(eps, residuals, cotangents):
+    """The cotangents of ``(y, f)`` from those of the four features."""
+    y, f, mean_f, abs_f, abs_y, spread = residuals
+    g_mean_f, g_mean_y, g_relative, g_spread = cotangents
+    n = f.shape[1] * f.shape[2]
+    denominator = jnp.square(abs_f + abs_y + eps)
+
+    def per_pixel(v):  # (B, C) -> (B, 1, 1, C), divided by the pixels a mean runs over
+        return (v / n)[:, None, None, :]
+
+    g_abs_f = per_pixel(g_relative * (abs_y + eps) / denominator)
+    g_abs_y = per_pixel(-g_relative * abs_f / denominator)
+    df = (per_pixel(g_mean_f) + jnp.where(f >= 0, g_abs_f, -g_abs_f)
+          + per_pixel(g_spread / spread) * (f - mean_f[:, None, None, :]))
+    dy = per_pixel(g_mean_y) + jnp.where(y >= 0, g_abs_y, -g_abs_y)
+    return dy, df
+
+
+_features.defvjp(_features_fwd, _features_bwd)
 
 
 class StepNet(StepController):
