@@ -4,7 +4,6 @@ gradient; the scanned training step against the unrolled one; the benchmark's he
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +15,6 @@ from benchmarks.measure import MALLOC
 from stepjax import parallel
 from stepjax.layers import conv2d
 from stepjax.models import make_model
-
-
-def _thp_setting():
-    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    return path.read_text() if path.exists() else "[never]"
 
 
 def _reference(x, w, stride):
@@ -226,7 +220,7 @@ def _thread_faults(tunables):
                               check=True).stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or "[never]" in _thp_setting(), reason="no transparent huge pages")
+@pytest.mark.skipif(parallel.thp_setting() != "madvise", reason="huge pages come on request only in madvise mode")
 def test_the_huge_pages_tunable_takes_the_page_faults_out_of_large_thread_blocks():
     assert MALLOC["GLIBC_TUNABLES"] == parallel.HUGE_PAGES_TUNABLE  # benchmarks run what training runs
     plain = _thread_faults({})
@@ -236,12 +230,17 @@ def test_the_huge_pages_tunable_takes_the_page_faults_out_of_large_thread_blocks
 
 
 def test_host_pages_names_the_pages_and_the_fix(monkeypatch, tmp_path):
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    assert parallel.host_pages().startswith(f"4 KiB pages: GLIBC_TUNABLES={parallel.HUGE_PAGES_TUNABLE} when")
     setting = tmp_path / "enabled"
     monkeypatch.setattr(parallel, "_THP_SETTING", str(setting))
-    monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.arena_max=2:{parallel.HUGE_PAGES_TUNABLE}")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     setting.write_text("always [madvise] never\n")
+    assert parallel.host_pages().startswith(f"4 KiB pages: GLIBC_TUNABLES={parallel.HUGE_PAGES_TUNABLE} when")
+    monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.arena_max=2:{parallel.HUGE_PAGES_TUNABLE}")
     assert parallel.host_pages() == f"huge pages ({parallel.HUGE_PAGES_TUNABLE}; transparent huge pages: madvise)"
     setting.write_text("always madvise [never]\n")
-    assert parallel.host_pages().startswith("4 KiB pages:") and "never" in parallel.host_pages()
+    assert parallel.host_pages().startswith("4 KiB pages: this kernel's transparent huge pages are off")
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    setting.write_text("[always] madvise never\n")
+    assert parallel.host_pages() == "huge pages (transparent huge pages: always)"
+    setting.unlink()
+    assert parallel.thp_setting() == "unknown"
