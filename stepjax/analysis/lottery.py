@@ -239,6 +239,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    errors.setup_logging(args.debug)  # its trainings' progress lines, as under `stepjax.main` and the study
     return errors.run(lambda: _lottery(args), debug=args.debug)
 
 
