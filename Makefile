@@ -59,10 +59,11 @@ study: setup
 	$(PY) -m stepjax.study --plan $(PLAN) $(if $(SEEDS),--seeds $(SEEDS))
 
 # the deep CPU protocol in the order of its issue: seed 0 of plain, SE and StepNet, the lottery at
-# depth (SE in 40 % of the 54 blocks, ranked by the SE model's NSI), then seeds 1 and 2; every step
-# resumes where it stopped and files its records into results/ (make deep DATA=../shared/data/cifar10)
-DEEP_LOTTERY := --exp cifar10_se:deep --ratio 0.4 --num-random 3 --nsi-workdir runs/deep/cifar10_se_deep_s0 \
-	--reuse none=runs/deep/cifar10_resnet_deep_s0 --reuse all=runs/deep/cifar10_se_deep_s0
+# depth (SE in 40 % of the 54 blocks, ranked by the SE model's NSI as its analysis record holds it),
+# then seeds 1 and 2; every step resumes where it stopped and files its records into results/, and a
+# run whose record is finished is not trained again (make deep DATA=../shared/data/cifar10)
+DEEP_LOTTERY := --exp cifar10_se:deep --ratio 0.4 --num-random 3 --nsi-workdir results/analysis/deep_se_vs_plain_s0 \
+	--reuse none=results/deep/cifar10_resnet_deep_s0 --reuse all=results/deep/cifar10_se_deep_s0
 deep: setup
 	$(PY) -m stepjax.study --plan deep --seeds 0
 	$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY)

@@ -89,6 +89,28 @@ def record_path(workdir: str | Path, root: str | Path | None = None) -> Path:
     return root / Path(os.path.abspath(workdir)).name
 
 
+def finished_run(workdir: str | Path) -> Path | None:
+    """Where the files of a finished run are: `workdir` when its summary says done, else its record
+    (`record_path`) when that says done: a run finished in an earlier checkout, whose run directory
+    is gone. Only a run directory under ``runs/`` has a record of its own (one outside is filed by
+    its name alone). None while the run is not finished.
+
+    **Arguments:**
+
+    - `workdir`: a run directory (it need not exist).
+
+    **Returns:**
+
+    `workdir`, its record directory, or None.
+    """
+    inside_runs = RUNS_DIR in Path(os.path.abspath(workdir)).parts[:-1]
+    for folder in (Path(workdir), record_path(workdir)) if inside_runs else (Path(workdir),):
+        summary = folder / "summary.json"
+        if summary.exists():
+            return folder if json.loads(summary.read_text()).get("status") == "done" else None
+    return None
+
+
 def file_run(workdir: str | Path, dest: str | Path | None = None) -> Path:
     """Copy the record of a run directory (the `RECORD_FILES` it has) into the results tree.
 

@@ -10,6 +10,8 @@ aborted by XLA) ends only itself: it is retried once (resuming from its last che
 fails again the study goes on with the next run and names the failed ones at the end (exit status
 1). SIGTERM and SIGINT are passed on to the running training, which saves a checkpoint; then the
 study stops (exit status 3). The study holds the lock of its root (`stepjax.train.lock`).
+A run whose directory is gone but whose record in ``results/`` is finished (trained in an earlier
+checkout) counts as finished: it is neither trained nor evaluated again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 from stepjax import errors
+from stepjax.records import finished_run
 
 SEEDS = (0, 1, 2)
 PLANS = {
@@ -40,10 +43,10 @@ def run_dir(root: Path, exp: str, seed: int) -> Path:
 
 
 def finished_steps(workdir: Path) -> int | None:
-    """The step count of a finished run, None while it is not finished."""
-    summary = workdir / "summary.json"
-    saved = json.loads(summary.read_text()) if summary.exists() else {}
-    return saved.get("steps") if saved.get("status") == "done" else None
+    """The step count of a finished run (in its run directory or, once that is gone, its record),
+    None while it is not finished."""
+    folder = finished_run(workdir)
+    return None if folder is None else json.loads((folder / "summary.json").read_text()).get("steps")
 
 
 def protocol_mismatch(exp: str, workdir: Path) -> str | None:
@@ -51,7 +54,7 @@ def protocol_mismatch(exp: str, workdir: Path) -> str | None:
     from stepjax.config import load_experiment, read_run_config
     from stepjax.results import protocol
 
-    current, saved = protocol(load_experiment(exp).to_dict()), protocol(read_run_config(workdir).to_dict())
+    current, saved = protocol(load_experiment(exp).to_dict()), protocol(read_run_config(finished_run(workdir)).to_dict())
     if saved == current:
         return None
     return (f"{workdir} is a finished run trained under another protocol than {exp}'s current one:\n"
@@ -124,7 +127,7 @@ def _train_pending(runs, training: _Training) -> tuple[dict, bool]:
             if status != errors.DONE:
                 failed[workdir] = status
                 continue
-        if read_evaluation(workdir, finished_steps(workdir)) is None:
+        if read_evaluation(finished_run(workdir), finished_steps(workdir)) is None:
             result = evaluate_run(workdir)
             print(f"{workdir}: test accuracy {100 * result['accuracy']:.2f} %, with flip TTA "
                   f"{100 * result['flip_accuracy']:.2f} %; record filed in {file_run(workdir)}", flush=True)

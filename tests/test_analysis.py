@@ -35,8 +35,9 @@ from stepjax.analysis import (
     write_report,
 )
 from stepjax.analysis.__main__ import main as analysis_main
-from stepjax.analysis.lottery import lottery_contrasts, placement_configs, run_lottery
-from stepjax.analysis.placement import nsi_placement
+from stepjax.analysis.lottery import cached_scores, lottery_contrasts, placement_configs, run_lottery
+from stepjax.analysis.placement import nsi_placement, nsi_scores, recorded_scores
+from stepjax.analysis.report import load_images, load_source
 from stepjax.config import apply_overrides, load_experiment
 from stepjax.models import Conv, make_model
 
@@ -386,6 +387,16 @@ def test_cli_on_a_smoke_run_writes_json_and_figures(smoke_run, tmp_path):
     for name in report["figures"]:
         assert (out / f"{name}.png").stat().st_size > 1000
     assert "| model |" in (out / "correlations.md").read_text()
+    # the record's NSI is the model's own, on the record's images: a lottery can rank blocks from it
+    record = Path(os.environ["STEPJAX_RESULTS"]) / "analysis" / "figures"
+    scores, settings = recorded_scores(record)
+    config, model, _ = load_source(str(smoke_run))
+    images = load_images(config, settings["num_samples"], split=settings["split"])[0]
+    np.testing.assert_allclose(scores, nsi_scores(model, images, options=FAST), atol=5e-5)  # kept to 4 decimals
+    ranking, key = cached_scores(str(record), [tmp_path / "lottery"], indicator="relative_increment", num_samples=500)
+    assert key["split"] == "test" and key["num_samples"] == 12 and np.array_equal(ranking, scores, equal_nan=True)
+    with pytest.raises(ValueError, match="no figure of indicator 'nope'"):
+        recorded_scores(record, indicator="nope")
 
 
 def test_nsi_placement_and_lottery_bookkeeping(tmp_path, monkeypatch):
@@ -415,6 +426,17 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path, monkeypatch):
     assert results["nsi_top"]["blocks"] == [1, 3] and results["all"]["ratio"] == 1.0
     assert results["random_0"]["ratio"] == results["nsi_top"]["ratio"] == pytest.approx(2 / 6)
     assert run_lottery(configs, tmp_path, train_fn=fake_train) == results and len(calls) == len(configs)  # resumed
+    # a new checkout: the run directories under runs/ are gone, their records are read instead
+    root = tmp_path / "runs" / "lottery" / "x"
+    first = run_lottery(configs, root, train_fn=fake_train)
+    (tmp_path / "runs").rename(tmp_path / "gone")
+    calls.clear()
+    again = run_lottery(configs, root, train_fn=fake_train)
+    assert calls == [] and again["nsi_top"]["workdir"] == str(filed / "lottery" / "x" / "nsi_top")
+    assert {n: r["best_accuracy"] for n, r in again.items()} == {n: r["best_accuracy"] for n, r in first.items()}
+    with pytest.raises(ValueError, match="has the NSI ranking changed"):  # checked, not taken
+        run_lottery(placement_configs(config, ratio=0.34, num_random=2, scores=scores[::-1]), root, train_fn=fake_train)
+    calls.clear()
     # best accuracies 51 .. 56 % in training order: none, all, nsi_top, nsi_bottom, random_0, random_1
     contrasts = lottery_contrasts(results)
     assert contrasts["random"] == {"n": 2, "mean": pytest.approx(55.5), "sd": pytest.approx(0.5 ** 0.5, abs=1e-4),

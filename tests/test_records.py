@@ -1,10 +1,12 @@
 """Run records: where a run directory is filed, and what is copied."""
 
 import json
+import shutil
 
 import pytest
 
-from stepjax.records import RECORD_FILES, file_run, main, record_path
+from stepjax.records import RECORD_FILES, file_run, finished_run, main, record_path
+from stepjax.study import finished_steps
 
 
 def test_record_path_mirrors_runs(tmp_path):
@@ -31,3 +33,23 @@ def test_not_a_run_is_refused(tmp_path, capsys):
         file_run(tmp_path)
     assert main([str(tmp_path)]) == 2
     assert "no run directory" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_found_in_its_record_once_its_directory_is_gone(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPJAX_RESULTS", str(tmp_path / "results"))
+    run = tmp_path / "runs" / "deep" / "x_s0"
+    run.mkdir(parents=True)
+    for status in ("preempted", "done"):
+        (run / "config.json").write_text("{}")
+        (run / "summary.json").write_text(json.dumps({"status": status, "steps": 8}))
+        file_run(run)
+    assert finished_run(run) == run
+    (run / "summary.json").write_text(json.dumps({"status": "preempted"}))  # the live directory wins
+    assert finished_run(run) is None
+    shutil.rmtree(run)  # a new checkout: the run directory is gone, its record is not
+    assert finished_run(run) == tmp_path / "results" / "deep" / "x_s0"
+    assert finished_steps(run) == 8
+    outside = tmp_path / "elsewhere" / "x_s0"  # filed by its name alone: the record is not its own
+    (tmp_path / "results" / "x_s0").mkdir(parents=True)
+    (tmp_path / "results" / "x_s0" / "summary.json").write_text(json.dumps({"status": "done"}))
+    assert finished_run(outside) is None

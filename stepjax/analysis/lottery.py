@@ -9,6 +9,11 @@ accuracies as a strip plot with the NSI-guided placement marked. Re-running skip
 and resumes unfinished ones; ``--plot-only`` draws what has finished. ``--reuse none=DIR1
 --reuse all=DIR2`` takes finished runs of the same protocol and seed (e.g. the accuracy study's
 plain and SE runs) instead of training them again; they are checked to be the same training.
+
+The lottery outlives its run directories: the NSI ranking is kept beside its record
+(``results/lottery/<exp>_ratio<r>/nsi_scores.json``) and read back from there, and a run that
+finished in an earlier checkout is read from its record. DIR may also be an analysis record
+(``results/analysis/NAME``), whose NSI needs no checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,11 +29,11 @@ import numpy as np
 
 from stepjax import errors
 from stepjax.analysis import figures
-from stepjax.analysis.placement import nsi_placement, nsi_scores
+from stepjax.analysis.placement import nsi_placement, nsi_scores, recorded_scores
 from stepjax.analysis.report import RECONSTRUCTION_NOTE, load_images, load_source
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS
 from stepjax.errors import UserError
-from stepjax.records import file_run, results_root
+from stepjax.records import file_run, finished_run, results_root
 
 
 def placement_configs(config, *, ratio: float, num_random: int, scores) -> dict:
@@ -85,8 +89,9 @@ def _training(config) -> dict:
     }))
 
 
-def _reused_summary(config, workdir: Path) -> dict:
-    """The summary of a finished run that stands in for `config`'s run; errors name what differs."""
+def _reused_summary(config, workdir: Path, *, record: bool = False) -> dict:
+    """The summary of a finished run (a ``--reuse`` directory, or with `record` the record of a run
+    of this lottery) that stands in for `config`'s run; errors name what differs."""
     from stepjax.config import read_run_config
 
     path = Path(workdir) / "summary.json"
@@ -97,6 +102,10 @@ def _reused_summary(config, workdir: Path) -> dict:
     saved = read_run_config(workdir)
     want, have = _training(config), _training(saved)
     differ = [f"{k}: {have[k]} instead of {want[k]}" for k in want if have[k] != want[k]]
+    if differ and record:
+        raise UserError(f"the record {workdir} of this lottery's run is a different training from the one it "
+                        "would train now (has the NSI ranking changed?): " + "; ".join(differ)
+                        + ". Move the record aside to train the run again, or rank as before.")
     if differ:
         raise UserError(f"--reuse {workdir} is a different training from the lottery's run: "
                          + "; ".join(differ) + ". Reuse a run of the same protocol and seed, or drop the --reuse.")
@@ -116,6 +125,9 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     - `reuse`: name -> directory of a finished run that is the same training as that config's
       (checked first, before anything is trained); it is read, not trained.
 
+    A run whose directory is gone but whose record (`stepjax.records.record_path`) is finished is
+    read from the record, after the same check.
+
     A run that ends unfinished (stopped by a signal: its checkpoint is saved) stops the lottery:
     the later runs are reported as they stand, and rerunning resumes.
 
@@ -133,6 +145,9 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     results, interrupted = {}, False
     for name, config in configs.items():
         workdir = Path(reuse.get(name) or Path(root) / name)
+        if name not in reused and (finished := finished_run(workdir)) not in (None, workdir):
+            workdir = finished  # its record: finished in an earlier checkout, the run directory is gone
+            reused[name] = _reused_summary(config, workdir, record=True)
         path = workdir / "summary.json"
         summary = reused.get(name) or (json.loads(path.read_text()) if path.exists() else {"status": "pending"})
         if summary["status"] != "done" and not (plot_only or interrupted):
@@ -147,20 +162,48 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     return results
 
 
-def cached_scores(source: str, root, *, indicator: str, num_samples: int) -> np.ndarray:
-    """`nsi_scores` of the reference model on `num_samples` training images (`load_images`), cached in
-    ``root/nsi_scores.json`` (recomputed when the source or settings differ)."""
-    path = Path(root) / "nsi_scores.json"
-    key = {"source": str(source), "indicator": indicator, "num_samples": num_samples, "split": "train"}
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached["key"] == key:
-            return np.array([np.nan if v is None else v for v in cached["scores"]])
-    config, model, _ = load_source(source)
-    scores = nsi_scores(model, load_images(config, num_samples, split="train")[0], indicator=indicator)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "scores": [None if np.isnan(v) else float(v) for v in scores]}))
-    return scores
+def is_analysis_record(source: str) -> bool:
+    """Whether a reference model `source` is an analysis record (its NSI is read, not traced)."""
+    path = Path(source)
+    return (path / "analysis.json").is_file() or (path.name == "analysis.json" and path.is_file())
+
+
+def cached_scores(source: str, folders, *, indicator: str, num_samples: int) -> tuple[np.ndarray, dict]:
+    """`nsi_scores` of the reference model, cached in ``<folder>/nsi_scores.json`` of each of `folders`.
+
+    **Arguments:**
+
+    - `source`: a run directory or ``init:EXP`` (traced on `num_samples` training images, `load_images`),
+      or an analysis record (`recorded_scores`: its images, whatever `num_samples` says).
+    - `folders`: where the ranking is kept: the lottery's run root and its record in ``results/``,
+      which outlives the run directories. The first cache of the same source and settings is read;
+      otherwise the scores are computed and written to all of them.
+    - `indicator`: a name in `INDICATORS`.
+    - `num_samples`: training images for a traced source.
+
+    **Returns:**
+
+    `(scores, key)`: the per-block scores and what they were measured on (``source``, ``indicator``,
+    ``num_samples``, ``split``).
+    """
+    if is_analysis_record(source):
+        scores, settings = recorded_scores(source, indicator=indicator)
+        key = {"source": str(source), "indicator": indicator, "num_samples": settings["num_samples"],
+               "split": settings["split"]}
+    else:
+        scores, key = None, {"source": str(source), "indicator": indicator, "num_samples": num_samples, "split": "train"}
+    for path in (Path(folder) / "nsi_scores.json" for folder in folders):
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        if cached.get("key") == key:
+            return np.array([np.nan if v is None else v for v in cached["scores"]]), key
+    if scores is None:
+        config, model, _ = load_source(source)
+        scores = nsi_scores(model, load_images(config, num_samples, split="train")[0], indicator=indicator)
+    for folder in folders:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "nsi_scores.json").write_text(
+            json.dumps({"key": key, "scores": [None if np.isnan(v) else float(v) for v in scores]}))
+    return scores, key
 
 
 def _how_many(values: list, condition) -> str:
@@ -205,12 +248,13 @@ def lottery_contrasts(results: dict, key: str = "best_accuracy") -> dict:
     return contrasts
 
 
-def lottery_figure(results: dict, *, experiment: str, ratio: float, reference: str, indicator: str) -> dict:
+def lottery_figure(results: dict, *, experiment: str, ratio: float, ranking: dict) -> dict:
     """The JSON-ready data of the strip plot (see `figures.plot_lottery`), with `lottery_contrasts`
-    of the best and the last accuracy."""
+    of the best and the last accuracy; `ranking` is the key of `cached_scores`."""
     return {
         "title": f"lottery ticket in SAM: {experiment}, connection ratio {ratio}",
-        "note": f"NSI = mean {INDICATORS[indicator].label} of {reference} on training images. " + RECONSTRUCTION_NOTE,
+        "note": f"NSI = mean {INDICATORS[ranking['indicator']].label} of {ranking['source']} on "
+                f"{ranking['num_samples']} {ranking['split']} images. " + RECONSTRUCTION_NOTE,
         "runs": [{"name": name, **r} for name, r in results.items()],
         "contrasts": {key: lottery_contrasts(results, key) for key in ("best_accuracy", "last_accuracy")},
     }
@@ -222,7 +266,9 @@ def parse_args(argv):
     p.add_argument("--exp", required=True, help="experiment, e.g. cifar10_se:cpu")
     p.add_argument("--ratio", type=float, default=0.4, help="connection ratio (default 0.4)")
     p.add_argument("--num-random", type=int, default=5, help="random placements (default 5)")
-    p.add_argument("--nsi-workdir", required=True, help="reference model for the NSI ranking (run dir or init:EXP)")
+    p.add_argument("--nsi-workdir", required=True,
+                   help="reference model for the NSI ranking: run dir, init:EXP, or an analysis record "
+                        "(results/analysis/NAME: its NSI, on its images)")
     p.add_argument("--indicator", default=DEFAULT_NSI, choices=sorted(INDICATORS))
     p.add_argument("--nsi-samples", type=int, default=500, help="training images for the NSI ranking")
     p.add_argument("--root", help="run directories go here (default runs/lottery/<exp>_ratio<r>)")
@@ -257,18 +303,16 @@ def _lottery(args) -> int:
     reuse = dict(item.split("=", 1) for item in args.reuse if "=" in item)
     if len(reuse) != len(args.reuse):
         raise UserError(f"--reuse takes NAME=DIR items; got {args.reuse}.")
+    record = results_root() / "lottery" / name  # also keeps the ranking the placements came from
     with contextlib.nullcontext() if args.plot_only else hold_workdir(root):
-        scores = cached_scores(args.nsi_workdir, root, indicator=args.indicator, num_samples=args.nsi_samples)
+        scores, ranking = cached_scores(args.nsi_workdir, (root, record), indicator=args.indicator,
+                                        num_samples=args.nsi_samples)
         configs = placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores)
         results = run_lottery(configs, root, plot_only=args.plot_only, reuse=reuse)
     out = Path(args.out or f"docs/figures/analysis/lottery_{name}")
-    figure = lottery_figure(results, experiment=args.exp, ratio=args.ratio, reference=args.nsi_workdir,
-                            indicator=args.indicator)
-    record = results_root() / "lottery" / name
-    for folder in (out, record):
-        folder.mkdir(parents=True, exist_ok=True)
+    figure = lottery_figure(results, experiment=args.exp, ratio=args.ratio, ranking=ranking)
+    out.mkdir(parents=True, exist_ok=True)
     (record / "lottery.json").write_text(json.dumps(figure, indent=1))
-    shutil.copyfile(root / "nsi_scores.json", record / "nsi_scores.json")  # the ranking the placements came from
     figures.plot_lottery(figure, out / "lottery.png")
     for run in figure["runs"]:
         best = run["best_accuracy"]

@@ -3,6 +3,9 @@ largest (or smallest), as an explicit list for `stepjax.models.resolve_placement
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from stepjax.analysis.report import load_images, load_source
@@ -35,6 +38,41 @@ def nsi_scores(model, images, *, indicator: str = DEFAULT_NSI, options: TraceOpt
     for offset, stage in zip(np.cumsum([0] + depths[:-1]), trace.stages):
         scores[offset + np.asarray(stage.blocks) - 1] = stage.indicators[indicator].mean(axis=0)
     return scores
+
+
+def recorded_scores(record, *, indicator: str = DEFAULT_NSI) -> tuple[np.ndarray, dict]:
+    """`nsi_scores` of the analysed model of an analysis record, read from the record instead of
+    traced again: the ranking stays available once the model's run directory is gone.
+
+    **Arguments:**
+
+    - `record`: an analysis record directory (``results/analysis/NAME``, written by
+      ``python -m stepjax.analysis``) or its ``analysis.json``.
+    - `indicator`: a name in `INDICATORS`.
+
+    **Returns:**
+
+    `(scores, settings)`: the per-block means of the record's main model, indexed like
+    `nsi_scores` (NaN for the shape-changing blocks), and the record's settings (its images:
+    ``num_samples`` of the ``split``).
+    """
+    path = Path(record)
+    path = path / "analysis.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{record} holds no analysis.json: pass an analysis record (results/analysis/NAME, "
+                                "written by `make analyze`) or a run directory.")
+    analysis = json.loads(path.read_text())
+    figure = analysis["figures"].get(f"nsi_{indicator}")
+    if figure is None:
+        raise ValueError(f"{path} has no figure of indicator {indicator!r}; it has "
+                         f"{sorted(k[len('nsi_'):] for k in analysis['figures'] if k[len('nsi_'):] in INDICATORS)}.")
+    stages = []
+    for stage in figure["stages"]:
+        (main,) = [m for m in stage["models"] if m["key"] == "main"]
+        scores = np.full(max(stage["blocks"]), np.nan)  # the last block of a stage always has a value
+        scores[np.asarray(stage["blocks"]) - 1] = main["mean"]
+        stages.append(scores)
+    return np.concatenate(stages), analysis["settings"]
 
 
 def nsi_placement(scores, ratio: float, *, top: bool = True) -> list[int]:
