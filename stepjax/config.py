@@ -33,6 +33,7 @@ ALIASES = {
     "cifar10_dia": "cifar10:controller=dia",
     "cifar10_stepnet": "cifar10:controller=stepnet",
     "cifar10_stepnet_nohistory": "cifar10:controller=stepnet,history=False",
+    "cifar10_channel_step": "cifar10:controller=channel_step",
     "cifar100_resnet": "cifar100:controller=constant",
     "cifar100_se": "cifar100:controller=se",
     "cifar100_stepnet": "cifar100:controller=stepnet",

@@ -34,8 +34,11 @@ PLANS = {
     + [(f"cifar10_{c}:cpu", 0) for c in ("stepnet_nohistory", "cbam", "dia")],
     # the deep protocol (ResNet-164 topology): seed 0 of plain, SE and StepNet first, then seeds 1, 2
     "deep": [(f"cifar10_{c}:deep", s) for s in SEEDS for c in ("resnet", "se", "stepnet")],
+    # its control for a gate that does not vary with the image (docs/ANALYSIS.md 3.9): a trained
+    # constant step per channel, seed 0
+    "deep_controls": [("cifar10_channel_step:deep", 0)],
 }
-ROOTS = {"cpu": "runs/study", "deep": "runs/deep"}  # run directories; records go to results/<same>
+ROOTS = {"cpu": "runs/study", "deep": "runs/deep", "deep_controls": "runs/deep"}  # run directories; records go to results/<same>
 
 
 def run_dir(root: Path, exp: str, seed: int) -> Path:

@@ -25,7 +25,7 @@ def as_json(config) -> dict:
 
 
 def test_every_old_experiment_name_gives_its_old_config():
-    assert {name.partition(":")[0] for name in OLD_CONFIGS} == set(ALIASES)
+    assert {name.partition(":")[0] for name in OLD_CONFIGS} <= set(ALIASES)  # none dropped; later ones added
     for name, old in OLD_CONFIGS.items():
         assert as_json(load_experiment(name)) == old, name
 

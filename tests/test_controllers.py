@@ -14,7 +14,7 @@ F0 = jax.random.normal(jax.random.key(1), (B, H, W, C))
 # the broadcast shape each controller's step is expected to have
 STEP_SHAPES = {
     "constant": (), "learned": (), "se": (B, 1, 1, C), "eca": (B, 1, 1, C), "srm": (B, 1, 1, C),
-    "dia": (B, 1, 1, C), "stepnet": (B, 1, 1, C), "cbam": (B, H, W, C),
+    "dia": (B, 1, 1, C), "stepnet": (B, 1, 1, C), "cbam": (B, H, W, C), "channel_step": (B, 1, 1, C),
 }
 
 
@@ -35,9 +35,9 @@ def test_shape_range_and_broadcast(name):
     assert bool(jnp.all(jnp.isfinite(h)))
     if name in ("constant", "learned"):
         np.testing.assert_allclose(h, 1.0)
-    else:  # gated controllers choose steps in (0, 1), not all equal (SRM starts at 0.5 by design)
+    else:  # gated controllers choose steps in (0, 1), not all equal (SRM and channel_step start at 0.5 by design)
         assert bool(jnp.all((h > 0) & (h < 1)))
-        if name == "srm":
+        if name in ("srm", "channel_step"):
             return
         assert float(jnp.std(jnp.broadcast_to(h, F0.shape))) > 0
 
@@ -149,3 +149,16 @@ def test_unknown_controller_and_bad_option():
         make_controller("foo", C, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="Bad options"):
         make_controller("se", C, rngs=nnx.Rngs(0), nonsense=3)
+
+
+def test_channel_step_is_a_trained_step_that_ignores_the_input():
+    controller = make_controller("channel_step", C, rngs=nnx.Rngs(0), init_value=0.25)
+    np.testing.assert_allclose(step_of(controller)[0], 0.25, rtol=1e-6)
+    controller.logit[...] = jnp.arange(C, dtype=jnp.float32) - C / 2
+    h, _ = step_of(controller)
+    other, _ = step_of(controller, y0=2.0 * Y0 + 1.0, f0=-F0)
+    np.testing.assert_array_equal(h, other)  # the same step for every image and state
+    np.testing.assert_allclose(h[0, 0, 0], jax.nn.sigmoid(controller.logit[...]), rtol=1e-6)
+    assert float(jnp.std(h[0, 0, 0])) > 0 and bool(jnp.all(h == h[:1]))
+    with pytest.raises(ValueError, match="lies in \\(0, 1\\)"):
+        make_controller("channel_step", C, rngs=nnx.Rngs(0), init_value=1.0)

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from stepjax.controllers.attention import CBAM, DIA, ECA, SRM, DIACell, SqueezeExcitation, eca_kernel_size
+from stepjax.controllers.attention import CBAM, DIA, ECA, SRM, ChannelStep, DIACell, SqueezeExcitation, eca_kernel_size
 from stepjax.controllers.stepnet import StepNet, step_features
 from stepjax.errors import UserError
 from stepjax.ode.controller import ConstantStepSize, LearnedStepSize
@@ -19,6 +19,7 @@ CONTROLLERS = {
     "srm": SRM,
     "dia": DIA,
     "stepnet": StepNet,
+    "channel_step": ChannelStep,
 }
 
 
@@ -47,6 +48,7 @@ def make_controller(name: str, channels: int, *, rngs, **options):
 __all__ = [
     "CBAM",
     "CONTROLLERS",
+    "ChannelStep",
     "DIA",
     "DIACell",
     "ECA",

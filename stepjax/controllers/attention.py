@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stepjax.errors import UserError
 from stepjax.layers import BottleneckMLP, as_channel_step, conv2d, spatial_mean
 from stepjax.ode.controller import StageShared, StepController
 
@@ -24,6 +25,32 @@ class SqueezeExcitation(StepController):
 
     def adapt_step_size(self, t0, y0, f0, controller_state):
         return as_channel_step(jax.nn.sigmoid(self.mlp(spatial_mean(f0)))), controller_state
+
+
+class ChannelStep(StepController):
+    """A trained step per channel that does not look at the input: ``h = sigmoid(w)``, one ``w``
+    per channel and block. Not an attention module but the control for one: channel attention's
+    range (0, 1) and shape, without adaptation, i.e. a fixed step schedule learned per channel. A
+    trained gate that hardly varies with the image (StepNet at depth, docs/ANALYSIS.md 3.9) is in
+    effect this controller.
+
+    **Arguments:**
+
+    - `channels`: width of the stage.
+    - `rngs`: unused (no random initialisation).
+    - `init_value`: the initial step of every channel, in (0, 1); 0.5 (``w = 0``) by default, the
+      step an untrained SE gate sits near.
+    """
+
+    def __init__(self, channels, *, rngs, init_value=0.5):
+        del rngs
+        if not 0.0 < init_value < 1.0:
+            raise UserError(f"init_value={init_value}: the step of a sigmoid gate lies in (0, 1); choose one inside.")
+        self.logit = nnx.Param(jnp.full((channels,), math.log(init_value / (1.0 - init_value)), jnp.float32))
+
+    def adapt_step_size(self, t0, y0, f0, controller_state):
+        h = jnp.broadcast_to(jax.nn.sigmoid(self.logit[...]), (f0.shape[0], f0.shape[-1]))
+        return as_channel_step(h), controller_state
 
 
 class CBAM(StepController):
