@@ -2,6 +2,7 @@
 
 import glob
 import os
+import socket
 import struct
 import time
 
@@ -13,19 +14,22 @@ from tensorboardX.proto import event_pb2
 from stepjax.train.metrics import MetricWriter, Progress, drop_records_after, format_summary, read_metrics
 
 
+def _records(path) -> list[bytes]:
+    """The TFRecords of one event file, each with its framing (length, CRCs)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    records, offset = [], 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        records.append(data[offset : offset + 16 + length])
+        offset += 16 + length  # length + its CRC, payload + its CRC
+    return records
+
+
 def _read_events(directory) -> list[event_pb2.Event]:
-    """Parses the TFRecord-framed event files tensorboardX wrote under `directory`."""
-    events = []
-    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
-        with open(path, "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            offset += 12  # length + its CRC
-            events.append(event_pb2.Event.FromString(data[offset : offset + length]))
-            offset += length + 4  # payload + its CRC
-    return events
+    """Parses the TFRecord-framed event files written under `directory`."""
+    return [event_pb2.Event.FromString(record[12:-4])
+            for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))) for record in _records(path)]
 
 
 def test_jsonl_round_trip(tmp_path):
@@ -157,3 +161,30 @@ def test_format_summary():
     assert "1m 05s" in format_summary(no_eval)
     with pytest.raises(KeyError, match="images_per_sec"):
         format_summary({k: v for k, v in summary.items() if k != "images_per_sec"})
+
+
+
+def test_event_files_are_byte_for_byte_those_of_tensorboardx(tmp_path):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import summary_pb2
+
+    from stepjax.train.events import EventFile
+
+    events = [(1796000000.25, 0, {"train/loss": 2.5}), (1796000001.5, 50, {"train/loss": 0.0, "train/acc": -1e-3}),
+              (1796000002.0, 2**40, {"test/accuracy": 0.8125, "test/\u00e9": float("inf")})]
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    ours = EventFile(tmp_path / "a" / "events", suffix=".x")
+    theirs = EventsWriter(str(tmp_path / "b" / "events"), filename_suffix=".x")
+    for wall_time, step, scalars in events:
+        ours.write_scalars(step, scalars, wall_time=wall_time)
+        values = [summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]
+        theirs.write_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(value=values)))
+    ours.close()
+    theirs.close()
+    (a,), (b,) = glob.glob(str(tmp_path / "a" / "*")), glob.glob(str(tmp_path / "b" / "*"))
+    assert os.path.basename(a).split(".")[:3] == os.path.basename(b).split(".")[:3] == ["events", "out", "tfevents"]
+    assert a.endswith(f".{socket.gethostname()}.x") and b.endswith(f".{socket.gethostname()}.x")
+    # the first record (the file version) differs only in its wall time; the scalar records are the same bytes
+    assert [e.file_version for e in _read_events(tmp_path / "a")[:1] + _read_events(tmp_path / "b")[:1]] == ["brain.Event:2"] * 2
+    assert _records(a)[1:] == _records(b)[1:] and len(_records(a)) == 4

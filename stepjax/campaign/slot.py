@@ -15,7 +15,7 @@ from stepjax.campaign import staging
 from stepjax.records import RUNS_DIR
 
 # the packages the device image lacks (KINDS.md lists what it has), pinned as in requirements.txt
-WHEELS = ("grain==0.2.18", "array_record==0.8.6", "portpicker==1.6.0", "ml_collections==1.1.0", "tensorboardX==2.6.5")
+WHEELS = ("grain==0.2.18", "array_record==0.8.6", "portpicker==1.6.0", "ml_collections==1.1.0")
 SITE = "/tmp/stepjax/site"
 RUN_BUDGET_S = planning.BUDGET_S  # the runner's budget: with the last part's arrival, within 9 minutes
 

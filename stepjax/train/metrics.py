@@ -3,9 +3,7 @@
 `workdir/metrics.jsonl` holds one JSON object per `MetricWriter.write` call:
 `{"step": int, "split": str, "time": unix seconds, **metrics}` with floats, or lists of floats
 for per-block values. TensorBoard event files go to `workdir/tb`, one scalar per scalar metric
-under the tag `f"{split}/{key}"`. Both are on disk when `write` returns: tensorboardX's
-`SummaryWriter` queues events for a background thread, so its `flush` does not guarantee
-that, and events are written with tensorboardX's synchronous `EventsWriter` instead.
+under the tag `f"{split}/{key}"` (`stepjax.train.events`). Both are on disk when `write` returns.
 """
 
 import json
@@ -17,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import tqdm
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto import event_pb2, summary_pb2
+
+from stepjax.train.events import EventFile
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +70,7 @@ class MetricWriter:
         os.makedirs(tb_dir, exist_ok=True)
         # One file per writer; the suffix keeps a quick restart from overwriting the last one.
         suffix = f".{os.getpid()}.{time.time_ns()}"
-        self._tb = EventsWriter(os.path.join(tb_dir, "events"), filename_suffix=suffix)
+        self._tb = EventFile(os.path.join(tb_dir, "events"), suffix=suffix)
 
     def write(self, step: int, metrics: dict[str, Any], *, split: str) -> None:
         """Writes one record.
@@ -93,15 +91,9 @@ class MetricWriter:
         record = {"step": int(step), "split": split, "time": now, **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        scalars = [
-            summary_pb2.Summary.Value(tag=f"{split}/{key}", simple_value=value)
-            for key, value in values.items()
-            if isinstance(value, float)
-        ]
+        scalars = {f"{split}/{key}": value for key, value in values.items() if isinstance(value, float)}
         if scalars:
-            summary = summary_pb2.Summary(value=scalars)
-            self._tb.write_event(event_pb2.Event(wall_time=now, step=int(step), summary=summary))
-            self._tb.flush()
+            self._tb.write_scalars(int(step), scalars, wall_time=now)
 
     def close(self) -> None:
         """Flushes and closes the files."""
