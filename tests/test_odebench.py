@@ -343,4 +343,6 @@ def test_recorded_learned_controller_reproduces_its_recorded_solve(problem_name,
     stats = solve(problem, policy.controller(rtol, rtol * problem.atol_factor), count=problem.solver == "kvaerno5")
     assert (stats.nfe, stats.num_accepted, stats.num_rejected) == (curve["nfe"][i], curve["accepted"][i], curve["rejected"][i])
     rms, final = global_error(problem, stats.ys, reference_solution(problem))
-    np.testing.assert_allclose([rms, final], [curve["error"][i], curve["final_error"][i]], rtol=1e-9)
+    # the error to 1e-6: float64 rounding differs between CPU kinds (the stiff Robertson solve's
+    # final error moved by 4e-7 of itself on an AMD EPYC against a record made on an Intel Xeon)
+    np.testing.assert_allclose([rms, final], [curve["error"][i], curve["final_error"][i]], rtol=1e-6)
