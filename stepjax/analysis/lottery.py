@@ -29,7 +29,7 @@ import numpy as np
 
 from stepjax import errors
 from stepjax.analysis import figures
-from stepjax.analysis.placement import nsi_placement, nsi_scores, recorded_scores
+from stepjax.analysis.placement import analysis_file, nsi_placement, nsi_scores, recorded_scores
 from stepjax.analysis.report import RECONSTRUCTION_NOTE, load_images, load_source
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS
 from stepjax.errors import UserError
@@ -162,12 +162,6 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     return results
 
 
-def is_analysis_record(source: str) -> bool:
-    """Whether a reference model `source` is an analysis record (its NSI is read, not traced)."""
-    path = Path(source)
-    return (path / "analysis.json").is_file() or (path.name == "analysis.json" and path.is_file())
-
-
 def cached_scores(source: str, folders, *, indicator: str, num_samples: int) -> tuple[np.ndarray, dict]:
     """`nsi_scores` of the reference model, cached in ``<folder>/nsi_scores.json`` of each of `folders`.
 
@@ -186,7 +180,7 @@ def cached_scores(source: str, folders, *, indicator: str, num_samples: int) -> 
     `(scores, key)`: the per-block scores and what they were measured on (``source``, ``indicator``,
     ``num_samples``, ``split``).
     """
-    if is_analysis_record(source):
+    if analysis_file(source) is not None:  # its NSI is read, not traced
         scores, settings = recorded_scores(source, indicator=indicator)
         key = {"source": str(source), "indicator": indicator, "num_samples": settings["num_samples"],
                "split": settings["split"]}

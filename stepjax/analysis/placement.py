@@ -40,6 +40,14 @@ def nsi_scores(model, images, *, indicator: str = DEFAULT_NSI, options: TraceOpt
     return scores
 
 
+def analysis_file(source) -> Path | None:
+    """The ``analysis.json`` that `source` names (an analysis record directory or the file itself),
+    or None when `source` is not an analysis record (a run directory, ``init:EXP``)."""
+    path = Path(source)
+    path = path / "analysis.json" if path.is_dir() else path
+    return path if path.name == "analysis.json" and path.is_file() else None
+
+
 def recorded_scores(record, *, indicator: str = DEFAULT_NSI) -> tuple[np.ndarray, dict]:
     """`nsi_scores` of the analysed model of an analysis record, read from the record instead of
     traced again: the ranking stays available once the model's run directory is gone.
@@ -56,9 +64,8 @@ def recorded_scores(record, *, indicator: str = DEFAULT_NSI) -> tuple[np.ndarray
     `nsi_scores` (NaN for the shape-changing blocks), and the record's settings (its images:
     ``num_samples`` of the ``split``).
     """
-    path = Path(record)
-    path = path / "analysis.json" if path.is_dir() else path
-    if not path.is_file():
+    path = analysis_file(record)
+    if path is None:
         raise FileNotFoundError(f"{record} holds no analysis.json: pass an analysis record (results/analysis/NAME, "
                                 "written by `make analyze`) or a run directory.")
     analysis = json.loads(path.read_text())
