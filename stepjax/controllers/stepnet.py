@@ -64,20 +64,31 @@ def _features_fwd(y, f, eps):
 
 
 def _features_bwd(eps, residuals, cotangents):
-    """The cotangents of ``(y, f)`` from those of the four features."""
+    """The cotangents of ``(y, f)`` from those of the four features.
+
+    Each is ``offset + slope * sign(x) (+ scale * (x - mean))`` with ``(B, C)`` coefficients, and every
+    coefficient is written as a division by a value computed at run time (``spread * n``, or
+    ``n`` times the relative increment's squared denominator). XLA's CPU backend does not fuse a
+    division into a loop that would repeat it per pixel, so the coefficients are computed once.
+    Written with ``g_mean / n`` (a multiplication by a constant), the cotangents' sums, with
+    dynamic slices of the scan's stacked residuals, were fused into the loop over every pixel and
+    repeated there: that one backward fusion of the deep StepNet step took more time than any of
+    its convolutions.
+    """
     y, f, mean_f, abs_f, abs_y, spread = residuals
     g_mean_f, g_mean_y, g_relative, g_spread = cotangents
     n = f.shape[1] * f.shape[2]
-    denominator = jnp.square(abs_f + abs_y + eps)
+    total = jnp.square(abs_f + abs_y + eps)
+    by_total, by_spread = total * n, spread * n
 
-    def per_pixel(v):  # (B, C) -> (B, 1, 1, C), divided by the pixels a mean runs over
-        return (v / n)[:, None, None, :]
+    def per_pixel(v):  # (B, C) -> (B, 1, 1, C)
+        return v[:, None, None, :]
 
-    g_abs_f = per_pixel(g_relative * (abs_y + eps) / denominator)
-    g_abs_y = per_pixel(-g_relative * abs_f / denominator)
-    df = (per_pixel(g_mean_f) + jnp.where(f >= 0, g_abs_f, -g_abs_f)
-          + per_pixel(g_spread / spread) * (f - mean_f[:, None, None, :]))
-    dy = per_pixel(g_mean_y) + jnp.where(y >= 0, g_abs_y, -g_abs_y)
+    slope_f = per_pixel(g_relative * (abs_y + eps) / by_total)
+    slope_y = per_pixel(-g_relative * abs_f / by_total)
+    df = (per_pixel(g_mean_f * spread / by_spread) + jnp.where(f >= 0, slope_f, -slope_f)
+          + per_pixel(g_spread / by_spread) * (f - per_pixel(mean_f)))
+    dy = per_pixel(g_mean_y * total / by_total) + jnp.where(y >= 0, slope_y, -slope_y)
     return dy, df
 
 
