@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from stepjax import errors
+from stepjax import errors, parallel
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -36,7 +36,7 @@ def evaluate_run(workdir: str | Path, *, data_dir: str | None = None) -> dict:
     """
     import jax
 
-    from stepjax import data, parallel
+    from stepjax import data
     from stepjax.train import evaluate, hold_workdir, make_eval_step, restore_run
 
     start = time.time()
@@ -76,8 +76,6 @@ def main(argv=None) -> int:
 
 
 def _evaluate_all(args) -> int:
-    from stepjax import parallel
-
     parallel.configure_cpu_devices()
     for workdir in args.workdir:
         r = evaluate_run(workdir, data_dir=args.data_dir)
@@ -87,4 +85,5 @@ def _evaluate_all(args) -> int:
 
 
 if __name__ == "__main__":
+    parallel.restart_with_huge_pages()  # before any work: glibc reads its tunables at start-up
     errors.exit_process(main())

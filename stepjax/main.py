@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from stepjax import errors
+from stepjax import errors, parallel
 from stepjax.config import available_experiments, command_config, describe
 from stepjax.records import file_run
 
@@ -64,9 +64,8 @@ def main(argv=None) -> int:
 
 
 def _train(args, argv) -> int:
-    import jax  # imported here, not at the top: keeps `--list` fast
+    import jax
 
-    from stepjax import parallel
     from stepjax.models import is_nsi_placement
     from stepjax.train import train
 
@@ -86,4 +85,5 @@ def _train(args, argv) -> int:
 
 
 if __name__ == "__main__":
+    parallel.restart_with_huge_pages()  # before any work: glibc reads its tunables at start-up
     errors.exit_process(main())

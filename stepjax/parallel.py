@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -57,7 +58,7 @@ def configure_cpu_devices(num_devices: int | None = None) -> int:
     collective timeouts of `COLLECTIVE_TIMEOUTS` are added to ``XLA_FLAGS`` too (a value already
     there wins).
     """
-    if jax.config.jax_platforms == "cpu" or not _accelerator_plugins():
+    if cpu_only():
         set_default_xla_flags(COLLECTIVE_TIMEOUTS)
     if _DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
         value = os.environ["XLA_FLAGS"].split(_DEVICE_COUNT_FLAG + "=")[1].split()[0]
@@ -69,6 +70,11 @@ def configure_cpu_devices(num_devices: int | None = None) -> int:
     if jax.config.jax_num_cpu_devices != num_devices:  # a second call (e.g. the study's next run) is a no-op
         jax.config.update("jax_num_cpu_devices", int(num_devices))
     return int(num_devices)
+
+
+def cpu_only() -> bool:
+    """Whether JAX will run on the CPU alone here (``JAX_PLATFORMS=cpu``, or no GPU/TPU plugin)."""
+    return jax.config.jax_platforms == "cpu" or not _accelerator_plugins()
 
 
 def _accelerator_plugins() -> bool:
@@ -91,8 +97,10 @@ def set_default_xla_flags(flags: dict) -> None:
 # glibc maps each large block freshly and unmaps it when freed, so every step faults in every 4 KiB
 # page again (0.73 M faults, 1.3 s of system time in a ResNet-164 step at batch 128). With huge
 # pages that is 2 k faults; malloc's thresholds (which serve PyTorch) do not reach thread arenas.
-# glibc reads it when a process starts: the Makefile exports it, `host_pages` reports it.
+# glibc reads it when a process starts: the Makefile exports it, the command-line tools restart with it
+# (`restart_with_huge_pages`), `host_pages` reports it.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES_ENV = "STEPJAX_HUGE_PAGES"  # 0: the command-line tools do not restart for huge pages
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -112,9 +120,40 @@ def host_pages() -> str:
     if setting == "never":
         return f"4 KiB pages: this kernel's transparent huge pages are off ({_THP_SETTING}: never)"
     if HUGE_PAGES_TUNABLE not in os.environ.get("GLIBC_TUNABLES", "").split(":"):
-        return (f"4 KiB pages: GLIBC_TUNABLES={HUGE_PAGES_TUNABLE} when the process starts (make sets it) "
+        return (f"4 KiB pages: GLIBC_TUNABLES={HUGE_PAGES_TUNABLE} when the process starts (make and the command-line tools set it) "
                 "makes a CPU training step about 1.15x faster")
     return f"huge pages ({HUGE_PAGES_TUNABLE}; transparent huge pages: {setting})"
+
+
+def restart_with_huge_pages() -> None:
+    """Run this command again in place of this process (`os.execv`, same interpreter and
+    arguments) with `HUGE_PAGES_TUNABLE` added to ``$GLIBC_TUNABLES``, where that makes CPU steps
+    faster: JAX runs on the CPU alone, the kernel gives transparent huge pages on request
+    (``madvise``), glibc is 2.35 or newer, and neither ``$GLIBC_TUNABLES`` already decides
+    ``glibc.malloc.hugetlb`` nor ``$STEPJAX_HUGE_PAGES`` is ``0``. Otherwise it returns.
+
+    glibc reads its tunables only when a process starts, so the command-line tools (training,
+    the study, the lottery, the analysis, evaluation) call this first, before any work; `make`
+    sets the variable itself. Never call it from a process that has work to lose.
+    """
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    name = HUGE_PAGES_TUNABLE.split("=")[0]
+    if (any(t.split("=")[0] == name for t in tunables) or os.environ.get(HUGE_PAGES_ENV) == "0"
+            or thp_setting() != "madvise" or glibc_version() < (2, 35) or not cpu_only()):
+        return
+    os.environ["GLIBC_TUNABLES"] = ":".join([*tunables, HUGE_PAGES_TUNABLE])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def glibc_version() -> tuple[int, ...]:
+    """The C library's version where it is glibc, else ``()`` (which compares below any version)."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    except (AttributeError, ValueError, OSError):  # not glibc, or not a POSIX system
+        return ()
+    return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else ()
 
 
 def thp_setting() -> str:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stepjax import errors
+from stepjax import errors, parallel
 from stepjax.records import finished_run
 
 SEEDS = (0, 1, 2)
@@ -160,7 +160,6 @@ def main(argv=None) -> int:
 
 
 def _study(args) -> int:
-    from stepjax import parallel
     from stepjax.train import hold_workdir
 
     parallel.configure_cpu_devices()
@@ -195,4 +194,5 @@ def _study(args) -> int:
 
 
 if __name__ == "__main__":
+    parallel.restart_with_huge_pages()  # before any work: glibc reads its tunables at start-up
     errors.exit_process(main())

@@ -244,3 +244,43 @@ def test_host_pages_names_the_pages_and_the_fix(monkeypatch, tmp_path):
     assert parallel.host_pages() == "huge pages (transparent huge pages: always)"
     setting.unlink()
     assert parallel.thp_setting() == "unknown"
+
+
+def _restart_conditions(monkeypatch, tmp_path, setting="always [madvise] never"):
+    (tmp_path / "enabled").write_text(setting + "\n")
+    monkeypatch.setattr(parallel, "_THP_SETTING", str(tmp_path / "enabled"))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(parallel.HUGE_PAGES_ENV, raising=False)
+    calls = []
+    monkeypatch.setattr(parallel.os, "execv", lambda path, argv: calls.append((path, argv, os.environ["GLIBC_TUNABLES"])))
+    return calls
+
+
+def test_command_line_tools_restart_with_huge_pages_only_where_it_helps(monkeypatch, tmp_path):
+    calls = _restart_conditions(monkeypatch, tmp_path)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    parallel.restart_with_huge_pages()
+    assert calls == [(sys.executable, [sys.executable, *sys.orig_argv[1:]], f"glibc.malloc.arena_max=2:{parallel.HUGE_PAGES_TUNABLE}")]
+    for tunables in (parallel.HUGE_PAGES_TUNABLE, "glibc.malloc.hugetlb=0"):  # already decided: left alone
+        monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+        parallel.restart_with_huge_pages()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv(parallel.HUGE_PAGES_ENV, "0")
+    parallel.restart_with_huge_pages()
+    assert len(calls) == 1
+    for setting in ("[always] madvise never", "always madvise [never]"):
+        calls = _restart_conditions(monkeypatch, tmp_path, setting)
+        parallel.restart_with_huge_pages()
+        assert calls == []
+
+
+@pytest.mark.skipif(parallel.thp_setting() != "madvise" or parallel.glibc_version() < (2, 35),
+                    reason="restarts only where the kernel gives huge pages on request and glibc has the tunable")
+def test_a_restarted_command_runs_again_with_huge_pages():
+    script = ("import os; from stepjax import parallel; print('started', os.environ.get('GLIBC_TUNABLES'), flush=True); "
+              "parallel.restart_with_huge_pages(); print('working with', parallel.host_pages())")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", parallel.HUGE_PAGES_ENV)}
+    out = subprocess.run([sys.executable, "-c", script], env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out == ["started None", f"started {parallel.HUGE_PAGES_TUNABLE}",
+                   f"working with huge pages ({parallel.HUGE_PAGES_TUNABLE}; transparent huge pages: madvise)"]

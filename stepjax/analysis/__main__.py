@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stepjax import errors
+from stepjax import errors, parallel
 from stepjax.analysis import figures
 from stepjax.analysis.metrics import StatsOptions
 from stepjax.analysis.report import INIT_PREFIX, analyse, build_report, write_report
@@ -74,4 +74,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    parallel.restart_with_huge_pages()  # before any work: glibc reads its tunables at start-up
     sys.exit(main())

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from stepjax import errors
+from stepjax import errors, parallel
 from stepjax.analysis import figures
 from stepjax.analysis.placement import analysis_file, nsi_placement, nsi_scores, recorded_scores
 from stepjax.analysis.report import RECONSTRUCTION_NOTE, load_images, load_source
@@ -286,7 +286,6 @@ def main(argv=None) -> int:
 def _lottery(args) -> int:
     """The lottery's runs (under the lock of its root, except with --plot-only, which only reads),
     its figure, its record and its contrasts."""
-    from stepjax import parallel
     from stepjax.config import command_config
     from stepjax.train import hold_workdir
 
@@ -318,4 +317,5 @@ def _lottery(args) -> int:
 
 
 if __name__ == "__main__":
+    parallel.restart_with_huge_pages()  # before any work: glibc reads its tunables at start-up
     errors.exit_process(main())
