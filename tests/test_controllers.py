@@ -106,22 +106,42 @@ def _features_by_autodiff(y, f, eps):
 
 @pytest.mark.parametrize("eps,shift", [(1e-5, 0.0), (0.0, 0.0), (1e-5, 3.0)])
 def test_stepnet_features_hand_written_gradient_equals_autodiff(eps, shift):
-    # the oracle is autodiff of the formula; y has exact zeros (after a ReLU), where |y|'s slope is 1;
-    # f shifted far from 0 checks the spread's gradient, whose tolerance scales with the largest element
+    # the oracle is autodiff of the textbook formula in float64; y has exact zeros (after a ReLU),
+    # where |y|'s slope is 1; f shifted far from 0 checks the spread and its gradient, whose float32
+    # error grows as (mean / std)^2 (the variance from moments), scaled to the largest element
     ky, kf, kw = jax.random.split(jax.random.key(2), 3)
     y = jax.nn.relu(jax.random.normal(ky, (3, 5, 4, C)))
     f = shift + 0.3 * jax.random.normal(kf, (3, 5, 4, C))
     weights = [jax.random.normal(k, (3, C)) for k in jax.random.split(kw, 4)]
 
-    def loss(features):
+    def loss(features, eps):
         return lambda y, f: sum(jnp.sum(w * x) for w, x in zip(weights, features(y, f, eps)))
 
-    got = jax.jit(jax.grad(loss(step_features), argnums=(0, 1)))(y, f)
-    want = jax.grad(loss(_features_by_autodiff), argnums=(0, 1))(y, f)
+    got = jax.jit(jax.grad(loss(step_features, eps), argnums=(0, 1)))(y, f)
+    with jax.enable_x64(True):
+        y64, f64 = (np.asarray(v, np.float64) for v in (y, f))
+        weights = [np.asarray(w, np.float64) for w in weights]
+        want = jax.grad(loss(_features_by_autodiff, np.float64(eps)), argnums=(0, 1))(y64, f64)
+        want_features = _features_by_autodiff(y64, f64, np.float64(eps))
+    cancellation = 1e-6 * (shift / 0.3) ** 2
     assert float(jnp.abs(got[0]).max()) > 1e-3 and float(jnp.abs(got[1]).max()) > 1e-3
     for g, w in zip(got, want):  # an element is a sum of terms up to the largest element's size
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(jnp.abs(w).max()))
-    np.testing.assert_array_equal(step_features(y, f, eps), _features_by_autodiff(y, f, eps))
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=(1e-6 + cancellation) * float(np.abs(w).max()))
+    for g, w in zip(step_features(y, f, eps), want_features):
+        np.testing.assert_allclose(g, w, rtol=1e-6 + cancellation, atol=1e-7 * (1 + shift))
+
+
+@pytest.mark.parametrize("sd", [1.0, 0.3, 0.03])
+def test_stepnet_spread_from_moments_against_float64(sd):
+    # the spread is sqrt(GAP(f^2) - GAP(f)^2 + eps) in float32; with the mean 3 (mean / std up to
+    # 100) its cancellation error stays below 1e-6 (mean / std)^2 relative, and the result is never NaN
+    f = 3.0 + sd * jax.random.normal(jax.random.key(5), (4, 8, 8, C))
+    spread = np.asarray(step_features(jnp.ones_like(f), f, eps=1e-5)[3], np.float64)
+    f64 = np.asarray(f, np.float64)
+    want = np.sqrt(f64.var(axis=(1, 2)) + 1e-5)
+    np.testing.assert_allclose(spread, want, rtol=1e-6 * (3.0 / sd) ** 2)
+    flat = jnp.full((2, 8, 8, C), 3.1) * jnp.linspace(1.0, 1.3, C)  # no spread: moments may cancel below 0
+    np.testing.assert_allclose(step_features(flat, flat, eps=1e-5)[3], np.sqrt(1e-5), rtol=1e-3)
 
 
 def test_stepnet_relative_increment_is_bounded_on_a_dead_channel():

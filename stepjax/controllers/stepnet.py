@@ -41,6 +41,14 @@ def step_features(y0, f0, eps=1e-5):
     ratio ``GAP(|f|) / (GAP(|y|) + eps)`` then reaches ``1e5``; its gradient into the feature mix
     made ResNet-164 with StepNet diverge at the paper's learning rate (0.1, no warm-up).
 
+    The variance is ``GAP(f^2) - GAP(f)^2``, clamped at 0: five independent reductions, none of
+    which reads a broadcast operand. ``f.var`` subtracts the mean inside its reduction, and XLA's
+    CPU backend runs such a reduction slower than a plain one: the stage-1 features of the deep
+    protocol took 5.1 ms that way against 3.9 ms (docs/BENCHMARKS.md). The cost is float32
+    cancellation where a channel's mean is large against its spatial spread: the spread's
+    relative error stays below ``1e-6 (mean / std)^2`` (`tests/test_controllers.py` checks it
+    against float64 up to ``mean / std = 100``).
+
     The gradient is written out (`_features_bwd`: the same mathematics as autodiff's, with
     ``d|x|/dx = 1`` at 0 as JAX has it). From autodiff's form, XLA's CPU backend fused the whole
     expression into each of the gradient's several consumers and computed it three times over:
@@ -58,7 +66,8 @@ def _features_fwd(y, f, eps):
     mean_f = f.mean(axis=(1, 2))
     abs_f = jnp.abs(f).mean(axis=(1, 2))
     abs_y = jnp.abs(y).mean(axis=(1, 2))
-    spread = jnp.sqrt(f.var(axis=(1, 2)) + eps)
+    variance = jnp.maximum(jnp.square(f).mean(axis=(1, 2)) - jnp.square(mean_f), 0.0)
+    spread = jnp.sqrt(variance + eps)
     features = (mean_f, y.mean(axis=(1, 2)), abs_f / (abs_f + abs_y + eps), spread)
     return features, (y, f, mean_f, abs_f, abs_y, spread)
 
