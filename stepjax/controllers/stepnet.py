@@ -41,10 +41,11 @@ def step_features(y0, f0, eps=1e-5):
     ratio ``GAP(|f|) / (GAP(|y|) + eps)`` then reaches ``1e5``; its gradient into the feature mix
     made ResNet-164 with StepNet diverge at the paper's learning rate (0.1, no warm-up).
 
-    The variance is ``GAP(f^2) - GAP(f)^2``, clamped at 0: five independent reductions, none of
-    which reads a broadcast operand. ``f.var`` subtracts the mean inside its reduction, and XLA's
-    CPU backend runs such a reduction slower than a plain one: the stage-1 features of the deep
-    protocol took 5.1 ms that way against 3.9 ms (docs/BENCHMARKS.md). The cost is float32
+    The variance is ``GAP(f^2) - GAP(f)^2``, clamped at 0, as Flax's BatchNorm computes its own
+    (``use_fast_variance``): five independent reductions, none of which reads a broadcast
+    operand. ``f.var`` subtracts the mean inside its reduction, and XLA's CPU backend runs such a
+    reduction slower than a plain one: the stage-1 features of the deep protocol took 5.1 ms that
+    way against 3.9 ms (docs/BENCHMARKS.md). The cost is float32
     cancellation where a channel's mean is large against its spatial spread: the spread's
     relative error stays below ``1e-6 (mean / std)^2`` (`tests/test_controllers.py` checks it
     against float64 up to ``mean / std = 100``).
