@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from stepjax import data
+from stepjax.errors import UserError
 
 CIFAR10_COPY = "/work/shared/data/cifar10"
 NUM_TRAIN, NUM_TEST = 100, 37
@@ -421,6 +422,19 @@ def test_tfds_source_with_mock():
     assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 10
     assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].dtype == np.int32
     assert np.concatenate(eval_masks).sum() == 20 and len(eval_masks) == 3
+
+
+def test_tfds_source_not_prepared_is_one_line(monkeypatch):
+    # tfds's default directory without the dataset raises a KeyError about empty splits
+    # (tensorflow-datasets 4.9), an empty directory an AssertionError: both name the fix
+    cfg = _tfds_cfg("cifar10")
+
+    def empty_splits(*args, **kwargs):
+        raise KeyError("Trying to access `splits['train']` but `splits` is empty.")
+
+    monkeypatch.setattr(tfds, "data_source", empty_splits)
+    with pytest.raises(UserError, match=r"not prepared as array_record files .*`make data DATASET=cifar10`"):
+        data.load_split(cfg, "train")
 
 
 def test_tfds_imagenet_decoding_with_mock():

@@ -186,7 +186,7 @@ def _tfds_records(cfg: ml_collections.ConfigDict, split: str, info: DatasetInfo)
         return tfds.data_source(
             info.tfds_name, split=info.splits[split], data_dir=cfg.tfds_data_dir, download=False
         )
-    except (AssertionError, FileNotFoundError, NotImplementedError, ValueError) as error:
+    except (AssertionError, FileNotFoundError, KeyError, NotImplementedError, ValueError) as error:
         where = cfg.tfds_data_dir or "the default tfds data directory"
         raise UserError(
             f"tfds dataset {info.tfds_name!r} (split {info.splits[split]!r}) is not prepared as "
