@@ -226,6 +226,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         for parent in parents:
             node = node[parent]
         value = _parse_value(text)
+        _check_kind(key, node[leaf], value)
         if isinstance(node[leaf], ml_collections.ConfigDict) and isinstance(value, dict):
             node[leaf].update(value)
             continue
@@ -234,9 +235,34 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     return config
 
 
+def _check_kind(key: str, default, value) -> None:
+    """A number stays a number and a flag a flag (`apply_overrides`), so that ``optim.lr=abc``
+    is refused in one line instead of failing inside a traced step."""
+    if default is None or value is None:
+        return
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise UserError(f"{key}={value!r}: expected True or False.")
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+            isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise UserError(f"{key}={value!r}: expected a number (the default is {default!r}).")
+
+
+_AT_LEAST_ONE = ("global_batch", "eval_batch", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                 "eval_every_epochs")
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
     """Check what can be checked before anything runs; errors say what to change."""
     train = config.train
+    for key in _AT_LEAST_ONE:
+        if train[key] < 1:
+            raise UserError(f"train.{key}={train[key]}: must be at least 1.")
+    if train.total_steps is None and train.epochs <= 0:
+        raise UserError(f"train.epochs={train.epochs}: must be positive (or set train.total_steps).")
+    if train.total_steps is not None and train.total_steps < 1:
+        raise UserError(f"train.total_steps={train.total_steps}: must be at least 1.")
+    if config.optim.lr < 0:
+        raise UserError(f"optim.lr={config.optim.lr}: must not be negative.")
     if train.global_batch % device_count:
         raise UserError(
             f"train.global_batch={train.global_batch} is not divisible by the {device_count} devices; "

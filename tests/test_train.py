@@ -241,6 +241,33 @@ def test_batch_not_divisible_by_devices():
         validate(smoke_config("train.global_batch=30"), 4)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=abc", r"optim.lr='abc': expected a number \(the default is"),
+    ("train.progress=1", "train.progress=1: expected True or False"),
+])
+def test_an_override_of_the_wrong_kind_is_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        smoke_config(override)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epochs=-1", r"train.epochs=-1: must be positive \(or set train.total_steps\)"),
+    ("train.global_batch=0", "train.global_batch=0: must be at least 1"),
+    ("train.log_every_steps=0", "train.log_every_steps=0: must be at least 1"),
+    ("train.total_steps=0", "train.total_steps=0: must be at least 1"),
+    ("optim.lr=-0.1", "optim.lr=-0.1: must not be negative"),
+])
+def test_validation_refuses_what_cannot_run(override, message):
+    validate(smoke_config("train.total_steps=4"), 1)  # the same config without the bad value runs
+    with pytest.raises(ValueError, match=message):
+        validate(smoke_config(override), 1)
+
+
+def test_stages_of_different_lengths_are_refused():
+    with pytest.raises(ValueError, match=r"widths \(8, 16\) .* one entry per stage \(3 stages"):
+        build_model(smoke_config("model.widths=(8,16)"))
+
+
 def test_missing_data_names_both_options(tmp_path):
     config = smoke_config("data.source='npz'", f"data.dir='{tmp_path / 'nowhere'}'")
     with pytest.raises((ValueError, FileNotFoundError), match="(?s)(?=.*tfds)(?=.*npz)"):

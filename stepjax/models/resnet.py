@@ -55,9 +55,13 @@ def get_spec(preset: str, **overrides) -> ResNetSpec:
         raise UserError(f"Unknown model preset {preset!r}; choose one of {sorted(PRESETS)}.")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     try:
-        return dataclasses.replace(PRESETS[preset], **overrides)
+        spec = dataclasses.replace(PRESETS[preset], **overrides)
     except TypeError as e:
         raise UserError(f"Bad override for preset {preset!r}: {e}") from e
+    if not len(spec.depths) == len(spec.widths) == len(spec.strides):
+        raise UserError(f"model {preset!r}: depths {spec.depths}, widths {spec.widths} and strides {spec.strides} "
+                        f"need one entry per stage ({len(PRESETS[preset].depths)} stages in this preset).")
+    return spec
 
 
 @dataclasses.dataclass(frozen=True)
