@@ -12,6 +12,7 @@ import pytest
 import scipy.stats
 from flax import nnx
 
+from stepjax import errors
 from stepjax.analysis import (
     INDICATORS,
     Analysed,
@@ -36,6 +37,7 @@ from stepjax.analysis import (
 )
 from stepjax.analysis.__main__ import main as analysis_main
 from stepjax.analysis.lottery import cached_scores, lottery_contrasts, placement_configs, run_lottery
+from stepjax.analysis.lottery import parse_args as lottery_args
 from stepjax.analysis.placement import nsi_placement, nsi_scores, recorded_scores
 from stepjax.analysis.report import load_images, load_source
 from stepjax.config import apply_overrides, load_experiment
@@ -370,6 +372,20 @@ def smoke_run(tmp_path_factory):
     return workdir
 
 
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert analysis_main(["--workdir", str(tmp_path / "nowhere")]) == errors.REFUSED
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"stepjax: {tmp_path / 'nowhere'} is not a directory. Pass a run directory (train one with "
+        "`make train EXP=...`) or init:EXP for a freshly initialised model."]
+    (tmp_path / "empty").mkdir()
+    assert analysis_main(["--workdir", str(tmp_path / "empty")]) == errors.REFUSED
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"stepjax: {tmp_path / 'empty'} has no config.json: not a stepjax run directory; check the path."]
+    with pytest.raises(SystemExit):
+        lottery_args(["--exp", "cifar10_se:smoke", "--nsi-workdir", "x", "--num-random", "-2"])
+    assert "'-2' is not a count" in capsys.readouterr().err
+
+
 def test_cli_on_a_smoke_run_writes_json_and_figures(smoke_run, tmp_path):
     out = tmp_path / "figures"
     assert analysis_main(["--workdir", str(smoke_run), "--num-samples", "12", "--batch-size", str(FAST.batch_size),
@@ -404,7 +420,7 @@ def test_nsi_placement_and_lottery_bookkeeping(tmp_path, monkeypatch):
     scores = [np.nan, 0.5, np.nan, 0.9, np.nan, 0.1]  # the smoke net: 3 stages of 2 blocks
     assert nsi_placement(scores, 0.34) == [1, 3]
     assert nsi_placement(scores, 0.34, top=False) == [1, 5]
-    with pytest.raises(ValueError, match="at most 0.50"):
+    with pytest.raises(errors.UserError, match="at most 0.50"):  # a command reports it in one line
         nsi_placement(scores, 0.8)
     config = load_experiment("cifar10_se:smoke")
     configs = placement_configs(config, ratio=0.34, num_random=2, scores=scores)

@@ -42,6 +42,7 @@ def parse_args(argv):
     p.add_argument("--bootstrap", type=int, default=StatsOptions.num_bootstrap)
     p.add_argument("--num-curves", type=int, default=50, help="per-sample curves drawn per model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = p.parse_args(argv)
     if args.num_samples < 2:
         p.error("--num-samples must be at least 2 (correlations across samples)")
@@ -56,13 +57,17 @@ def default_out(source: str) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    errors.setup_logging(debug=False)
+    errors.setup_logging(args.debug)
+    return errors.run(lambda: _analysis(args), debug=args.debug)
+
+
+def _analysis(args) -> int:
     options = TraceOptions(eps=args.eps, tol=args.tol, power_iters=args.power_iters, seed=args.seed,
                            batch_size=args.batch_size)
     stats = StatsOptions(num_permutations=args.permutations, num_bootstrap=args.bootstrap, seed=args.seed)
     models = analyse(args.workdir, compare=args.compare, num_samples=args.num_samples, split=args.split,
                      data_dir=args.data_dir, controls=not args.no_controls, options=options)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "debug")}
     report = build_report(models, stats=stats, num_curves=args.num_curves, settings=settings)
     out = Path(args.out) if args.out else default_out(args.workdir)
     paths = write_report(report, results_root() / RECORDS / out.name, out)
@@ -75,4 +80,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     parallel.restart_with_huge_pages()  # before any work: glibc reads its tunables at start-up
-    sys.exit(main())
+    errors.exit_process(main())

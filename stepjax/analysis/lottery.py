@@ -254,12 +254,18 @@ def lottery_figure(results: dict, *, experiment: str, ratio: float, ranking: dic
     }
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0, 1, 2, ...)")
+    return int(text)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m stepjax.analysis.lottery", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", required=True, help="experiment, e.g. cifar10_se:cpu")
     p.add_argument("--ratio", type=float, default=0.4, help="connection ratio (default 0.4)")
-    p.add_argument("--num-random", type=int, default=5, help="random placements (default 5)")
+    p.add_argument("--num-random", type=_count, default=5, help="random placements (default 5)")
     p.add_argument("--nsi-workdir", required=True,
                    help="reference model for the NSI ranking: run dir, init:EXP, or an analysis record "
                         "(results/analysis/NAME: its NSI, on its images)")
@@ -305,6 +311,7 @@ def _lottery(args) -> int:
     out = Path(args.out or f"docs/figures/analysis/lottery_{name}")
     figure = lottery_figure(results, experiment=args.exp, ratio=args.ratio, ranking=ranking)
     out.mkdir(parents=True, exist_ok=True)
+    record.mkdir(parents=True, exist_ok=True)
     (record / "lottery.json").write_text(json.dumps(figure, indent=1))
     figures.plot_lottery(figure, out / "lottery.png")
     for run in figure["runs"]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from stepjax.analysis.report import load_images, load_source
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, TraceOptions, trace_model
+from stepjax.errors import UserError
 from stepjax.models import NSI_PREFIX, get_spec, is_nsi_placement
 
 NSI_SAMPLES = 500
@@ -31,7 +32,7 @@ def nsi_scores(model, images, *, indicator: str = DEFAULT_NSI, options: TraceOpt
     NaN for the shape-changing blocks, where the indicators are not defined.
     """
     if indicator not in INDICATORS:
-        raise ValueError(f"Unknown indicator {indicator!r}; choose one of {sorted(INDICATORS)}.")
+        raise UserError(f"Unknown indicator {indicator!r}; choose one of {sorted(INDICATORS)}.")
     trace = trace_model(model, images, options=options)
     depths = [stage.num_steps for stage in model.stages]
     scores = np.full(sum(depths), np.nan)
@@ -66,12 +67,12 @@ def recorded_scores(record, *, indicator: str = DEFAULT_NSI) -> tuple[np.ndarray
     """
     path = analysis_file(record)
     if path is None:
-        raise FileNotFoundError(f"{record} holds no analysis.json: pass an analysis record (results/analysis/NAME, "
+        raise UserError(f"{record} holds no analysis.json: pass an analysis record (results/analysis/NAME, "
                                 "written by `make analyze`) or a run directory.")
     analysis = json.loads(path.read_text())
     figure = analysis["figures"].get(f"nsi_{indicator}")
     if figure is None:
-        raise ValueError(f"{path} has no figure of indicator {indicator!r}; it has "
+        raise UserError(f"{path} has no figure of indicator {indicator!r}; it has "
                          f"{sorted(k[len('nsi_'):] for k in analysis['figures'] if k[len('nsi_'):] in INDICATORS)}.")
     stages = []
     for stage in figure["stages"]:
@@ -99,7 +100,7 @@ def nsi_placement(scores, ratio: float, *, top: bool = True) -> list[int]:
     count = round(ratio * len(scores))
     valid = np.flatnonzero(~np.isnan(scores))
     if not 0.0 <= ratio <= 1.0 or count > len(valid):
-        raise ValueError(
+        raise UserError(
             f"ratio {ratio} asks for {count} of {len(scores)} blocks, but the NSI is defined on {len(valid)} "
             "(not on the shape-changing first block of a stage); use a ratio of at most "
             f"{len(valid) / len(scores):.2f}."
@@ -135,7 +136,7 @@ def resolve_nsi_placement(config):
     scores = nsi_scores(model, load_images(reference, NSI_SAMPLES, split="train")[0])
     depths = get_spec(m.preset, depths=m.depths).depths
     if len(scores) != sum(depths):
-        raise ValueError(f"the NSI reference {m.placement!r} has {len(scores)} blocks, this model {sum(depths)}.")
+        raise UserError(f"the NSI reference {m.placement!r} has {len(scores)} blocks, this model {sum(depths)}.")
     with m.ignore_type():
         m.placement = nsi_placement(scores, m.placement_ratio)
     return config

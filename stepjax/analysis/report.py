@@ -19,6 +19,7 @@ from stepjax.analysis.metrics import StatsOptions, curve_statistics, representat
 from stepjax.analysis.stats import mcnemar_exact
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, Trace, TraceOptions, trace_model
 from stepjax.config import command_config
+from stepjax.errors import UserError
 from stepjax.models import build_model
 from stepjax.train import load_run
 
@@ -48,7 +49,7 @@ def load_source(source: str):
         model = build_model(config)
     else:
         if not Path(source).is_dir():
-            raise FileNotFoundError(
+            raise UserError(
                 f"{source} is not a directory. Pass a run directory (train one with `make train EXP=...`) "
                 f"or {INIT_PREFIX}EXP for a freshly initialised model."
             )
@@ -166,7 +167,7 @@ def analyse(source: str, *, compare: str | None = None, num_samples: int = 1000,
     if compare is not None:
         other_config, other, other_step = load_source(compare)
         if other_config.data.name != config.data.name:
-            raise ValueError(f"--compare uses dataset {other_config.data.name!r}, the model {config.data.name!r}.")
+            raise UserError(f"--compare uses dataset {other_config.data.name!r}, the model {config.data.name!r}.")
         other_label = model_label(other_config, other_step)
         out.append(_analysed("compare", other_label, compare, other_step,
                              _traced("compare", other_label, other, images, options), labels))
