@@ -9,8 +9,10 @@ configuration. The training step is `stepjax.train.step.make_train_step`, built 
 `stepjax.train.loop.train` builds it (augmentation, normalisation, forward, backward, SGD with
 momentum and weight decay, donated state), fed a real CIFAR-10 batch from the npz copy.
 
-The parent prints a table and writes JSON (default ``benchmarks/results/latest.json``); the
-load average of the machine is recorded next to every figure, because other jobs may share it.
+The parent prints a table and writes JSON (`default_out`: ``benchmarks/results/latest.json`` for
+a full CPU run, ``gpu.json`` with ``--gpu``, ``partial.json`` with ``--quick`` or ``--only``, so
+that a partial run never replaces the full record); the load average of the machine is recorded
+next to every figure, because other jobs may share it.
 Every worker runs with the glibc malloc settings of a tuned run (`benchmarks.measure.MALLOC`).
 
 This module plans the measurements and runs them; `benchmarks.workers` holds the measurements,
@@ -114,12 +116,19 @@ def plan_gpu(args):
     return specs
 
 
+def default_out(args) -> Path:
+    """Where the JSON goes without ``--out``: a partial or GPU run never replaces the full CPU record."""
+    name = "gpu.json" if args.gpu else "partial.json" if (args.quick or args.only) else "latest.json"
+    return ROOT / "benchmarks" / "results" / name
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="plain ResNet-164 only, fewer repeats, no evaluation of it, no PyTorch (< 3 min)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latest.json"), help="JSON output file")
+    parser.add_argument("--out", help="JSON output file (default benchmarks/results/latest.json for a full CPU run, "
+                        "gpu.json with --gpu, partial.json with --quick or --only)")
     parser.add_argument("--devices", type=int, default=None,
                         help="CPU devices (default: one per core, see stepjax.parallel.configure_cpu_devices)")
     parser.add_argument("--repeats", type=int, default=3, help="timed ResNet-164 training steps per configuration")
@@ -158,6 +167,12 @@ def main(argv=None):
         if not args.torch:
             print("torch is not installed: skipping the PyTorch comparison (pip install torch==2.13.0)", flush=True)
     specs = plan_gpu(args) if args.gpu else plan(args)
+    if args.only and not specs:
+        every = (plan_gpu if args.gpu else plan)(argparse.Namespace(**{**vars(args), "only": None}))
+        print(f"benchmarks.run: --only {' '.join(args.only)} matches no measurement; their names: "
+              f"{', '.join(repr(s['name']) for s in every)}.", file=sys.stderr)
+        return 2
+    args.out = args.out or str(default_out(args))
     env = environment()
     print(f"{env.get('cpu')} | {env['cores']} cores | jax {env['jax']} | torch {env['torch']} | {env['date']}", flush=True)
     results = []

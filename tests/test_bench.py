@@ -1,6 +1,7 @@
 """The speed work keeps the mathematics: the optimised convolution against plain XLA, forward and
 gradient; the scanned training step against the unrolled one; the benchmark's helpers."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks import run as bench_run
 from benchmarks.measure import MALLOC
 from stepjax import parallel
 from stepjax.layers import conv2d
@@ -284,3 +286,16 @@ def test_a_restarted_command_runs_again_with_huge_pages():
                          text=True, check=True).stdout.splitlines()
     assert out == ["started None", f"started {parallel.HUGE_PAGES_TUNABLE}",
                    f"working with huge pages ({parallel.HUGE_PAGES_TUNABLE}; transparent huge pages: madvise)"]
+
+
+def test_a_partial_benchmark_never_replaces_the_full_record(capsys):
+    def out(gpu=False, quick=False, only=None):
+        return bench_run.default_out(argparse.Namespace(gpu=gpu, quick=quick, only=only)).name
+
+    assert out() == "latest.json" and out(gpu=True) == "gpu.json"
+    assert out(quick=True) == out(only=["interleaved"]) == "partial.json"
+    full = bench_run.default_out(argparse.Namespace(gpu=False, quick=False, only=None))
+    before = full.stat().st_mtime_ns if full.exists() else None
+    assert bench_run.main(["--only", "nosuch", "--no-torch"]) == 2  # nothing measured, nothing written
+    assert "--only nosuch matches no measurement; their names: 'resnet164/resnet'" in capsys.readouterr().err
+    assert (full.stat().st_mtime_ns if full.exists() else None) == before
