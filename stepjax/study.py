@@ -9,7 +9,8 @@ Each run trains in a process of its own (``python -m stepjax.main``), so that a 
 aborted by XLA) ends only itself: it is retried once (resuming from its last checkpoint), and if it
 fails again the study goes on with the next run and names the failed ones at the end (exit status
 1). SIGTERM and SIGINT are passed on to the running training, which saves a checkpoint; then the
-study stops (exit status 3). The study holds the lock of its root (`stepjax.train.lock`).
+study stops (exit status 3). SIGUSR1 lets the running training finish and stops the study after it
+(exit status 3; `stepjax.train.after_run`). The study holds the lock of its root (`stepjax.train.lock`).
 A run whose directory is gone but whose record in ``results/`` is finished (trained in an earlier
 checkout) counts as finished: it is neither trained nor evaluated again.
 """
@@ -103,8 +104,9 @@ def _retry(status: int) -> bool:
     return status not in (errors.DONE, errors.REFUSED, errors.STOPPED, errors.SAVE_FAILED, errors.DIVERGED)
 
 
-def _train_pending(runs, training: _Training) -> tuple[dict, bool]:
-    """Train each unfinished run of `runs` (a run that dies is retried once) and evaluate each finished one.
+def _train_pending(runs, training: _Training, after) -> tuple[dict, bool]:
+    """Train each unfinished run of `runs` (a run that dies is retried once) and evaluate each finished one;
+    once `after` (a `stepjax.train.StopAfterRun`) is requested by SIGUSR1, start no further training.
 
     **Returns:**
 
@@ -119,6 +121,8 @@ def _train_pending(runs, training: _Training) -> tuple[dict, bool]:
         if training.stop:
             return failed, True
         if finished_steps(workdir) is None:
+            if after.requested:
+                return failed, True
             print(command(exp, seed, workdir), flush=True)
             status = training.run(exp, seed, workdir)
             if _retry(status) and not training.stop:
@@ -160,7 +164,7 @@ def main(argv=None) -> int:
 
 
 def _study(args) -> int:
-    from stepjax.train import hold_workdir
+    from stepjax.train import StopAfterRun, hold_workdir
 
     parallel.configure_cpu_devices()
     runs = [(exp, seed, run_dir(args.root, exp, seed)) for exp, seed in PLANS[args.plan]
@@ -179,8 +183,8 @@ def _study(args) -> int:
         return errors.DONE
     training = _Training()
     try:
-        with hold_workdir(args.root):
-            failed, stopped = _train_pending(runs, training)
+        with hold_workdir(args.root), StopAfterRun() as after:
+            failed, stopped = _train_pending(runs, training, after)
     finally:
         training.restore()
     if failed:
@@ -188,8 +192,9 @@ def _study(args) -> int:
               "retry them, finished runs are kept: " + ", ".join(f"{d} (exit status {s})" for d, s in failed.items()),
               file=sys.stderr)
     if stopped:
-        print("stepjax.study: stopped by a signal (a running training saved its checkpoint); rerun to go on.",
-              file=sys.stderr)
+        how = ("by a signal (a running training saved its checkpoint)" if training.stop else
+               "after the run in progress, as SIGUSR1 asked")
+        print(f"stepjax.study: stopped {how}; rerun to go on.", file=sys.stderr)
     return errors.STOPPED if stopped else errors.CRASHED if failed else errors.DONE
 
 

@@ -3,6 +3,7 @@ CLI on a smoke run."""
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import jax
@@ -42,6 +43,7 @@ from stepjax.analysis.placement import nsi_placement, nsi_scores, recorded_score
 from stepjax.analysis.report import load_images, load_source
 from stepjax.config import apply_overrides, load_experiment
 from stepjax.models import Conv, make_model
+from stepjax.train import StopAfterRun
 
 FAST = TraceOptions(power_iters=3, batch_size=12)  # the CLI test's settings: compilations are shared
 
@@ -413,6 +415,30 @@ def test_cli_on_a_smoke_run_writes_json_and_figures(smoke_run, tmp_path):
     assert key["split"] == "test" and key["num_samples"] == 12 and np.array_equal(ranking, scores, equal_nan=True)
     with pytest.raises(ValueError, match="no figure of indicator 'nope'"):
         recorded_scores(record, indicator="nope")
+
+
+def test_sigusr1_stops_the_lottery_after_the_run_in_progress(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPJAX_RESULTS", str(tmp_path / "results"))
+    scores = [np.nan, 0.5, np.nan, 0.9, np.nan, 0.1]
+    configs = placement_configs(load_experiment("cifar10_se:smoke"), ratio=0.34, num_random=1, scores=scores)
+    calls = []
+
+    def fake_train(cfg, workdir):  # the signal arrives while the second run trains; that run finishes
+        calls.append(workdir.name)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        summary = {"status": "done", "best_accuracy": 0.5, "last_accuracy": 0.5}
+        workdir.mkdir(parents=True)
+        (workdir / "config.json").write_text(cfg.to_json())
+        (workdir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    with StopAfterRun() as after:
+        results = run_lottery(configs, tmp_path, train_fn=fake_train, stop_after=after)
+    assert after.requested and calls == ["none", "all"]
+    assert [r["status"] for r in results.values()] == ["done", "done", "pending", "pending", "pending"]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # restored
+    assert len(run_lottery(configs, tmp_path, train_fn=fake_train)) == 5 and calls[2:] == list(configs)[2:]
 
 
 def test_nsi_placement_and_lottery_bookkeeping(tmp_path, monkeypatch):

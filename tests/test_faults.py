@@ -315,6 +315,25 @@ def test_user_errors_print_one_line_and_exit_2_and_debug_shows_the_traceback(tmp
 
 # ---- the study ----
 
+def test_sigusr1_lets_the_running_training_finish_and_stops_the_study(tmp_path, monkeypatch, capfd):
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    for path in (ROOT / "experiments").glob("*.py"):
+        (experiments / path.name).symlink_to(path)
+    (experiments / "signals.py").write_text(  # the smoke run, whose training signals the study as it starts
+        '"""The smoke run; SIGUSR1 to the parent."""\nimport os, signal\n\nfrom stepjax.config import load_experiment\n\n\n'
+        f'def get_config(arg):\n    os.kill(os.getppid(), signal.SIGUSR1)\n    return load_experiment("{SMOKE}")\n')
+    monkeypatch.setenv("STEPJAX_EXPERIMENTS", str(experiments))
+    monkeypatch.setitem(study.PLANS, "tiny", [("signals", 0), (SMOKE, 1)])
+    root = tmp_path / "study"
+    assert study.main(["--plan", "tiny", "--root", str(root)]) == errors.STOPPED
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        "stepjax.study: stopped after the run in progress, as SIGUSR1 asked; rerun to go on.")
+    assert json.loads((study.run_dir(root, "signals", 0) / "summary.json").read_text())["status"] == "done"
+    assert (study.run_dir(root, "signals", 0) / "evaluation.json").exists()  # finished and evaluated
+    assert not study.run_dir(root, SMOKE, 1).exists()  # the next run was not started
+
+
 def test_the_study_goes_on_when_a_run_dies_and_names_it_at_the_end(tmp_path, monkeypatch, capfd):
     experiments = tmp_path / "experiments"
     experiments.mkdir()

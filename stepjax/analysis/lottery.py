@@ -113,7 +113,7 @@ def _reused_summary(config, workdir: Path, *, record: bool = False) -> dict:
 
 
 def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_only: bool = False,
-                reuse: dict | None = None) -> dict:
+                reuse: dict | None = None, stop_after=None) -> dict:
     """Train (or resume, or skip when finished) every config in ``root/<name>`` and collect.
 
     **Arguments:**
@@ -124,12 +124,14 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     - `plot_only`: train nothing; unfinished runs are reported as pending.
     - `reuse`: name -> directory of a finished run that is the same training as that config's
       (checked first, before anything is trained); it is read, not trained.
+    - `stop_after`: a `stepjax.train.StopAfterRun`, or None.
 
     A run whose directory is gone but whose record (`stepjax.records.record_path`) is finished is
     read from the record, after the same check.
 
     A run that ends unfinished (stopped by a signal: its checkpoint is saved) stops the lottery:
-    the later runs are reported as they stand, and rerunning resumes.
+    the later runs are reported as they stand, and rerunning resumes. So does `stop_after`'s
+    request (SIGUSR1), once the run in progress has finished: no further run is started.
 
     **Returns:**
 
@@ -150,6 +152,7 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
             reused[name] = _reused_summary(config, workdir, record=True)
         path = workdir / "summary.json"
         summary = reused.get(name) or (json.loads(path.read_text()) if path.exists() else {"status": "pending"})
+        interrupted = interrupted or (stop_after is not None and stop_after.requested)
         if summary["status"] != "done" and not (plot_only or interrupted):
             summary = train_fn(config, workdir)
             file_run(workdir)
@@ -293,7 +296,7 @@ def _lottery(args) -> int:
     """The lottery's runs (under the lock of its root, except with --plot-only, which only reads),
     its figure, its record and its contrasts."""
     from stepjax.config import command_config
-    from stepjax.train import hold_workdir
+    from stepjax.train import StopAfterRun, hold_workdir
 
     parallel.configure_cpu_devices()  # as `stepjax.main` and the study: one CPU device per core
     name = f"{args.exp.replace(':', '_')}_ratio{args.ratio}"
@@ -303,11 +306,11 @@ def _lottery(args) -> int:
     if len(reuse) != len(args.reuse):
         raise UserError(f"--reuse takes NAME=DIR items; got {args.reuse}.")
     record = results_root() / "lottery" / name  # also keeps the ranking the placements came from
-    with contextlib.nullcontext() if args.plot_only else hold_workdir(root):
+    with contextlib.nullcontext() if args.plot_only else hold_workdir(root), StopAfterRun() as after:
         scores, ranking = cached_scores(args.nsi_workdir, (root, record), indicator=args.indicator,
                                         num_samples=args.nsi_samples)
         configs = placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores)
-        results = run_lottery(configs, root, plot_only=args.plot_only, reuse=reuse)
+        results = run_lottery(configs, root, plot_only=args.plot_only, reuse=reuse, stop_after=after)
     out = Path(args.out or f"docs/figures/analysis/lottery_{name}")
     figure = lottery_figure(results, experiment=args.exp, ratio=args.ratio, ranking=ranking)
     out.mkdir(parents=True, exist_ok=True)
@@ -320,7 +323,9 @@ def _lottery(args) -> int:
               f"  blocks {run['blocks']}")
     print("best accuracy, points:", json.dumps(figure["contrasts"]["best_accuracy"]))
     print("wrote", record / "lottery.json", out / "lottery.png", sep="\n  ")
-    return errors.STOPPED if any(r["status"] == "preempted" for r in results.values()) else errors.DONE
+    unfinished = any(r["status"] != "done" for r in results.values())
+    stopped = any(r["status"] == "preempted" for r in results.values()) or (after.requested and unfinished)
+    return errors.STOPPED if stopped else errors.DONE
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Training: pure steps, the loop, checkpoints, metrics and the workdir lock."""
 
+from stepjax.train.after_run import StopAfterRun
 from stepjax.train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
 from stepjax.train.lock import WorkdirLock, WorkdirLocked, hold_workdir
 from stepjax.train.loop import NonFiniteLossError, evaluate, load_run, restore_run, train
@@ -13,6 +14,7 @@ __all__ = [
     "MetricWriter",
     "NonFiniteLossError",
     "Progress",
+    "StopAfterRun",
     "TrainState",
     "WorkdirLock",
     "WorkdirLocked",
