@@ -68,12 +68,12 @@ def recorded_scores(record, *, indicator: str = DEFAULT_NSI) -> tuple[np.ndarray
     path = analysis_file(record)
     if path is None:
         raise UserError(f"{record} holds no analysis.json: pass an analysis record (results/analysis/NAME, "
-                                "written by `make analyze`) or a run directory.")
+                        "written by `make analyze`) or a run directory.")
     analysis = json.loads(path.read_text())
     figure = analysis["figures"].get(f"nsi_{indicator}")
     if figure is None:
         raise UserError(f"{path} has no figure of indicator {indicator!r}; it has "
-                         f"{sorted(k[len('nsi_'):] for k in analysis['figures'] if k[len('nsi_'):] in INDICATORS)}.")
+                        f"{sorted(k[len('nsi_'):] for k in analysis['figures'] if k[len('nsi_'):] in INDICATORS)}.")
     stages = []
     for stage in figure["stages"]:
         (main,) = [m for m in stage["models"] if m["key"] == "main"]

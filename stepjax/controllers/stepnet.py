@@ -45,10 +45,10 @@ def step_features(y0, f0, eps=1e-5):
     (``use_fast_variance``): five independent reductions, none of which reads a broadcast
     operand. ``f.var`` subtracts the mean inside its reduction, and XLA's CPU backend runs such a
     reduction slower than a plain one: the stage-1 features of the deep protocol took 5.1 ms that
-    way against 3.9 ms (docs/BENCHMARKS.md). The cost is float32
-    cancellation where a channel's mean is large against its spatial spread: the spread's
-    relative error stays below ``1e-6 (mean / std)^2`` (`tests/test_controllers.py` checks it
-    against float64 up to ``mean / std = 100``).
+    way against 3.9 ms (docs/BENCHMARKS.md). The cost is float32 cancellation where a channel's
+    mean is large against its spatial spread: the spread's relative error stays below
+    ``1e-6 (mean / std)^2`` (`tests/test_controllers.py` checks it against float64 up to
+    ``mean / std = 100``).
 
     The gradient is written out (`_features_bwd`: the same mathematics as autodiff's, with
     ``d|x|/dx = 1`` at 0 as JAX has it). From autodiff's form, XLA's CPU backend fused the whole
