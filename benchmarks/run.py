@@ -98,8 +98,6 @@ def plan(args):
     if args.torch and not quick:
         specs.append({"kind": "torch", "name": "pytorch resnet164", "depths": [18, 18, 18], "batch": 128,
                       "warmup": warm, "repeats": reps, "channels_last": True})
-    if args.only:
-        specs = [s for s in specs if any(o in s["name"] for o in args.only)]
     return specs
 
 
@@ -111,8 +109,6 @@ def plan_gpu(args):
               "data_dir": args.data_dir, "dtype": dtype, "warmup": 3, "repeats": 20,
               "overrides": [f"model.dtype='{dtype}'", f"train.global_batch={batch}", "train.eval_batch=1000"]}
              for c, dtype, batch in configs]
-    if args.only:
-        specs = [s for s in specs if any(o in s["name"] for o in args.only)]
     return specs
 
 
@@ -166,9 +162,9 @@ def main(argv=None):
             args.torch = False
         if not args.torch:
             print("torch is not installed: skipping the PyTorch comparison (pip install torch==2.13.0)", flush=True)
-    specs = plan_gpu(args) if args.gpu else plan(args)
-    if args.only and not specs:
-        every = (plan_gpu if args.gpu else plan)(argparse.Namespace(**{**vars(args), "only": None}))
+    every = plan_gpu(args) if args.gpu else plan(args)
+    specs = [s for s in every if not args.only or any(o in s["name"] for o in args.only)]
+    if not specs:
         print(f"benchmarks.run: --only {' '.join(args.only)} matches no measurement; their names: "
               f"{', '.join(repr(s['name']) for s in every)}.", file=sys.stderr)
         return 2

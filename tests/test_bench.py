@@ -290,11 +290,11 @@ def test_a_restarted_command_runs_again_with_huge_pages():
 
 def test_a_partial_benchmark_never_replaces_the_full_record(capsys):
     def out(gpu=False, quick=False, only=None):
-        return bench_run.default_out(argparse.Namespace(gpu=gpu, quick=quick, only=only)).name
+        return bench_run.default_out(argparse.Namespace(gpu=gpu, quick=quick, only=only))
 
-    assert out() == "latest.json" and out(gpu=True) == "gpu.json"
-    assert out(quick=True) == out(only=["interleaved"]) == "partial.json"
-    full = bench_run.default_out(argparse.Namespace(gpu=False, quick=False, only=None))
+    assert out().name == "latest.json" and out(gpu=True).name == "gpu.json"
+    assert out(quick=True).name == out(only=["interleaved"]).name == "partial.json"
+    full = out()
     before = full.stat().st_mtime_ns if full.exists() else None
     assert bench_run.main(["--only", "nosuch", "--no-torch"]) == 2  # nothing measured, nothing written
     assert "--only nosuch matches no measurement; their names: 'resnet164/resnet'" in capsys.readouterr().err

@@ -114,14 +114,14 @@ def test_stepnet_features_hand_written_gradient_equals_autodiff(eps, shift):
     f = shift + 0.3 * jax.random.normal(kf, (3, 5, 4, C))
     weights = [jax.random.normal(k, (3, C)) for k in jax.random.split(kw, 4)]
 
-    def loss(features, eps):
+    def loss(features, eps, weights):
         return lambda y, f: sum(jnp.sum(w * x) for w, x in zip(weights, features(y, f, eps)))
 
-    got = jax.jit(jax.grad(loss(step_features, eps), argnums=(0, 1)))(y, f)
+    got = jax.jit(jax.grad(loss(step_features, eps, weights), argnums=(0, 1)))(y, f)
     with jax.enable_x64(True):
         y64, f64 = (np.asarray(v, np.float64) for v in (y, f))
-        weights = [np.asarray(w, np.float64) for w in weights]
-        want = jax.grad(loss(_features_by_autodiff, np.float64(eps)), argnums=(0, 1))(y64, f64)
+        weights64 = [np.asarray(w, np.float64) for w in weights]
+        want = jax.grad(loss(_features_by_autodiff, np.float64(eps), weights64), argnums=(0, 1))(y64, f64)
         want_features = _features_by_autodiff(y64, f64, np.float64(eps))
     cancellation = 1e-6 * (shift / 0.3) ** 2
     assert float(jnp.abs(got[0]).max()) > 1e-3 and float(jnp.abs(got[1]).max()) > 1e-3
