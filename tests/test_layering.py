@@ -4,7 +4,7 @@ name imported from another package. Every import counts, also one inside a funct
 The rule is data: each package or module of the repository names the ones directly below it, and
 it may import anything below those, transitively (the numerical core at the bottom, the readers,
 analysis, results, study, benchmarks, evaluate, at the top):
-ode <- layers <- controllers <- models <- train <- readers.
+kernels <- ode <- layers <- controllers <- models <- train <- readers.
 """
 
 import ast
@@ -17,8 +17,8 @@ SOURCES = ("stepjax", "benchmarks", "experiments")
 
 LAYERS = {
     "stepjax.errors": [],  # exit statuses and the user-error type: importable from every layer
-    "stepjax.ode": ["stepjax.errors"],
-    "stepjax.kernels": [],  # the oneDNN convolutions (XLA FFI)
+    "stepjax.kernels": [],  # the CPU backend's oneDNN convolutions (XLA FFI) and a lowering
+    "stepjax.ode": ["stepjax.errors", "stepjax.kernels"],
     "stepjax.layers": ["stepjax.ode", "stepjax.kernels"],
     "stepjax.controllers": ["stepjax.layers"],
     "stepjax.models": ["stepjax.controllers"],

@@ -1,6 +1,7 @@
 """The oneDNN convolutions (`stepjax.kernels`) against XLA's: values and gradients for every shape
 class of the models, under jit, scan, checkpoint and vmap; one ResNet-164 training step on both
-paths; and the XLA path wherever the extension is not there or not wanted."""
+paths; and the XLA path wherever the extension is not there or not wanted. Also the CPU lowering
+of `stepjax.kernels.lowering`: a rounding that keeps every bit is no instruction, others still round."""
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,7 @@ def _one_step(devices, monkeypatch, path):
     step = make_train_step(graphdef, tx, schedule, config, info, mesh)
     hlo = step.lower(state, batch).compile().as_text()
     assert ("stepjax_onednn_conv" in hlo) == (path == "onednn")
+    assert "reduce-precision(" not in hlo  # the scan's stored values are not copied (kernels.lowering)
     state, metrics = step(state, batch)
     return float(metrics["loss"]), jax.tree.map(np.asarray, state.params)
 
@@ -155,3 +157,21 @@ def test_onednn_path_is_the_cpu_default_for_float32_only(monkeypatch):
     assert kernels.path_for(jnp.float32) == "onednn" and "stepjax_onednn_conv_forward" in _lowered(x, w)
     assert kernels.path_for(jnp.bfloat16) == "xla"
     assert "stepjax_onednn" not in _lowered(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def _rounded(x, exponent_bits, mantissa_bits):
+    fn = jax.jit(lambda x: jax.lax.reduce_precision(x, exponent_bits, mantissa_bits))
+    return np.asarray(fn(x)), "reduce-precision(" in fn.lower(x).compile().as_text()
+
+
+def test_reduce_precision_to_its_own_format_is_no_instruction_on_the_cpu():
+    """What `jax.checkpoint` puts on the values it stores: float32 to float32 is the operand, bit for
+    bit (denormals, NaN and infinity included) and compiles to nothing; a real rounding (float32 to
+    float16's format, bfloat16 to its own) still lowers to XLA's reduce-precision."""
+    kernels.drop_exact_reduce_precision()
+    x = np.array([1.0000001, 3e-40, np.nan, -np.inf, 65519.0, 1e5], np.float32)
+    same, compiled = _rounded(jnp.asarray(x), 8, 23)
+    assert same.view(np.uint32).tolist() == x.view(np.uint32).tolist() and not compiled
+    half, compiled = _rounded(jnp.asarray(x), 5, 10)
+    assert compiled and half[1] == 0 and half[4] == 65504 and half[5] == np.inf
+    assert _rounded(jnp.asarray(x, jnp.bfloat16), 8, 7)[1]

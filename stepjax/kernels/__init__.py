@@ -1,7 +1,9 @@
 """Optional compiled kernels for the CPU backend: oneDNN convolutions through XLA's FFI
 (`stepjax.kernels.onednn`; ``python -m stepjax.kernels.build`` builds them, ``make setup`` runs
-it). Nothing here imports the rest of stepjax."""
+it), and a lowering that spares XLA's CPU compiler a copy of every value `jax.checkpoint` stores
+(`stepjax.kernels.lowering`). Nothing here imports the rest of stepjax."""
 
+from stepjax.kernels.lowering import drop_exact_reduce_precision
 from stepjax.kernels.onednn import conv_same, load, path_for
 
-__all__ = ["conv_same", "load", "path_for"]
+__all__ = ["conv_same", "drop_exact_reduce_precision", "load", "path_for"]

@@ -10,13 +10,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stepjax import kernels
 from stepjax.ode.controller import StageShared, StepController
 
 # Inside the scan over a stage's blocks, only values a vector field tags with
 # `jax.ad_checkpoint.checkpoint_name(x, SAVED)` (the convolution outputs of the ResNet fields) are
 # stored for the backward pass; the elementwise rest of a step (BatchNorm, ReLU, the step-size
 # update) is recomputed from them. Same gradients; about half the stored activations, fewer
-# memory passes, and on 2 CPU cores a faster step. ``STEPJAX_REMAT=0`` turns it off.
+# memory passes, and on 2 CPU cores a faster step. ``STEPJAX_REMAT=0`` turns it off. On the CPU the
+# stored values are not copied to round them to their own precision (`kernels.drop_exact_reduce_precision`).
 SAVED = "euler_saved"
 _SMALL = 1 << 20  # elements: a reduction's output up to this size is stored, not recomputed
 _REDUCTIONS = (jax.lax.reduce_sum_p, jax.lax.reduce_max_p, jax.lax.reduce_min_p)
@@ -270,6 +272,7 @@ class EulerStage(nnx.Module):
 
         xs = (stacked, t0s, active)
         if os.environ.get("STEPJAX_REMAT", "1") != "0":
+            kernels.drop_exact_reduce_precision()
             body = jax.checkpoint(body, policy=_save_policy, prevent_cse=False)
         if self.scan:
             (y, _), (new_stats, h, saved) = jax.lax.scan(body, (y, state), xs)
