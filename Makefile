@@ -18,7 +18,7 @@ endif
 # large host allocations on transparent huge pages: about 1.15x faster CPU steps (stepjax.parallel.host_pages)
 export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
 
-.PHONY: setup lint test train list data summary study deep results records evaluate bench analyze lottery ode-bench ode-bench-quick \
+.PHONY: setup lint test train list data summary study deep deep-lanes results records evaluate bench analyze lottery ode-bench ode-bench-quick \
 	campaign-status campaign-wheels campaign-stage campaign-file
 
 KERNELS := stepjax/kernels/_onednn_conv.so
@@ -70,6 +70,23 @@ deep: setup
 	$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY)
 	$(PY) -m stepjax.study --plan deep --seeds 1,2
 	$(PY) -m stepjax.study --plan deep_controls
+
+# the same runs in two lanes at once, each pinned to its own core (LANE_CPUS, taskset lists): on 2
+# cores two single-core trainings train about 1.4x the images of one on both (docs/BENCHMARKS.md, "Two
+# trainings at once, one core each"). After seed 0 (on all cores), lane 0 trains the lottery, then
+# joins lane 1 on seeds 1 and 2 and the control; the two study processes share that plan, each run
+# claimed by one (stepjax.study). Logs: runs/deep_lane0.log, runs/deep_lane1.log. To stop both after
+# their runs in progress: pkill -USR1 -f '^.venv/bin/python -m stepjax' (the pattern spares the lanes' shells).
+LANE_CPUS ?= 0 1
+DEEP_REST := $(PY) -m stepjax.study --plan deep --seeds 1,2 && $(PY) -m stepjax.study --plan deep_controls
+deep-lanes: setup
+	$(PY) -m stepjax.study --plan deep --seeds 0
+	mkdir -p runs
+	taskset -c $(word 1,$(LANE_CPUS)) sh -c '$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY) && $(DEEP_REST)' \
+		>> runs/deep_lane0.log 2>&1 & lane0=$$!; \
+	taskset -c $(word 2,$(LANE_CPUS)) sh -c '$(DEEP_REST)' >> runs/deep_lane1.log 2>&1; lane1=$$?; \
+	wait $$lane0; lane0=$$?; echo "deep-lanes: lane 0 ended with exit status $$lane0, lane 1 with $$lane1"; \
+	[ $$lane0 = 0 ] && [ $$lane1 = 0 ]
 
 # file the record of every run directory under runs/ into results/ (training does it when a run stops)
 records: setup

@@ -10,7 +10,11 @@ aborted by XLA) ends only itself: it is retried once (resuming from its last che
 fails again the study goes on with the next run and names the failed ones at the end (exit status
 1). SIGTERM and SIGINT are passed on to the running training, which saves a checkpoint; then the
 study stops (exit status 3). SIGUSR1 lets the running training finish and stops the study after it
-(exit status 3; `stepjax.train.after_run`). The study holds the lock of its root (`stepjax.train.lock`).
+(exit status 3; `stepjax.train.after_run`).
+
+Several study processes may work through one plan at once (``make deep-lanes``: one per core): each
+claims a run before it trains it (`stepjax.train.lock` on ``<root>/.claims/<run>``), and a run
+another live process has claimed is left to it.
 A run whose directory is gone but whose record in ``results/`` is finished (trained in an earlier
 checkout) counts as finished: it is neither trained nor evaluated again.
 """
@@ -40,10 +44,16 @@ PLANS = {
     "deep_controls": [("cifar10_channel_step:deep", 0)],
 }
 ROOTS = {"cpu": "runs/study", "deep": "runs/deep", "deep_controls": "runs/deep"}  # run directories; records go to results/<same>
+CLAIMS = ".claims"  # <root>/.claims/<run>: the lock of the study process that trains the run
 
 
 def run_dir(root: Path, exp: str, seed: int) -> Path:
     return Path(root) / f"{exp.replace(':', '_')}_s{seed}"
+
+
+def claim_dir(workdir: Path) -> Path:
+    """Where a study process claims the run of `workdir` while it trains and evaluates it."""
+    return Path(workdir).parent / CLAIMS / Path(workdir).name
 
 
 def finished_steps(workdir: Path) -> int | None:
@@ -104,41 +114,63 @@ def _retry(status: int) -> bool:
     return status not in (errors.DONE, errors.REFUSED, errors.STOPPED, errors.SAVE_FAILED, errors.DIVERGED)
 
 
-def _train_pending(runs, training: _Training, after) -> tuple[dict, bool]:
-    """Train each unfinished run of `runs` (a run that dies is retried once) and evaluate each finished one;
-    once `after` (a `stepjax.train.StopAfterRun`) is requested by SIGUSR1, start no further training.
+def _train_pending(runs, training: _Training, after) -> tuple[dict, bool, list]:
+    """Train each unfinished run of `runs` that no other process has claimed (a run that dies is
+    retried once) and evaluate each finished one; once `after` (a `stepjax.train.StopAfterRun`) is
+    requested by SIGUSR1, start no further training.
 
     **Returns:**
 
-    `(failed, stopped)`: workdir -> exit status of the runs that failed, and whether a signal stopped
-    the study.
+    `(failed, stopped, others)`: workdir -> exit status of the runs that failed, whether a signal
+    stopped the study, and the workdirs left to the other processes that had claimed them.
     """
+    from stepjax.train import WorkdirLock, WorkdirLocked
+
+    failed, others = {}, []
+    for exp, seed, workdir in runs:
+        if training.stop:
+            return failed, True, others
+        claim = WorkdirLock(claim_dir(workdir))
+        try:
+            claim.acquire()
+        except WorkdirLocked:
+            print(f"{workdir}: another study process trains it; going on with the next run.", flush=True)
+            others.append(workdir)
+            continue
+        try:
+            stopped = _train_and_evaluate(exp, seed, workdir, training, after, failed)
+        finally:
+            claim.release()
+        if stopped:
+            return failed, True, others
+    return failed, False, others
+
+
+def _train_and_evaluate(exp: str, seed: int, workdir: Path, training: _Training, after, failed: dict) -> bool:
+    """Train one run unless it is finished, then evaluate it unless its evaluation is filed; a failed
+    training goes into `failed`. Returns whether the study is to stop."""
     from stepjax.evaluate import evaluate_run, read_evaluation
     from stepjax.records import file_run
 
-    failed = {}
-    for exp, seed, workdir in runs:
-        if training.stop:
-            return failed, True
-        if finished_steps(workdir) is None:
-            if after.requested:
-                return failed, True
-            print(command(exp, seed, workdir), flush=True)
+    if finished_steps(workdir) is None:
+        if after.requested:
+            return True
+        print(command(exp, seed, workdir), flush=True)
+        status = training.run(exp, seed, workdir)
+        if _retry(status) and not training.stop:
+            print(f"{workdir}: the training died (exit status {status}); retrying once, from its last "
+                  "checkpoint.", file=sys.stderr, flush=True)
             status = training.run(exp, seed, workdir)
-            if _retry(status) and not training.stop:
-                print(f"{workdir}: the training died (exit status {status}); retrying once, from its last "
-                      "checkpoint.", file=sys.stderr, flush=True)
-                status = training.run(exp, seed, workdir)
-            if status == errors.STOPPED or training.stop:
-                return failed, True
-            if status != errors.DONE:
-                failed[workdir] = status
-                continue
-        if read_evaluation(finished_run(workdir), finished_steps(workdir)) is None:
-            result = evaluate_run(workdir)
-            print(f"{workdir}: test accuracy {100 * result['accuracy']:.2f} %, with flip TTA "
-                  f"{100 * result['flip_accuracy']:.2f} %; record filed in {file_run(workdir)}", flush=True)
-    return failed, False
+        if status == errors.STOPPED or training.stop:
+            return True
+        if status != errors.DONE:
+            failed[workdir] = status
+            return False
+    if read_evaluation(finished_run(workdir), finished_steps(workdir)) is None:
+        result = evaluate_run(workdir)
+        print(f"{workdir}: test accuracy {100 * result['accuracy']:.2f} %, with flip TTA "
+              f"{100 * result['flip_accuracy']:.2f} %; record filed in {file_run(workdir)}", flush=True)
+    return False
 
 
 def seed_set(text: str) -> set[int]:
@@ -164,7 +196,7 @@ def main(argv=None) -> int:
 
 
 def _study(args) -> int:
-    from stepjax.train import StopAfterRun, hold_workdir
+    from stepjax.train import StopAfterRun
 
     parallel.configure_cpu_devices()
     runs = [(exp, seed, run_dir(args.root, exp, seed)) for exp, seed in PLANS[args.plan]
@@ -183,10 +215,13 @@ def _study(args) -> int:
         return errors.DONE
     training = _Training()
     try:
-        with hold_workdir(args.root), StopAfterRun() as after:
-            failed, stopped = _train_pending(runs, training, after)
+        with StopAfterRun() as after:
+            failed, stopped, others = _train_pending(runs, training, after)
     finally:
         training.restore()
+    if others:
+        print("stepjax.study: left to the other study processes that train them: " + ", ".join(map(str, others)),
+              file=sys.stderr)
     if failed:
         print(f"stepjax.study: {len(failed)} of {len(runs)} runs failed (their messages are above); rerun to "
               "retry them, finished runs are kept: " + ", ".join(f"{d} (exit status {s})" for d, s in failed.items()),
