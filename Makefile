@@ -72,8 +72,8 @@ deep: setup
 	$(PY) -m stepjax.study --plan deep_controls
 
 # the same runs in two lanes at once, each pinned to its own core (LANE_CPUS, taskset lists): on 2
-# cores two single-core trainings train about 1.4x the images of one on both (docs/BENCHMARKS.md, "Two
-# trainings at once, one core each"). After seed 0 (on all cores), lane 0 trains the lottery, then
+# cores two single-core trainings trained 1.25-1.7x the images per second of one on both
+# (docs/BENCHMARKS.md, "Two trainings at once, one core each"). After seed 0 (on all cores), lane 0 trains the lottery, then
 # joins lane 1 on seeds 1 and 2 and the control; the two study processes share that plan, each run
 # claimed by one (stepjax.study). Logs: runs/deep_lane0.log, runs/deep_lane1.log. To stop both after
 # their runs in progress: pkill -USR1 -f '^.venv/bin/python -m stepjax' (the pattern spares the lanes' shells).

@@ -15,6 +15,7 @@ study stops (exit status 3). SIGUSR1 lets the running training finish and stops 
 Several study processes may work through one plan at once (``make deep-lanes``: one per core): each
 claims a run before it trains it (`stepjax.train.lock` on ``<root>/.claims/<run>``), and a run
 another live process has claimed is left to it.
+
 A run whose directory is gone but whose record in ``results/`` is finished (trained in an earlier
 checkout) counts as finished: it is neither trained nor evaluated again.
 """
