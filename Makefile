@@ -65,11 +65,11 @@ study: setup
 # study or lottery process stops it after the run in progress (pkill -USR1 -f stepjax.analysis.lottery)
 DEEP_LOTTERY := --exp cifar10_se:deep --ratio 0.4 --num-random 3 --nsi-workdir results/analysis/deep_se_vs_plain_s0 \
 	--reuse none=results/deep/cifar10_resnet_deep_s0 --reuse all=results/deep/cifar10_se_deep_s0
+DEEP_REST := $(PY) -m stepjax.study --plan deep --seeds 1,2 && $(PY) -m stepjax.study --plan deep_controls
 deep: setup
 	$(PY) -m stepjax.study --plan deep --seeds 0
 	$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY)
-	$(PY) -m stepjax.study --plan deep --seeds 1,2
-	$(PY) -m stepjax.study --plan deep_controls
+	$(DEEP_REST)
 
 # the same runs in two lanes at once, each pinned to its own core (LANE_CPUS, taskset lists): on 2
 # cores two single-core trainings trained 1.25-1.7x the images per second of one on both
@@ -78,7 +78,6 @@ deep: setup
 # claimed by one (stepjax.study). Logs: runs/deep_lane0.log, runs/deep_lane1.log. To stop both after
 # their runs in progress: pkill -USR1 -f '^.venv/bin/python -m stepjax' (the pattern spares the lanes' shells).
 LANE_CPUS ?= 0 1
-DEEP_REST := $(PY) -m stepjax.study --plan deep --seeds 1,2 && $(PY) -m stepjax.study --plan deep_controls
 deep-lanes: setup
 	$(PY) -m stepjax.study --plan deep --seeds 0
 	mkdir -p runs

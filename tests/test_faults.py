@@ -103,7 +103,7 @@ def test_the_collective_timeouts_leave_a_users_value_alone(monkeypatch):
 
 # ---- one writer per workdir ----
 
-def test_a_second_writer_is_refused_and_readers_are_not(tmp_path, monkeypatch, cli, capsys):
+def test_a_second_writer_is_refused_and_readers_are_not(tmp_path, cli, capsys):
     workdir = tmp_path / "run"
     train(smoke_config("train.total_steps=2"), workdir)
     before = _snapshot(workdir)
