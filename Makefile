@@ -18,7 +18,7 @@ endif
 # large host allocations on transparent huge pages: about 1.15x faster CPU steps (stepjax.parallel.host_pages)
 export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
 
-.PHONY: setup lint test train list data summary study deep deep-lanes results records evaluate bench analyze lottery ode-bench ode-bench-quick \
+.PHONY: setup lint test train list data summary study deep deep-lanes deep-status results records evaluate bench analyze lottery ode-bench ode-bench-quick \
 	campaign-status campaign-wheels campaign-stage campaign-file
 
 KERNELS := stepjax/kernels/_onednn_conv.so
@@ -86,6 +86,14 @@ deep-lanes: setup
 	taskset -c $(word 2,$(LANE_CPUS)) sh -c '$(DEEP_REST)' >> runs/deep_lane1.log 2>&1; lane1=$$?; \
 	wait $$lane0; lane0=$$?; echo "deep-lanes: lane 0 ended with exit status $$lane0, lane 1 with $$lane1"; \
 	[ $$lane0 = 0 ] && [ $$lane1 = 0 ]
+
+# where the deep study stands, read without disturbing it: each run done (its accuracy), training
+# (its step, by which process, the time left at its recent rate), stopped (the checkpoint a rerun
+# resumes from) or pending
+deep-status: setup
+	@$(PY) -m stepjax.study --plan deep --status
+	@$(PY) -m stepjax.study --plan deep_controls --status
+	@$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY) --status
 
 # file the record of every run directory under runs/ into results/ (training does it when a run stops)
 records: setup

@@ -174,6 +174,20 @@ def _train_and_evaluate(exp: str, seed: int, workdir: Path, training: _Training,
     return False
 
 
+def print_status(runs) -> None:
+    """One line per run of the plan: where it stands (`stepjax.train.status`), with the flip-TTA
+    accuracy of a finished run whose evaluation is filed."""
+    from stepjax.evaluate import read_evaluation
+    from stepjax.train import describe_status, run_status
+
+    for _, _, workdir in runs:
+        line = describe_status(run_status(workdir))
+        evaluation = read_evaluation(finished_run(workdir), finished_steps(workdir)) if line.startswith("done") else None
+        if evaluation is not None:
+            line += f", with flip TTA {100 * evaluation['flip_accuracy']:.2f} %"
+        print(f"{str(workdir):45s} {line}")
+
+
 def seed_set(text: str) -> set[int]:
     """``--seeds`` as a set: ``0`` or ``1,2``."""
     try:
@@ -189,6 +203,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=seed_set,
                         help="only the plan's runs of these seeds, e.g. 0 or 1,2 (default all)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of pending runs")
+    parser.add_argument("--status", action="store_true",
+                        help="print where each run of the plan stands (done, training, stopped, pending); train nothing")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
     args = parser.parse_args(argv)
     args.root = args.root or ROOTS.get(args.plan, f"runs/{args.plan}")
@@ -209,6 +225,9 @@ def _study(args) -> int:
     if stale:
         print("\n".join(stale), file=sys.stderr)
         return errors.REFUSED
+    if args.status:
+        print_status(runs)
+        return errors.DONE
     if args.dry_run:
         for exp, seed, workdir in runs:
             if finished_steps(workdir) is None:

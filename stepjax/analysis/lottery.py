@@ -278,6 +278,9 @@ def parse_args(argv):
     p.add_argument("--out", help="figure directory (default docs/figures/analysis/lottery_<exp>_ratio<r>); the "
                    "record lottery.json goes to results/lottery/<exp>_ratio<r>")
     p.add_argument("--plot-only", action="store_true", help="train nothing, draw what has finished")
+    p.add_argument("--status", action="store_true",
+                   help="print where each placement's run stands (done, training, stopped, pending); "
+                        "train, draw and write nothing")
     p.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR",
                    help="a finished run that is the same training (repeatable), e.g. "
                         "--reuse none=runs/study/cifar10_resnet_cpu_s0 --reuse all=runs/study/cifar10_se_cpu_s0")
@@ -296,7 +299,7 @@ def _lottery(args) -> int:
     """The lottery's runs (under the lock of its root, except with --plot-only, which only reads),
     its figure, its record and its contrasts."""
     from stepjax.config import command_config
-    from stepjax.train import StopAfterRun, hold_workdir
+    from stepjax.train import StopAfterRun, describe_status, hold_workdir, run_status
 
     parallel.configure_cpu_devices()  # as `stepjax.main` and the study: one CPU device per core
     name = f"{args.exp.replace(':', '_')}_ratio{args.ratio}"
@@ -306,6 +309,11 @@ def _lottery(args) -> int:
     if len(reuse) != len(args.reuse):
         raise UserError(f"--reuse takes NAME=DIR items; got {args.reuse}.")
     record = results_root() / "lottery" / name  # also keeps the ranking the placements came from
+    if args.status:
+        scores, _ = cached_scores(args.nsi_workdir, (root, record), indicator=args.indicator, num_samples=args.nsi_samples)
+        for run in placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores):
+            print(f"{run:12s} {describe_status(run_status(reuse.get(run) or root / run))}")
+        return errors.DONE
     with contextlib.nullcontext() if args.plot_only else hold_workdir(root), StopAfterRun() as after:
         scores, ranking = cached_scores(args.nsi_workdir, (root, record), indicator=args.indicator,
                                         num_samples=args.nsi_samples)

@@ -2,9 +2,10 @@
 
 from stepjax.train.after_run import StopAfterRun
 from stepjax.train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
-from stepjax.train.lock import WorkdirLock, WorkdirLocked, hold_workdir
+from stepjax.train.lock import WorkdirLock, WorkdirLocked, hold_workdir, lock_holder
 from stepjax.train.loop import NonFiniteLossError, evaluate, load_run, restore_run, train
 from stepjax.train.metrics import MetricWriter, Progress, drop_records_after, format_summary, read_metrics
+from stepjax.train.status import RunStatus, describe_status, run_status
 from stepjax.train.step import TrainState, init_state, make_eval_step, make_optimizer, make_train_step, train_step_fn
 
 __all__ = [
@@ -13,22 +14,26 @@ __all__ = [
     "Checkpointer",
     "MetricWriter",
     "NonFiniteLossError",
+    "RunStatus",
     "Progress",
     "StopAfterRun",
     "TrainState",
     "WorkdirLock",
     "WorkdirLocked",
+    "describe_status",
     "drop_records_after",
     "evaluate",
     "format_summary",
     "hold_workdir",
     "init_state",
     "load_run",
+    "lock_holder",
     "make_eval_step",
     "make_optimizer",
     "make_train_step",
     "read_metrics",
     "restore_run",
+    "run_status",
     "train",
     "train_step_fn",
 ]

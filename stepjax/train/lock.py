@@ -68,6 +68,17 @@ def _describe(holder: dict) -> str:
             f"since {holder.get('since', '?')}")
 
 
+def _free(holder: dict, kernel: bool | None) -> bool:
+    """Whether a lock file naming `holder` (empty: none) whose `flock` we got (`kernel`) is free."""
+    if not holder:
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False  # its process may still run there, out of our sight
+    if kernel:
+        return True  # the kernel freed its flock: the process is gone
+    return not _pid_alive(int(holder.get("pid", 0)))
+
+
 class WorkdirLock:
     """The writer's lock of one directory (not re-entrant; one per process and directory).
 
@@ -96,7 +107,7 @@ class WorkdirLock:
         """Whether `fd` (the lock file, opened) is now ours; False: the file was replaced, try again."""
         kernel = _kernel_lock(fd)
         holder = _read_holder(fd)
-        if kernel is False or not self._may_take(holder, kernel):
+        if kernel is False or not _free(holder, kernel):
             raise WorkdirLocked(
                 f"{self.path.parent} is in use by {_describe(holder)} (lock {self.path}). Wait for it to "
                 "finish, stop it, or use another workdir; if that process no longer runs, delete the lock file."
@@ -113,23 +124,38 @@ class WorkdirLock:
         os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": now}).encode(), 0)
         return True
 
-    @staticmethod
-    def _may_take(holder: dict, kernel: bool | None) -> bool:
-        """Whether a lock file naming `holder` (empty: none) whose `flock` we got (`kernel`) is free."""
-        if not holder:
-            return True
-        if holder.get("host") != socket.gethostname():
-            return False  # its process may still run there, out of our sight
-        if kernel:
-            return True  # the kernel freed its flock: the process is gone
-        return not _pid_alive(int(holder.get("pid", 0)))
-
     def release(self) -> None:
         """Delete the lock file and let it go."""
         if self._fd is not None:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+
+
+def lock_holder(directory: str | os.PathLike) -> dict | None:
+    """Who holds the writer's lock of `directory` now, read without taking it.
+
+    **Returns:**
+
+    ``{"host", "pid", "since"}`` of a holder that still holds it (one on another host counts as
+    holding it, as `WorkdirLock` does), else None: no lock file, or one left by a process gone.
+    """
+    path = Path(directory) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        holder = _read_holder(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while the holder keeps its exclusive flock
+            kernel = True
+        except OSError as error:
+            kernel = False if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    finally:
+        os.close(fd)
+    held = kernel is False or not _free(holder, kernel)
+    return {"host": "?", "pid": "?", "since": "?", **holder} if held else None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,102 @@
+"""Where a run stands (`stepjax.train.status`, ``stepjax.study --status``), read from fabricated run
+directories: no training, no lock taken."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from stepjax import errors, study
+from stepjax.train import WorkdirLock, describe_status, lock_holder, run_status
+
+NOW = 1_800_000_000.0
+
+
+def fabricate(workdir, *, steps, evals=(), checkpoints=(), summary=None):
+    """A run directory as training leaves it: config, metrics (8 images a step, 16 images/s), checkpoints."""
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"train": {"epochs": 4, "global_batch": 8, "eval_every_epochs": 1}}))
+    records = [{"step": s, "split": "train", "time": NOW - 60 * (steps[-1] - s), "loss": 1.0, "images_per_sec": 16.0}
+               for s in steps] + [{"step": s, "split": "test", "time": NOW, "accuracy": 0.5} for s in evals]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["step"])))
+    for step in checkpoints:
+        (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+    if summary is not None:
+        (workdir / "summary.json").write_text(json.dumps(summary))
+    return workdir
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_nobody_trains_is_stopped_and_names_the_checkpoint_it_resumes_from(tmp_path):
+    workdir = fabricate(tmp_path / "run", steps=[10, 20, 30], evals=[25], checkpoints=[20])
+    status = run_status(workdir)
+    assert (status.state, status.step, status.checkpoint, status.total_steps) == ("stopped", 30, 20, 100)
+    assert describe_status(status, now=NOW + 120) == "stopped at step 30 of 100, last logged 2 min ago, resumes from step 20"
+
+
+def test_a_run_cut_before_its_first_checkpoint_says_how_to_restart(tmp_path):
+    status = run_status(fabricate(tmp_path / "run", steps=[10]))
+    assert status.total_steps is None  # no evaluation yet: the length of an epoch is not known
+    assert describe_status(status, now=NOW).endswith("no checkpoint: restarting needs --discard-record or the directory moved aside")
+
+
+def test_a_run_whose_lock_is_held_is_training_with_the_time_left(tmp_path):
+    workdir = fabricate(tmp_path / "run", steps=[10, 20, 30], evals=[25], checkpoints=[20])
+    lock = WorkdirLock(workdir)
+    lock.acquire()
+    try:
+        status = run_status(workdir)
+    finally:
+        lock.release()
+    assert status.state == "training" and status.holder["pid"] == os.getpid()
+    assert status.remaining_s() == (100 - 30) * 8 / 16.0
+    assert describe_status(status, now=NOW).endswith(f"by pid {os.getpid()} on {socket.gethostname()}, "
+                                                     "about 1 min left at 16 images/s")
+    assert run_status(workdir).state == "stopped"  # released
+
+
+def test_a_lock_left_by_a_dead_process_holds_nothing_and_one_from_another_host_does(tmp_path):
+    (tmp_path / "writer.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid(), "since": "then"}))
+    assert lock_holder(tmp_path) is None
+    assert lock_holder(tmp_path / "missing") is None
+    (tmp_path / "writer.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then"}))
+    assert lock_holder(tmp_path) == {"host": "elsewhere", "pid": 1, "since": "then"}
+
+
+def test_finished_and_untouched_runs(tmp_path):
+    done = fabricate(tmp_path / "done", steps=[100], summary={"status": "done", "steps": 100, "best_accuracy": 0.8123})
+    assert describe_status(run_status(done)) == "done, best 81.23 %"
+    assert run_status(tmp_path / "never").state == "pending"
+
+
+def test_the_study_reports_its_plan_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(study.PLANS, "tiny", [("cifar10_resnet:smoke", 0), ("cifar10_resnet:smoke", 1)])
+    fabricate(study.run_dir(tmp_path, "cifar10_resnet:smoke", 0), steps=[10, 20], evals=[25], checkpoints=[20])
+    assert study.main(["--plan", "tiny", "--root", str(tmp_path), "--status"]) == errors.DONE
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        [str(study.run_dir(tmp_path, "cifar10_resnet:smoke", 0)), "stopped", "at"],
+        [str(study.run_dir(tmp_path, "cifar10_resnet:smoke", 1)), "pending"]]
+    assert not study.run_dir(tmp_path, "cifar10_resnet:smoke", 1).exists()
+
+
+def test_the_lottery_reports_its_placements_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from stepjax.analysis.lottery import main as lottery
+
+    monkeypatch.setenv("STEPJAX_RESULTS", str(tmp_path / "results"))
+    root = tmp_path / "lottery"
+    key = {"source": "init:cifar10_se:smoke", "indicator": "relative_increment", "num_samples": 500, "split": "train"}
+    fabricate(root / "nsi_top", steps=[10], summary={"status": "done", "steps": 10, "best_accuracy": 0.5})
+    (root / "nsi_scores.json").write_text(json.dumps({"key": key, "scores": [None, 0.5, None, 0.9, None, 0.1]}))
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert lottery(["--exp", "cifar10_se:smoke", "--ratio", "0.34", "--num-random", "1", "--nsi-workdir",
+                    "init:cifar10_se:smoke", "--root", str(root), "--out", str(tmp_path / "figure"), "--status"]) == errors.DONE
+    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()] == [
+        ["none", "pending"], ["all", "pending"], ["nsi_top", "done,"], ["nsi_bottom", "pending"], ["random_0", "pending"]]
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # no record, figure or lock
