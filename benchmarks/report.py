@@ -43,7 +43,7 @@ def summarise(results):
     by = {r["name"]: r for r in results if "error" not in r}
     out = {}
     plain = by.get("resnet164/resnet")
-    r56 = by.get("resnet56/resnet (compile)")
+    r56, r110 = by.get("resnet56/resnet (compile)"), by.get("resnet110/resnet (compile)")
     torch = by.get("pytorch resnet164")
     pipe = by.get("input pipeline")
     inter = by.get("interleaved")
@@ -68,6 +68,8 @@ def summarise(results):
         out["compile_resnet164_s"] = plain["compile_s"]
     if plain and r56:
         out["compile_ratio_164_vs_56"] = plain["compile_s"] / r56["compile_s"]
+    if r110 and r56:  # the same block at twice the depth: 1.0 when the scan keeps depth out of the program
+        out["compile_ratio_110_vs_56"] = r110["compile_s"] / r56["compile_s"]
     if plain and torch:
         out.setdefault("speed_ratio_jax_vs_torch", torch["step_s"] / plain["step_s"])
         out["peak_rss_ratio_jax_vs_torch"] = plain["step_peak_rss_gib"] / torch["step_peak_rss_gib"]
@@ -154,6 +156,7 @@ def markdown(out):
              "speed_ratio_resnet20_vs_torch": "ResNet-20 step speed at batch 32, JAX / PyTorch eager (same time)",
              "peak_rss_ratio_jax_vs_torch": "ResNet-164 step peak RSS, JAX / PyTorch",
              "compile_ratio_164_vs_56": "compile ResNet-164 / ResNet-56",
+             "compile_ratio_110_vs_56": "compile ResNet-110 / ResNet-56 (same block, twice the depth)",
              "compile_resnet164_s": "compile ResNet-164 (s)",
              "pipeline_vs_fastest_step": "input pipeline (loader + augment) / fastest training step"}
     lines += ["| ratio | value |", "| --- | --- |"]

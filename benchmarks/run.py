@@ -84,8 +84,9 @@ def plan(args):
                   "warmup": 2, "repeats": 5 if quick else 10, "eval": True})
     specs.append({**common, "kind": "train", "name": "resnet20/resnet (batch 128)", "exp": CPU_PROTOCOL,
                   "overrides": ["train.global_batch=128"], "warmup": 2, "repeats": 5 if quick else 10, "eval": False})
-    specs.append({**common, "kind": "train", "name": "resnet56/resnet (compile)", "exp": "cifar10_resnet",
-                  "overrides": ["model.preset='resnet56'"], "compile_only": True})
+    for preset in ("resnet56", "resnet110"):  # basic blocks, 9 and 18 a stage: what depth alone costs to compile
+        specs.append({**common, "kind": "train", "name": f"{preset}/resnet (compile)", "exp": "cifar10_resnet",
+                      "overrides": [f"model.preset='{preset}'"], "compile_only": True})
     specs.append({**common, "kind": "pipeline", "name": "input pipeline", "exp": "cifar10_resnet",
                   "batches": 40 if quick else 150})
     if not quick:

@@ -108,6 +108,7 @@ def _fake_results():
         {"name": "resnet164/se", "compile_s": 11.0, "step_s": 2.2, "images_per_s": 58.0, "step_peak_rss_gib": 2.0,
          "peak_rss_gib": 3.0, "devices": 2, "load": [1, 1, 1]},
         {"name": "resnet56/resnet (compile)", "compile_s": 8.0, "devices": 2, "load": [1, 1, 1]},
+        {"name": "resnet110/resnet (compile)", "compile_s": 8.8, "devices": 2, "load": [1, 1, 1]},
         {"name": "pytorch resnet164", "step_s": 2.5, "step_peak_rss_gib": 2.5, "peak_rss_gib": 2.6},
         {"name": "input pipeline", "loader_images_per_s": 9000.0, "loader_augment_images_per_s": 5000.0,
          "devices": 2, "load": [1, 1, 1]},
@@ -122,6 +123,7 @@ def test_benchmark_summary_and_table():
     s = summarise(results)
     assert s["step_ratio_se_vs_plain"] == pytest.approx(1.1)
     assert s["compile_ratio_164_vs_56"] == pytest.approx(1.25)
+    assert s["compile_ratio_110_vs_56"] == pytest.approx(1.1)
     assert s["speed_ratio_jax_vs_torch"] == pytest.approx(1.25)
     assert s["targets_met"] == {
         "resnet164 step >= pytorch": True, "se step <= 1.15x plain": True,
