@@ -148,11 +148,12 @@ def digest(data) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stepjax.records", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workdirs", nargs="+", help="run directories (each with config.json), or folders of them")
+    parser.add_argument("workdirs", nargs="+", help="run directories (each with config.json), or folders of them (hidden folders such as "
+                        ".cut, runs set aside, are skipped)")
     parser.add_argument("--root", help=f"results tree (default ${RESULTS_ENV} or ./results)")
     args = parser.parse_args(argv)
-    found = [p for w in map(Path, args.workdirs) for p in ([w] if (w / "config.json").exists()
-                                                           else sorted(c.parent for c in w.rglob("config.json")))]
+    found = [p for w in map(Path, args.workdirs) for p in ([w] if (w / "config.json").exists() else sorted(
+        c.parent for c in w.rglob("config.json") if not any(part.startswith(".") for part in c.relative_to(w).parts)))]
     if not found:
         print(f"stepjax.records: no run directory (with config.json) under {' '.join(args.workdirs)}.", file=sys.stderr)
         return 2

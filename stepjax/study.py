@@ -16,6 +16,9 @@ Several study processes may work through one plan at once (``make deep-lanes``: 
 claims a run before it trains it (`stepjax.train.lock` on ``<root>/.claims/<run>``), and a run
 another live process has claimed is left to it.
 
+A run cut before its first checkpoint (killed, with nothing to resume from) is moved to
+``<root>/.cut/`` and trained afresh (`stepjax.train.set_aside_cut_run`).
+
 A run whose directory is gone but whose record in ``results/`` is finished (trained in an earlier
 checkout) counts as finished: it is neither trained nor evaluated again.
 """
@@ -152,10 +155,12 @@ def _train_and_evaluate(exp: str, seed: int, workdir: Path, training: _Training,
     training goes into `failed`. Returns whether the study is to stop."""
     from stepjax.evaluate import evaluate_run, read_evaluation
     from stepjax.records import file_run
+    from stepjax.train import set_aside_cut_run
 
     if finished_steps(workdir) is None:
         if after.requested:
             return True
+        set_aside_cut_run(workdir)
         print(command(exp, seed, workdir), flush=True)
         status = training.run(exp, seed, workdir)
         if _retry(status) and not training.stop:

@@ -7,8 +7,8 @@ import socket
 import subprocess
 import sys
 
-from stepjax import errors, study
-from stepjax.train import WorkdirLock, describe_status, lock_holder, run_status
+from stepjax import errors, records, study
+from stepjax.train import WorkdirLock, describe_status, lock_holder, run_status, set_aside_cut_run
 
 NOW = 1_800_000_000.0
 
@@ -43,7 +43,8 @@ def test_a_run_nobody_trains_is_stopped_and_names_the_checkpoint_it_resumes_from
 def test_a_run_cut_before_its_first_checkpoint_says_how_to_restart(tmp_path):
     status = run_status(fabricate(tmp_path / "run", steps=[10]))
     assert status.total_steps is None  # no evaluation yet: the length of an epoch is not known
-    assert describe_status(status, now=NOW).endswith("no checkpoint: restarting needs --discard-record or the directory moved aside")
+    assert describe_status(status, now=NOW).endswith("no checkpoint: the study and the lottery set it aside and train "
+                                                     "it afresh; a single training needs --discard-record")
 
 
 def test_a_run_whose_lock_is_held_is_training_with_the_time_left(tmp_path):
@@ -100,3 +101,47 @@ def test_the_lottery_reports_its_placements_and_writes_nothing(tmp_path, monkeyp
     assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()] == [
         ["none", "pending"], ["all", "pending"], ["nsi_top", "done,"], ["nsi_bottom", "pending"], ["random_0", "pending"]]
     assert sorted(p for p in tmp_path.rglob("*")) == before  # no record, figure or lock
+
+
+def test_only_a_run_cut_before_its_first_checkpoint_is_set_aside_and_never_filed(tmp_path, capsys):
+    root = tmp_path / "runs" / "deep"
+    resumable = fabricate(root / "resumable", steps=[10, 20], checkpoints=[20])
+    cut = fabricate(root / "cut", steps=[10])
+    assert set_aside_cut_run(resumable) is None and set_aside_cut_run(root / "pending") is None
+    aside = set_aside_cut_run(cut)
+    assert not cut.exists() and aside.parent == root / ".cut" and aside.name.startswith("cut.")
+    assert (aside / "metrics.jsonl").exists()  # nothing deleted
+    assert records.main([str(tmp_path / "runs"), "--root", str(tmp_path / "results")]) == 0
+    assert sorted(p.name for p in (tmp_path / "results" / "deep").iterdir()) == ["resumable"]
+
+
+def test_the_study_trains_a_cut_run_afresh(tmp_path, monkeypatch, capfd):
+    monkeypatch.setitem(study.PLANS, "tiny", [("cifar10_resnet:smoke", 0)])
+    cut = fabricate(study.run_dir(tmp_path, "cifar10_resnet:smoke", 0), steps=[5])
+    assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == errors.DONE
+    assert json.loads((cut / "summary.json").read_text())["status"] == "done"
+    assert [p.name.split(".")[0] for p in (tmp_path / ".cut").iterdir()] == [cut.name]
+    assert f"{cut} was cut at step 5, before its first checkpoint, so it cannot resume: moved aside to" in capfd.readouterr().err
+
+
+def test_the_lottery_trains_a_cut_placement_afresh(tmp_path, monkeypatch):
+    from stepjax.analysis.lottery import placement_configs, run_lottery
+    from stepjax.config import load_experiment
+
+    monkeypatch.setenv("STEPJAX_RESULTS", str(tmp_path / "results"))
+    configs = placement_configs(load_experiment("cifar10_se:smoke"), ratio=0.34, num_random=0,
+                                scores=[float("nan"), 0.5, float("nan"), 0.9, float("nan"), 0.1])
+    fabricate(tmp_path / "lottery" / "nsi_top", steps=[5])
+    fresh = []
+
+    def fake_train(cfg, workdir):
+        fresh.append(not workdir.exists())
+        workdir.mkdir(parents=True)
+        (workdir / "config.json").write_text(cfg.to_json())
+        summary = {"status": "done", "best_accuracy": 0.5, "last_accuracy": 0.5}
+        (workdir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    run_lottery(configs, tmp_path / "lottery", train_fn=fake_train)
+    assert fresh == [True] * len(configs)
+    assert [p.name.split(".")[0] for p in (tmp_path / "lottery" / ".cut").iterdir()] == ["nsi_top"]

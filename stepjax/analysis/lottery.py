@@ -129,7 +129,8 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     A run whose directory is gone but whose record (`stepjax.records.record_path`) is finished is
     read from the record, after the same check.
 
-    A run that ends unfinished (stopped by a signal: its checkpoint is saved) stops the lottery:
+    A run cut before its first checkpoint (`stepjax.train.set_aside_cut_run`) is moved aside and
+    trained afresh. A run that ends unfinished (stopped by a signal: its checkpoint is saved) stops the lottery:
     the later runs are reported as they stand, and rerunning resumes. So does `stop_after`'s
     request (SIGUSR1), once the run in progress has finished: no further run is started.
 
@@ -137,6 +138,8 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
 
     name -> ``{"workdir", "blocks", "ratio", "status", "best_accuracy", "last_accuracy"}``.
     """
+    from stepjax.train import set_aside_cut_run
+
     if train_fn is None:
         from stepjax.train import train as train_fn
     reuse = reuse or {}
@@ -154,6 +157,7 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
         summary = reused.get(name) or (json.loads(path.read_text()) if path.exists() else {"status": "pending"})
         interrupted = interrupted or (stop_after is not None and stop_after.requested)
         if summary["status"] != "done" and not (plot_only or interrupted):
+            set_aside_cut_run(workdir)
             summary = train_fn(config, workdir)
             file_run(workdir)
             interrupted = summary["status"] != "done"  # e.g. SIGTERM: start no further run

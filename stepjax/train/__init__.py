@@ -5,7 +5,7 @@ from stepjax.train.checkpoint import Checkpointer, CheckpointError, CheckpointSa
 from stepjax.train.lock import WorkdirLock, WorkdirLocked, hold_workdir, lock_holder
 from stepjax.train.loop import NonFiniteLossError, evaluate, load_run, restore_run, train
 from stepjax.train.metrics import MetricWriter, Progress, drop_records_after, format_summary, read_metrics
-from stepjax.train.status import RunStatus, describe_status, run_status
+from stepjax.train.status import RunStatus, describe_status, run_status, set_aside_cut_run
 from stepjax.train.step import TrainState, init_state, make_eval_step, make_optimizer, make_train_step, train_step_fn
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "read_metrics",
     "restore_run",
     "run_status",
+    "set_aside_cut_run",
     "train",
     "train_step_fn",
 ]

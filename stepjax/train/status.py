@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from stepjax.train.lock import lock_holder
 from stepjax.train.metrics import METRICS_FILE, read_metrics
 
 RATE_WINDOW = 10  # training records (of `log_every_steps` steps each) behind the rate of a running run
+log = logging.getLogger("stepjax")
+CUT_DIR = ".cut"  # <root>/.cut/<run>.<time>: runs cut before their first checkpoint, set aside by `set_aside_cut_run`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,5 +106,27 @@ def describe_status(status: RunStatus, now: float | None = None) -> str:
             parts.append(f"about {remaining / 60:.0f} min left at {status.images_per_sec:.0f} images/s")
     else:
         parts.append(f"resumes from step {status.checkpoint}" if status.checkpoint is not None
-                     else "no checkpoint: restarting needs --discard-record or the directory moved aside")
+                     else "no checkpoint: the study and the lottery set it aside and train it afresh; "
+                          "a single training needs --discard-record")
     return ", ".join(parts)
+
+
+def set_aside_cut_run(workdir: str | Path) -> Path | None:
+    """Move a run that was cut before its first checkpoint (killed, not stopped: nothing to resume
+    from) to ``<root>/.cut/<run>.<time>``, so that a plan's next start trains it afresh instead of
+    being refused over its record; nothing is deleted. Returns where it went, or None when the run
+    is not in that state (pending, resumable, training or done).
+
+    For commands that work through a plan unattended (the study, the lottery); a single training
+    refuses instead and names the choice (`stepjax.train.train`'s `discard_record`).
+    """
+    workdir = Path(workdir)
+    status = run_status(workdir)
+    if status.state != "stopped" or status.checkpoint is not None:
+        return None
+    target = workdir.parent / CUT_DIR / f"{workdir.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    workdir.rename(target)
+    log.warning("%s was cut at step %s, before its first checkpoint, so it cannot resume: moved aside to %s; "
+                "training it afresh.", workdir, status.step, target)
+    return target
