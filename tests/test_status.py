@@ -7,10 +7,19 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from stepjax import errors, records, study
 from stepjax.train import WorkdirLock, describe_status, lock_holder, run_status, set_aside_cut_run
 
 NOW = 1_800_000_000.0
+
+
+@pytest.fixture(autouse=True)
+def no_logging_setup(monkeypatch):
+    """The commands run in-process here would bind the root logger to this test's captured stderr
+    (`errors.setup_logging`), which later tests would then write to after it is closed."""
+    monkeypatch.setattr(errors, "setup_logging", lambda debug: None)
 
 
 def fabricate(workdir, *, steps, evals=(), checkpoints=(), summary=None):
@@ -115,13 +124,13 @@ def test_only_a_run_cut_before_its_first_checkpoint_is_set_aside_and_never_filed
     assert sorted(p.name for p in (tmp_path / "results" / "deep").iterdir()) == ["resumable"]
 
 
-def test_the_study_trains_a_cut_run_afresh(tmp_path, monkeypatch, capfd):
+def test_the_study_trains_a_cut_run_afresh(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(study.PLANS, "tiny", [("cifar10_resnet:smoke", 0)])
     cut = fabricate(study.run_dir(tmp_path, "cifar10_resnet:smoke", 0), steps=[5])
     assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == errors.DONE
     assert json.loads((cut / "summary.json").read_text())["status"] == "done"
     assert [p.name.split(".")[0] for p in (tmp_path / ".cut").iterdir()] == [cut.name]
-    assert f"{cut} was cut at step 5, before its first checkpoint, so it cannot resume: moved aside to" in capfd.readouterr().err
+    assert f"{cut} was cut at step 5, before its first checkpoint, so it cannot resume: moved aside to" in caplog.text
 
 
 def test_the_lottery_trains_a_cut_placement_afresh(tmp_path, monkeypatch):

@@ -41,11 +41,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _kernel_lock(fd: int) -> bool | None:
-    """Take the `flock` of `fd`: True when taken, False when another process holds it, None when the
-    file system does not support it."""
+def _kernel_lock(fd: int, mode: int = fcntl.LOCK_EX) -> bool | None:
+    """Take the `flock` of `fd` (exclusive, or shared to only look): True when taken, False when
+    another process holds it, None when the file system does not support it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except OSError as error:
         if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return False
@@ -147,11 +147,7 @@ def lock_holder(directory: str | os.PathLike) -> dict | None:
         return None
     try:
         holder = _read_holder(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while the holder keeps its exclusive flock
-            kernel = True
-        except OSError as error:
-            kernel = False if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+        kernel = _kernel_lock(fd, fcntl.LOCK_SH)  # refused while the holder keeps its exclusive flock
     finally:
         os.close(fd)
     held = kernel is False or not _free(holder, kernel)
