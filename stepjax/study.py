@@ -186,8 +186,9 @@ def print_status(runs) -> None:
     from stepjax.train import describe_status, run_status
 
     for _, _, workdir in runs:
-        line = describe_status(run_status(workdir))
-        evaluation = read_evaluation(finished_run(workdir), finished_steps(workdir)) if line.startswith("done") else None
+        status = run_status(workdir)
+        line = describe_status(status)
+        evaluation = read_evaluation(finished_run(workdir), status.step) if status.state == "done" else None
         if evaluation is not None:
             line += f", with flip TTA {100 * evaluation['flip_accuracy']:.2f} %"
         print(f"{str(workdir):45s} {line}")

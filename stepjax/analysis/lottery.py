@@ -112,6 +112,11 @@ def _reused_summary(config, workdir: Path, *, record: bool = False) -> dict:
     return summary
 
 
+def placement_dir(name: str, root, reuse: dict) -> Path:
+    """The run directory of placement `name`: the finished run it reuses, else ``root/name``."""
+    return Path(reuse.get(name) or Path(root) / name)
+
+
 def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_only: bool = False,
                 reuse: dict | None = None, stop_after=None) -> dict:
     """Train (or resume, or skip when finished) every config in ``root/<name>`` and collect.
@@ -149,7 +154,7 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     reused = {name: _reused_summary(configs[name], workdir) for name, workdir in reuse.items()}
     results, interrupted = {}, False
     for name, config in configs.items():
-        workdir = Path(reuse.get(name) or Path(root) / name)
+        workdir = placement_dir(name, root, reuse)
         if name not in reused and (finished := finished_run(workdir)) not in (None, workdir):
             workdir = finished  # its record: finished in an earlier checkout, the run directory is gone
             reused[name] = _reused_summary(config, workdir, record=True)
@@ -316,7 +321,7 @@ def _lottery(args) -> int:
     if args.status:
         scores, _ = cached_scores(args.nsi_workdir, (root, record), indicator=args.indicator, num_samples=args.nsi_samples)
         for run in placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores):
-            print(f"{run:12s} {describe_status(run_status(reuse.get(run) or root / run))}")
+            print(f"{run:12s} {describe_status(run_status(placement_dir(run, root, reuse)))}")
         return errors.DONE
     with contextlib.nullcontext() if args.plot_only else hold_workdir(root), StopAfterRun() as after:
         scores, ranking = cached_scores(args.nsi_workdir, (root, record), indicator=args.indicator,

@@ -25,7 +25,8 @@ from stepjax.models import build_model
 from stepjax.records import LOADED_CHANGES, LOADED_CODE
 from stepjax.train import lock
 from stepjax.train.checkpoint import Checkpointer, saved_steps
-from stepjax.train.metrics import METRICS_FILE, MetricWriter, Progress, drop_records_after, format_summary, read_metrics
+from stepjax.train.metrics import METRICS_FILE, MetricWriter, Progress, drop_records_after, format_summary
+from stepjax.train.status import unresumable_leftovers
 from stepjax.train.step import (
     TrainState,
     init_state,
@@ -210,16 +211,12 @@ def _check_resumable(workdir: Path, discard_record: bool) -> None:
     """Refuse to start from step 0 over a record whose checkpoint never finished; name the leftovers
     of a save cut short."""
     finished, unfinished = saved_steps(workdir / "checkpoints")
-    names = ", ".join(p.name for p in unfinished)
     if finished:
         if unfinished:
             log.warning("Dropping %s: a checkpoint save cut short (the process was killed while saving); "
-                        "resuming from the newest finished checkpoint.", names)
+                        "resuming from the newest finished checkpoint.", ", ".join(p.name for p in unfinished))
         return
-    path = workdir / METRICS_FILE
-    records = read_metrics(path) if path.exists() else []
-    found = [f"{len(records)} records up to step {records[-1]['step']} in {METRICS_FILE}"] if records else []
-    found += [f"an unfinished checkpoint ({names}, a save cut short)"] if unfinished else []
+    found = unresumable_leftovers(workdir)
     if not found:
         return
     if discard_record:

@@ -111,6 +111,22 @@ def describe_status(status: RunStatus, now: float | None = None) -> str:
     return ", ".join(parts)
 
 
+def unresumable_leftovers(workdir: str | Path) -> list[str]:
+    """What a run directory without a finished checkpoint holds, which training would restart from
+    step 0 over (its metrics records, a save cut short), described; empty when it holds a finished
+    checkpoint or nothing. Training refuses such a directory (`stepjax.train.train`'s
+    `discard_record`); the plans set it aside (`set_aside_cut_run`)."""
+    workdir = Path(workdir)
+    finished, unfinished = saved_steps(workdir / "checkpoints")
+    if finished:
+        return []
+    path = workdir / METRICS_FILE
+    records = read_metrics(path) if path.exists() else []
+    found = [f"{len(records)} records up to step {records[-1]['step']} in {METRICS_FILE}"] if records else []
+    names = ", ".join(p.name for p in unfinished)
+    return found + ([f"an unfinished checkpoint ({names}, a save cut short)"] if unfinished else [])
+
+
 def set_aside_cut_run(workdir: str | Path) -> Path | None:
     """Move a run that was cut before its first checkpoint (killed, not stopped: nothing to resume
     from) to ``<root>/.cut/<run>.<time>``, so that a plan's next start trains it afresh instead of
@@ -121,12 +137,12 @@ def set_aside_cut_run(workdir: str | Path) -> Path | None:
     refuses instead and names the choice (`stepjax.train.train`'s `discard_record`).
     """
     workdir = Path(workdir)
-    status = run_status(workdir)
-    if status.state != "stopped" or status.checkpoint is not None:
+    if lock_holder(workdir) is not None or not unresumable_leftovers(workdir):
         return None
+    step = run_status(workdir).step
     target = workdir.parent / CUT_DIR / f"{workdir.name}.{time.strftime('%Y%m%dT%H%M%S')}"
     target.parent.mkdir(parents=True, exist_ok=True)
     workdir.rename(target)
     log.warning("%s was cut at step %s, before its first checkpoint, so it cannot resume: moved aside to %s; "
-                "training it afresh.", workdir, status.step, target)
+                "training it afresh.", workdir, step, target)
     return target
