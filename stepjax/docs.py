@@ -39,10 +39,10 @@ REPORTS = (
            "Pilot runs (settings other than the study's, trained to size the CPU protocols)", per_run=True),
 )
 # across-seed tables of the analyses: table -> analysis records (results/analysis/<name>)
-SEED_TABLES = {
-    "figures/analysis/seeds_cpu.md": [f"cpu_{pair}_s{seed}" for pair in ("se_vs_plain", "stepnet_vs_se")
-                                      for seed in (0, 1, 2)],
-}
+SEED_TABLES = {f"figures/analysis/seeds_{protocol}.md": [f"{protocol}_{pair}_s{seed}"
+                                                          for pair in ("se_vs_plain", "stepnet_vs_se")
+                                                          for seed in (0, 1, 2)]
+               for protocol in ("cpu", "deep")}
 DIGESTS = "figures/DIGESTS.md"
 LOST_NOTE = ("Runs reported before 2026-11-30 whose records are lost (their figures kept, each marked "
              "\"record lost\"): [lost/RESULTS.md](lost/RESULTS.md), [lost/RESULTS_PILOTS.md](lost/RESULTS_PILOTS.md).")
@@ -73,16 +73,14 @@ def accuracy_report(report: Report, results_dir: Path, docs_dir: Path, drawing: 
                        f"{', '.join(f'`results/{r}`' for r in report.roots)}.\n\n{LOST_NOTE}\n")
         return {}
 
-    def write(draw):
-        _, digests = results.write_report(records, out, docs_dir / report.figure, title=report.title,
-                                          per_run=report.per_run, draw=draw)
-        return {str(Path(path).relative_to(docs_dir)): value for path, value in digests.items()}
+    def named(path):
+        return str(Path(path).relative_to(docs_dir))
 
-    digests = write(False)
-    if drawing.needed(digests):
-        write(True)
+    _, digests = results.write_report(records, out, docs_dir / report.figure, title=report.title,
+                                      per_run=report.per_run,
+                                      draw=lambda path, value: drawing.needed({named(path): value}))
     out.write_text(out.read_text() + f"\n{LOST_NOTE}\n")
-    return digests
+    return {named(path): value for path, value in digests.items()}
 
 
 def analysis_figures(results_dir: Path, docs_dir: Path, drawing: Drawing) -> dict[str, str]:

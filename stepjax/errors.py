@@ -60,10 +60,31 @@ def _not_from_orbax(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to `sys.stderr` as it is when a line is logged, not as it was when logging
+    was set up: a command run in-process (a test, a notebook) that swaps stderr and closes the old
+    one leaves no handler writing to a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(debug: bool) -> None:
     """A command's logging: stepjax's INFO lines on stderr; the libraries' INFO chatter (absl, JAX's
-    backend probing) and, without `debug`, their failure noise (`quiet_library_noise`) kept out."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    backend probing) and, without `debug`, their failure noise (`quiet_library_noise`) kept out.
+    Replaces the root logger's plain stream handlers and keeps any other (a file, a test's capture)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h) in (logging.StreamHandler, _CurrentStderr)]:
+        root.removeHandler(handler)  # the plain ones libraries install, and an earlier command's
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not debug:

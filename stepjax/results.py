@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -402,7 +403,8 @@ def curve_data(records: list[dict]) -> list:
 
 
 def write_report(records: list[dict], out: Path, figure: Path, *, title: str = "Results", per_run: bool = False,
-                 pairs: list[tuple[str, str]] | None = None, draw: bool = True) -> tuple[list, dict]:
+                 pairs: list[tuple[str, str]] | None = None,
+                 draw: bool | Callable[[Path, str], bool] = True) -> tuple[list, dict]:
     """Write the markdown report of `records` to `out` and one curves figure per protocol.
 
     **Arguments:**
@@ -414,7 +416,8 @@ def write_report(records: list[dict], out: Path, figure: Path, *, title: str = "
     - `per_run`: report every run on its own, named by its directory (pilots trained with
       differing settings): no pooling over seeds, no verdict.
     - `pairs`: experiment pairs for the verdict (default `COMPARISONS`).
-    - `draw`: draw the figures (off: only their data digests, for the drift test).
+    - `draw`: draw the figures (off: only their data digests, for the drift test), or which to draw:
+      a function of a figure's path and data digest (to redraw only figures whose data changed).
 
     **Returns:**
 
@@ -430,9 +433,9 @@ def write_report(records: list[dict], out: Path, figure: Path, *, title: str = "
     for variant in sorted({r["variant"] for r in records}):
         chosen = [r for r in records if r["variant"] == variant]
         path = figure.with_name(f"{figure.stem}_{variant}{figure.suffix}")
-        if draw:
-            plot_curves(chosen, path)
         digests[path] = digest(curve_data(chosen))
+        if draw(path, digests[path]) if callable(draw) else draw:
+            plot_curves(chosen, path)
         shown = path.relative_to(out.parent) if path.is_relative_to(out.parent) else path
         sections.append(render_protocol(variant, chosen, str(shown), pairs))
     out.write_text(render(sections, title))

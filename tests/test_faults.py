@@ -1,7 +1,9 @@
 """Faults a long study meets (docs/RELIABILITY.md): a starved core, a second writer, signals, a save
 cut short, a refused resume, a full disk, broken input files, a run that dies inside the study."""
 
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -361,3 +363,25 @@ def test_the_study_goes_on_when_a_run_dies_and_names_it_at_the_end(tmp_path, mon
     assert err.strip().splitlines()[-1].startswith("stepjax.study: 1 of 2 runs failed")
     assert err.strip().endswith(f"{crashed} (exit status -6)")
     assert json.loads((study.run_dir(root, SMOKE, 0) / "evaluation.json").read_text())["step"] == 16
+
+
+@pytest.fixture
+def root_logging():
+    """Restore the root logger that `errors.setup_logging` replaces."""
+    saved = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:], _ = saved
+    logging.root.setLevel(saved[1])
+
+
+def test_a_command_run_in_process_logs_to_stderr_as_it_is_now(monkeypatch, root_logging):
+    """A command's logging follows `sys.stderr`: once the stream it was set up under is closed (a
+    test's capture, a notebook cell), the next line reaches the new one instead of failing."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    errors.setup_logging(debug=True)
+    sys.stderr.close()
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)
+    logging.getLogger("stepjax").info("a later line")
+    assert "stepjax: a later line" in later.getvalue()
+    assert "Logging error" not in later.getvalue()

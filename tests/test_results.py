@@ -16,6 +16,7 @@ from stepjax.results import (
     single_seed_lines,
     verdict,
     welch_p,
+    write_report,
 )
 
 
@@ -201,3 +202,20 @@ def test_a_report_of_one_lone_run_under_its_own_title(tmp_path):
     main(["--root", str(tmp_path / "runs"), "--out", str(out), "--figure", str(tmp_path / "pilot.png"),
           "--title", "Pilot runs"])
     assert out.read_text().startswith("# Pilot runs\n") and (tmp_path / "pilot_cpu.png").stat().st_size > 1000
+
+
+def test_a_report_draws_only_the_figures_it_is_told_to(tmp_path):
+    """`draw` as a function of a figure's path and data digest (what `make results` passes, to
+    redraw only the figures whose data changed); the markdown is written either way."""
+    fake_run(tmp_path / "runs", "cifar10_resnet", "constant", 0, [0.5, 0.8])
+    fake_run(tmp_path / "runs", "cifar10_resnet", "constant", 0, [0.5, 0.7], variant=":deep")
+    asked = []
+
+    def draw(path, value):
+        asked.append((path.name, value))
+        return path.name == "c_deep.png"
+
+    _, digests = write_report(collect(tmp_path / "runs"), tmp_path / "R.md", tmp_path / "c.png", draw=draw)
+    assert sorted(asked) == sorted((path.name, value) for path, value in digests.items())
+    assert [p.name for p in tmp_path.glob("*.png")] == ["c_deep.png"]
+    assert "(c_cpu.png)" in (tmp_path / "R.md").read_text()

@@ -7,19 +7,10 @@ import socket
 import subprocess
 import sys
 
-import pytest
-
 from stepjax import errors, records, study
 from stepjax.train import WorkdirLock, describe_status, lock_holder, run_status, set_aside_cut_run
 
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture(autouse=True)
-def no_logging_setup(monkeypatch):
-    """The commands run in-process here would bind the root logger to this test's captured stderr
-    (`errors.setup_logging`), which later tests would then write to after it is closed."""
-    monkeypatch.setattr(errors, "setup_logging", lambda debug: None)
 
 
 def fabricate(workdir, *, steps, evals=(), checkpoints=(), summary=None):
@@ -54,6 +45,17 @@ def test_a_run_cut_before_its_first_checkpoint_says_how_to_restart(tmp_path):
     assert status.total_steps is None  # no evaluation yet: the length of an epoch is not known
     assert describe_status(status, now=NOW).endswith("no checkpoint: the study and the lottery set it aside and train "
                                                      "it afresh; a single training needs --discard-record")
+
+
+def test_a_run_holding_only_a_save_cut_short_is_not_pending(tmp_path):
+    """Killed during its first save, before any record: training would refuse it, so the status
+    must not call it pending, and the plans set it aside."""
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "250.orbax-checkpoint-tmp-1800000000").mkdir(parents=True)
+    status = run_status(workdir)
+    assert (status.state, status.step, status.checkpoint) == ("stopped", None, None)
+    assert "no checkpoint: the study and the lottery set it aside" in describe_status(status, now=NOW)
+    assert set_aside_cut_run(workdir).parent == tmp_path / ".cut"
 
 
 def test_a_run_whose_lock_is_held_is_training_with_the_time_left(tmp_path):

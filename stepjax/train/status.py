@@ -64,9 +64,9 @@ def run_status(workdir: str | Path) -> RunStatus:
     path = workdir / METRICS_FILE
     records = read_metrics(path) if path.exists() else []
     train = [r for r in records if r.get("split") == "train"]
-    finished, _ = saved_steps(workdir / "checkpoints")
+    finished, unfinished = saved_steps(workdir / "checkpoints")
     holder = lock_holder(workdir)
-    if not (train or finished or holder):
+    if not (records or finished or unfinished or holder):
         return RunStatus("pending")
     config = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").exists() else {}
     rates = [r["images_per_sec"] for r in train[-RATE_WINDOW:] if "images_per_sec" in r]
