@@ -2,6 +2,7 @@
 CLI on a smoke run."""
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -349,7 +350,8 @@ def test_mean_gate_control_gets_an_exact_mcnemar_test(tmp_path):
     assert json.loads((tmp_path / "record" / "analysis.json").read_text())["models"]["mean_gate"]["paired_test"]["p_value"] == 0.03906
 
 
-def test_report_of_a_model_with_constant_steps(tmp_path):
+def test_report_of_a_model_with_constant_steps(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="stepjax")
     rng = np.random.default_rng(0)
     stages = tuple(StageTrace((2, 3), {name: rng.uniform(0.1, 1.0, (8, 2)) for name in INDICATORS}, np.ones((8, 2, 4)))
                    for _ in range(3))
@@ -361,6 +363,10 @@ def test_report_of_a_model_with_constant_steps(tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
     assert (tmp_path / "record" / "analysis.json").exists()
     assert "no model with varying step sizes" in (tmp_path / "correlations.md").read_text()
+    progress = [r.getMessage() for r in caplog.records]  # the long phases at depth say where they are
+    assert progress[0] == f"statistics of main: {len(INDICATORS)} indicators x 6 blocks, 10 permutations and 5 bootstrap draws each"
+    assert progress[1].startswith("statistics of main done (")
+    assert progress[2] == f"drawing {len(report['figures'])} figures into {tmp_path}"
 
 
 @pytest.fixture(scope="module")

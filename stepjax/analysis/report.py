@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import jax
@@ -260,6 +261,17 @@ def _correlation_figure(models: list, ability: dict, alpha: float) -> dict:
             "mean_gate_test": mean_gate_test(models)}
 
 
+def _ability(model: Analysed, stats: StatsOptions) -> dict:
+    """`representational_ability` of one model, with a progress line on each side (minutes at depth)."""
+    blocks = sum(len(stage.blocks) for stage in model.trace.stages)
+    _log.info("statistics of %s: %d indicators x %d blocks, %d permutations and %d bootstrap draws each",
+              model.key, len(INDICATORS), blocks, stats.num_permutations, stats.num_bootstrap)
+    start = time.monotonic()
+    result = representational_ability(model.trace, stats)
+    _log.info("statistics of %s done (%.0f s)", model.key, time.monotonic() - start)
+    return result
+
+
 def build_report(models: list, *, stats: StatsOptions = StatsOptions(), num_curves: int = 50,
                  settings: dict | None = None) -> dict:
     """The JSON-ready report of analysed models: per model the accuracy, step-size statistics,
@@ -278,7 +290,7 @@ def build_report(models: list, *, stats: StatsOptions = StatsOptions(), num_curv
     A dict (NaN where a statistic is undefined; `write_report` turns NaN into null).
     """
     by_key = {m.key: m for m in models}
-    ability = {m.key: representational_ability(m.trace, stats) for m in models}
+    ability = {m.key: _ability(m, stats) for m in models}
     overlay = [by_key[k] for k in ("main", "compare") if k in by_key]
     figs = {
         f"nsi_{name}": _nsi_figure(overlay, name, num_curves, f"NSI candidate {INDICATORS[name].label}")
@@ -334,6 +346,8 @@ def render_report(report: dict, out_dir, *, draw: bool = True) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    if draw:
+        _log.info("drawing %d figures into %s", len(report["figures"]), out_dir)
     for name, figure in report["figures"].items() if draw else ():
         path = out_dir / f"{name}.png"
         PLOTTERS[next(p for p in PLOTTERS if name.startswith(p))](figure, path)
