@@ -39,9 +39,8 @@ REPORTS = (
            "Pilot runs (settings other than the study's, trained to size the CPU protocols)", per_run=True),
 )
 # across-seed tables of the analyses: table -> analysis records (results/analysis/<name>)
-SEED_TABLES = {f"figures/analysis/seeds_{protocol}.md": [f"{protocol}_{pair}_s{seed}"
-                                                          for pair in ("se_vs_plain", "stepnet_vs_se")
-                                                          for seed in (0, 1, 2)]
+SEED_TABLES = {f"figures/analysis/seeds_{protocol}.md": [seeds.pair_analysis(protocol, pair, seed)
+                                                          for pair in seeds.PAIRS for seed in (0, 1, 2)]
                for protocol in ("cpu", "deep")}
 DIGESTS = "figures/DIGESTS.md"
 LOST_NOTE = ("Runs reported before 2026-11-30 whose records are lost (their figures kept, each marked "

@@ -21,6 +21,12 @@ A run cut before its first checkpoint (killed, with nothing to resume from) is m
 
 A run whose directory is gone but whose record in ``results/`` is finished (trained in an earlier
 checkout) counts as finished: it is neither trained nor evaluated again.
+
+After its runs, the study analyses each pair of them that `stepjax.analysis.seeds.PAIRS` names (SE
+against plain, StepNet against SE, per seed) once both are finished and their checkpoints are here:
+``python -m stepjax.analysis`` on 500 test images, its record in ``results/analysis/<protocol>_<pair>_s<seed>``
+and its figures in ``docs/figures/analysis/`` under the same name. An analysis already filed is not
+run again; ``--status`` lists each.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import sys
 from pathlib import Path
 
 from stepjax import errors, parallel
-from stepjax.records import finished_run
+from stepjax.analysis.seeds import PAIRS, pair_analysis
+from stepjax.records import finished_run, results_root
 
 SEEDS = (0, 1, 2)
 PLANS = {
@@ -49,6 +56,8 @@ PLANS = {
 }
 ROOTS = {"cpu": "runs/study", "deep": "runs/deep", "deep_controls": "runs/deep"}  # run directories; records go to results/<same>
 CLAIMS = ".claims"  # <root>/.claims/<run>: the lock of the study process that trains the run
+ANALYSIS_SAMPLES = 500  # test images of each pairwise analysis (docs/ANALYSIS.md 3.5-3.10)
+ANALYSIS_FIGURES = Path("docs/figures/analysis")
 
 
 def run_dir(root: Path, exp: str, seed: int) -> Path:
@@ -85,9 +94,9 @@ def command(exp: str, seed: int, workdir: Path) -> str:
     return f"python -m stepjax.main --config {exp} --workdir {shlex.quote(str(workdir))} seed={seed}"
 
 
-class _Training:
-    """Runs one training process at a time; SIGTERM and SIGINT are passed on to it and stop the study
-    once it has saved its checkpoint and ended."""
+class _Child:
+    """Runs one child process at a time (a training or an analysis); SIGTERM and SIGINT are passed on
+    to it and stop the study once it has ended (a training saves its checkpoint first)."""
 
     def __init__(self):
         self.child = None
@@ -99,9 +108,9 @@ class _Training:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signum)  # after Ctrl-C it has it already; a training ignores the repeat
 
-    def run(self, exp: str, seed: int, workdir: Path) -> int:
-        """Trains (or resumes) one run of the plan; returns the exit status of its process."""
-        self.child = subprocess.Popen([sys.executable, *shlex.split(command(exp, seed, workdir))[1:]])
+    def run(self, shell_command: str) -> int:
+        """Runs one ``python -m ...`` command of the plan in this interpreter; returns its exit status."""
+        self.child = subprocess.Popen([sys.executable, *shlex.split(shell_command)[1:]])
         try:
             return self.child.wait()
         finally:
@@ -112,13 +121,72 @@ class _Training:
             signal.signal(s, handler)
 
 
+def plan_analyses(runs) -> list[tuple[str, Path, Path]]:
+    """The pairwise analyses (`stepjax.analysis.seeds.PAIRS`) among a plan's `runs`: ``(name,
+    analysed run, compared run)`` for each pair whose two runs the plan has under one seed."""
+    by_experiment = {(exp, seed): workdir for exp, seed, workdir in runs}
+    analyses = []
+    for pair, (ours, other) in PAIRS.items():
+        for exp, seed, workdir in runs:
+            name, _, protocol = exp.partition(":")
+            compared = by_experiment.get((f"{name.removesuffix(ours)}{other}:{protocol}", seed))
+            if name.endswith(f"_{ours}") and compared is not None:
+                analyses.append((pair_analysis(protocol, pair, seed), workdir, compared))
+    return analyses
+
+
+def analysis_state(name: str, ours: Path, other: Path) -> str:
+    """``done`` (its record is filed), ``waiting for <runs>``, ``ready``, or why it cannot run."""
+    from stepjax.train.checkpoint import saved_steps
+
+    if (results_root() / "analysis" / name / "analysis.json").exists():
+        return "done"
+    waiting = [str(d) for d in (ours, other) if finished_steps(d) is None]
+    if waiting:
+        return "waiting for " + " and ".join(waiting)
+    gone = [str(d) for d in (ours, other) if not saved_steps(d / "checkpoints")[0]]
+    if gone:
+        return (f"cannot run: no checkpoint in {' and '.join(gone)} (trained in an earlier checkout; its record "
+                "holds no model)")
+    return "ready"
+
+
+def analysis_command(name: str, ours: Path, other: Path) -> str:
+    return (f"python -m stepjax.analysis --workdir {shlex.quote(str(ours))} --compare {shlex.quote(str(other))} "
+            f"--num-samples {ANALYSIS_SAMPLES} --out {shlex.quote(str(ANALYSIS_FIGURES / name))}")
+
+
+def _analyse_ready(analyses, child: _Child, after) -> list[str]:
+    """Run each analysis that is ready and not claimed by another study process; none is started
+    once SIGUSR1 or a signal asked the study to stop. Returns the names of those that failed."""
+    from stepjax.train import WorkdirLock, WorkdirLocked
+
+    failed = []
+    for name, ours, other in analyses:
+        if child.stop or after.requested:
+            break
+        claim = WorkdirLock(claim_dir(ours.parent / name))
+        try:
+            claim.acquire()
+        except WorkdirLocked:
+            continue
+        try:
+            if analysis_state(name, ours, other) == "ready":
+                print(analysis_command(name, ours, other), flush=True)
+                if child.run(analysis_command(name, ours, other)) != errors.DONE and not child.stop:
+                    failed.append(name)
+        finally:
+            claim.release()
+    return failed
+
+
 def _retry(status: int) -> bool:
     """Whether a training that ended with `status` is worth a second try: a crash, or a process killed
     by a signal or aborted (by XLA); not a refusal, a stop, a failed save or a divergence."""
     return status not in (errors.DONE, errors.REFUSED, errors.STOPPED, errors.SAVE_FAILED, errors.DIVERGED)
 
 
-def _train_pending(runs, training: _Training, after) -> tuple[dict, bool, list]:
+def _train_pending(runs, training: _Child, after) -> tuple[dict, bool, list]:
     """Train each unfinished run of `runs` that no other process has claimed (a run that dies is
     retried once) and evaluate each finished one; once `after` (a `stepjax.train.StopAfterRun`) is
     requested by SIGUSR1, start no further training.
@@ -150,7 +218,7 @@ def _train_pending(runs, training: _Training, after) -> tuple[dict, bool, list]:
     return failed, False, others
 
 
-def _train_and_evaluate(exp: str, seed: int, workdir: Path, training: _Training, after, failed: dict) -> bool:
+def _train_and_evaluate(exp: str, seed: int, workdir: Path, training: _Child, after, failed: dict) -> bool:
     """Train one run unless it is finished, then evaluate it unless its evaluation is filed; a failed
     training goes into `failed`. Returns whether the study is to stop."""
     from stepjax.evaluate import evaluate_run, read_evaluation
@@ -162,11 +230,11 @@ def _train_and_evaluate(exp: str, seed: int, workdir: Path, training: _Training,
             return True
         set_aside_cut_run(workdir)
         print(command(exp, seed, workdir), flush=True)
-        status = training.run(exp, seed, workdir)
+        status = training.run(command(exp, seed, workdir))
         if _retry(status) and not training.stop:
             print(f"{workdir}: the training died (exit status {status}); retrying once, from its last "
                   "checkpoint.", file=sys.stderr, flush=True)
-            status = training.run(exp, seed, workdir)
+            status = training.run(command(exp, seed, workdir))
         if status == errors.STOPPED or training.stop:
             return True
         if status != errors.DONE:
@@ -192,6 +260,8 @@ def print_status(runs) -> None:
         if evaluation is not None:
             line += f", with flip TTA {100 * evaluation['flip_accuracy']:.2f} %"
         print(f"{str(workdir):45s} {line}")
+    for name, ours, other in plan_analyses(runs):
+        print(f"{'analysis ' + name:45s} {analysis_state(name, ours, other)}")
 
 
 def seed_set(text: str) -> set[int]:
@@ -208,7 +278,8 @@ def main(argv=None) -> int:
     parser.add_argument("--root", help="run directories (default runs/study for cpu, runs/deep for deep)")
     parser.add_argument("--seeds", type=seed_set,
                         help="only the plan's runs of these seeds, e.g. 0 or 1,2 (default all)")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands of pending runs")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the commands of pending runs and of the analyses ready to run")
     parser.add_argument("--status", action="store_true",
                         help="print where each run of the plan stands (done, training, stopped, pending); train nothing")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a reported error")
@@ -238,11 +309,15 @@ def _study(args) -> int:
         for exp, seed, workdir in runs:
             if finished_steps(workdir) is None:
                 print(command(exp, seed, workdir))
+        for name, ours, other in plan_analyses(runs):
+            if analysis_state(name, ours, other) == "ready":
+                print(analysis_command(name, ours, other))
         return errors.DONE
-    training = _Training()
+    training = _Child()
     try:
         with StopAfterRun() as after:
             failed, stopped, others = _train_pending(runs, training, after)
+            failed_analyses = [] if stopped else _analyse_ready(plan_analyses(runs), training, after)
     finally:
         training.restore()
     if others:
@@ -252,11 +327,14 @@ def _study(args) -> int:
         print(f"stepjax.study: {len(failed)} of {len(runs)} runs failed (their messages are above); rerun to "
               "retry them, finished runs are kept: " + ", ".join(f"{d} (exit status {s})" for d, s in failed.items()),
               file=sys.stderr)
+    if failed_analyses:
+        print(f"stepjax.study: the analyses {', '.join(failed_analyses)} failed (their messages are above); "
+              "rerun the study to retry them.", file=sys.stderr)
     if stopped:
         how = ("by a signal (a running training saved its checkpoint)" if training.stop else
                "after the run in progress, as SIGUSR1 asked")
         print(f"stepjax.study: stopped {how}; rerun to go on.", file=sys.stderr)
-    return errors.STOPPED if stopped else errors.CRASHED if failed else errors.DONE
+    return errors.STOPPED if stopped else errors.CRASHED if failed or failed_analyses else errors.DONE
 
 
 if __name__ == "__main__":

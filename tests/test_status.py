@@ -156,3 +156,45 @@ def test_the_lottery_trains_a_cut_placement_afresh(tmp_path, monkeypatch):
     run_lottery(configs, tmp_path / "lottery", train_fn=fake_train)
     assert fresh == [True] * len(configs)
     assert [p.name.split(".")[0] for p in (tmp_path / "lottery" / ".cut").iterdir()] == ["nsi_top"]
+
+
+def test_the_study_analyses_each_pair_of_its_finished_runs_once(tmp_path, monkeypatch, capsys):
+    """SE against plain and StepNet against SE, per seed, once both runs are finished and their
+    checkpoints are here; one already filed is not run again, and `--status` lists each."""
+    from stepjax.config import load_experiment
+
+    monkeypatch.setenv("STEPJAX_RESULTS", str(tmp_path / "results"))
+    plan = [(f"cifar10_{c}:deep", s) for s in (0, 1) for c in ("resnet", "se", "stepnet")]
+    monkeypatch.setitem(study.PLANS, "tiny", plan)
+    runs = {(exp, seed): study.run_dir(tmp_path, exp, seed) for exp, seed in plan}
+    for (exp, seed), workdir in runs.items():
+        if (exp, seed) != ("cifar10_stepnet:deep", 1):  # still to train
+            fabricate(workdir, steps=[100], checkpoints=[] if seed == 1 else [100],  # seed 1: an earlier checkout
+                      summary={"status": "done", "steps": 100})
+            (workdir / "config.json").write_text(load_experiment(exp).to_json())
+            (workdir / "evaluation.json").write_text(json.dumps({"step": 100, "accuracy": 0.5, "flip_accuracy": 0.5}))
+    (tmp_path / "results" / "analysis" / "deep_se_vs_plain_s0").mkdir(parents=True)
+    (tmp_path / "results" / "analysis" / "deep_se_vs_plain_s0" / "analysis.json").write_text("{}")
+    started = []
+
+    class Analysis:  # the analysis process, not run
+        def __init__(self, argv):
+            started.append(argv[1:])
+
+        def wait(self):
+            return errors.DONE
+
+    monkeypatch.setattr(study.subprocess, "Popen", Analysis)
+    monkeypatch.setitem(study.PLANS, "tiny", [p for p in plan if p != ("cifar10_stepnet:deep", 1)])
+    assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == errors.DONE
+    se, stepnet = runs[("cifar10_se:deep", 0)], runs[("cifar10_stepnet:deep", 0)]
+    assert started == [["-m", "stepjax.analysis", "--workdir", str(stepnet), "--compare", str(se), "--num-samples",
+                        "500", "--out", "docs/figures/analysis/deep_stepnet_vs_se_s0"]]
+    monkeypatch.setitem(study.PLANS, "tiny", plan)
+    capsys.readouterr()
+    assert study.main(["--plan", "tiny", "--root", str(tmp_path), "--status"]) == errors.DONE
+    states = dict(line.split(None, 2)[1:] for line in capsys.readouterr().out.splitlines() if line.startswith("analysis "))
+    assert states["deep_se_vs_plain_s0"] == "done"
+    assert states["deep_stepnet_vs_se_s0"] == "ready"  # its fake analysis filed nothing
+    assert states["deep_se_vs_plain_s1"].startswith(f"cannot run: no checkpoint in {runs[('cifar10_se:deep', 1)]} and ")
+    assert states["deep_stepnet_vs_se_s1"] == f"waiting for {runs[('cifar10_stepnet:deep', 1)]}"

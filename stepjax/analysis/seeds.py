@@ -18,6 +18,15 @@ from pathlib import Path
 import numpy as np
 
 NSI = "relative_increment"  # NSI candidate (a), the one docs/ANALYSIS.md plots
+# the study's pairwise analyses: name -> (controller analysed, controller it is compared with), both
+# trained under one protocol and seed; each has its record in results/analysis/<pair_analysis(...)>
+PAIRS = {"se_vs_plain": ("se", "resnet"), "stepnet_vs_se": ("stepnet", "se")}
+
+
+def pair_analysis(protocol: str, pair: str, seed: int) -> str:
+    """The name of a pairwise analysis (its record and figure directory): ``deep_se_vs_plain_s1``."""
+    return f"{protocol}_{pair}_s{seed}"
+
 
 
 def _within(indicator):
