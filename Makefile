@@ -89,7 +89,7 @@ deep-lanes: setup
 
 # where the deep study stands, read without disturbing it: each run done (its accuracy), training
 # (its step, by which process, the time left at its recent rate), stopped (the checkpoint a rerun
-# resumes from) or pending
+# resumes from) or pending; then its pairwise analyses (done, ready, waiting for a run)
 deep-status: setup
 	@$(PY) -m stepjax.study --plan deep --status
 	@$(PY) -m stepjax.study --plan deep_controls --status
