@@ -28,7 +28,6 @@ def pair_analysis(protocol: str, pair: str, seed: int) -> str:
     return f"{protocol}_{pair}_s{seed}"
 
 
-
 def _within(indicator):
     return lambda model, control: model["representational_ability"][indicator]["within_block"]["mean_rho"]
 
