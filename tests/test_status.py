@@ -186,6 +186,13 @@ def test_the_study_analyses_each_pair_of_its_finished_runs_once(tmp_path, monkey
 
     monkeypatch.setattr(study.subprocess, "Popen", Analysis)
     monkeypatch.setitem(study.PLANS, "tiny", [p for p in plan if p != ("cifar10_stepnet:deep", 1)])
+    other = WorkdirLock(study.claim_dir(tmp_path / "deep_stepnet_vs_se_s0"))  # another study process runs it
+    other.acquire()
+    try:
+        assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == errors.DONE
+    finally:
+        other.release()
+    assert started == []
     assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == errors.DONE
     se, stepnet = runs[("cifar10_se:deep", 0)], runs[("cifar10_stepnet:deep", 0)]
     assert started == [["-m", "stepjax.analysis", "--workdir", str(stepnet), "--compare", str(se), "--num-samples",
