@@ -32,6 +32,7 @@ run again; ``--status`` lists each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import signal
@@ -40,6 +41,8 @@ import sys
 from pathlib import Path
 
 from stepjax import errors, parallel
+from stepjax.analysis.__main__ import DEFAULT_OUT, RECORDS
+from stepjax.analysis.placement import analysis_file
 from stepjax.analysis.seeds import PAIRS, pair_analysis
 from stepjax.records import finished_run, results_root
 
@@ -57,11 +60,28 @@ PLANS = {
 ROOTS = {"cpu": "runs/study", "deep": "runs/deep", "deep_controls": "runs/deep"}  # run directories; records go to results/<same>
 CLAIMS = ".claims"  # <root>/.claims/<run>: the lock of the study process that trains the run
 ANALYSIS_SAMPLES = 500  # test images of each pairwise analysis (docs/ANALYSIS.md 3.5-3.10)
-ANALYSIS_FIGURES = Path("docs/figures/analysis")
 
 
 def run_dir(root: Path, exp: str, seed: int) -> Path:
     return Path(root) / f"{exp.replace(':', '_')}_s{seed}"
+
+
+@contextlib.contextmanager
+def claimed(workdir: Path):
+    """Hold this process's claim on `workdir` (a run, or an analysis named under the root) for the
+    block; yields False, holding nothing, when another live study process has claimed it."""
+    from stepjax.train import WorkdirLock, WorkdirLocked
+
+    claim = WorkdirLock(claim_dir(workdir))
+    try:
+        claim.acquire()
+    except WorkdirLocked:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        claim.release()
 
 
 def claim_dir(workdir: Path) -> Path:
@@ -139,7 +159,7 @@ def analysis_state(name: str, ours: Path, other: Path) -> str:
     """``done`` (its record is filed), ``waiting for <runs>``, ``ready``, or why it cannot run."""
     from stepjax.train.checkpoint import saved_steps
 
-    if (results_root() / "analysis" / name / "analysis.json").exists():
+    if analysis_file(results_root() / RECORDS / name) is not None:
         return "done"
     waiting = [str(d) for d in (ours, other) if finished_steps(d) is None]
     if waiting:
@@ -153,30 +173,22 @@ def analysis_state(name: str, ours: Path, other: Path) -> str:
 
 def analysis_command(name: str, ours: Path, other: Path) -> str:
     return (f"python -m stepjax.analysis --workdir {shlex.quote(str(ours))} --compare {shlex.quote(str(other))} "
-            f"--num-samples {ANALYSIS_SAMPLES} --out {shlex.quote(str(ANALYSIS_FIGURES / name))}")
+            f"--num-samples {ANALYSIS_SAMPLES} --out {shlex.quote(str(DEFAULT_OUT / name))}")
 
 
 def _analyse_ready(analyses, child: _Child, after) -> list[str]:
     """Run each analysis that is ready and not claimed by another study process; none is started
     once SIGUSR1 or a signal asked the study to stop. Returns the names of those that failed."""
-    from stepjax.train import WorkdirLock, WorkdirLocked
-
     failed = []
     for name, ours, other in analyses:
         if child.stop or after.requested:
             break
-        claim = WorkdirLock(claim_dir(ours.parent / name))
-        try:
-            claim.acquire()
-        except WorkdirLocked:
-            continue
-        try:
-            if analysis_state(name, ours, other) == "ready":
-                print(analysis_command(name, ours, other), flush=True)
-                if child.run(analysis_command(name, ours, other)) != errors.DONE and not child.stop:
+        with claimed(ours.parent / name) as mine:
+            if mine and analysis_state(name, ours, other) == "ready":
+                shell_command = analysis_command(name, ours, other)
+                print(shell_command, flush=True)
+                if child.run(shell_command) != errors.DONE and not child.stop:
                     failed.append(name)
-        finally:
-            claim.release()
     return failed
 
 
@@ -196,23 +208,16 @@ def _train_pending(runs, training: _Child, after) -> tuple[dict, bool, list]:
     `(failed, stopped, others)`: workdir -> exit status of the runs that failed, whether a signal
     stopped the study, and the workdirs left to the other processes that had claimed them.
     """
-    from stepjax.train import WorkdirLock, WorkdirLocked
-
     failed, others = {}, []
     for exp, seed, workdir in runs:
         if training.stop:
             return failed, True, others
-        claim = WorkdirLock(claim_dir(workdir))
-        try:
-            claim.acquire()
-        except WorkdirLocked:
-            print(f"{workdir}: another study process trains it; going on with the next run.", flush=True)
-            others.append(workdir)
-            continue
-        try:
+        with claimed(workdir) as mine:
+            if not mine:
+                print(f"{workdir}: another study process trains it; going on with the next run.", flush=True)
+                others.append(workdir)
+                continue
             stopped = _train_and_evaluate(exp, seed, workdir, training, after, failed)
-        finally:
-            claim.release()
         if stopped:
             return failed, True, others
     return failed, False, others
