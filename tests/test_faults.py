@@ -365,16 +365,7 @@ def test_the_study_goes_on_when_a_run_dies_and_names_it_at_the_end(tmp_path, mon
     assert json.loads((study.run_dir(root, SMOKE, 0) / "evaluation.json").read_text())["step"] == 16
 
 
-@pytest.fixture
-def root_logging():
-    """Restore the root logger that `errors.setup_logging` replaces."""
-    saved = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:], _ = saved
-    logging.root.setLevel(saved[1])
-
-
-def test_a_command_run_in_process_logs_to_stderr_as_it_is_now(monkeypatch, root_logging):
+def test_a_command_run_in_process_logs_to_stderr_as_it_is_now(monkeypatch):
     """A command's logging follows `sys.stderr`: once the stream it was set up under is closed (a
     test's capture, a notebook cell), the next line reaches the new one instead of failing."""
     monkeypatch.setattr(sys, "stderr", io.StringIO())
