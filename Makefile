@@ -42,7 +42,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 test: setup lint
-	$(PY) -m pytest -n 2 --dist worksteal tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=30 tests
 
 train: setup
 	$(PY) -m stepjax.main --config $(EXP) --workdir $(WORKDIR) $(ARGS)
