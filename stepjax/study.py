@@ -22,8 +22,9 @@ A run cut before its first checkpoint (killed, with nothing to resume from) is m
 A run whose directory is gone but whose record in ``results/`` is finished (trained in an earlier
 checkout) counts as finished: it is neither trained nor evaluated again.
 
-After its runs, the study analyses each pair of them that `stepjax.analysis.seeds.PAIRS` names (SE
-against plain, StepNet against SE, per seed) once both are finished and their checkpoints are here:
+The study analyses each pair of its runs that `stepjax.analysis.seeds.PAIRS` names (SE against
+plain, StepNet against SE, per seed) as soon as both are finished and their checkpoints are here,
+before its next training (a 20-minute analysis is not left waiting for hours of training):
 ``python -m stepjax.analysis`` on 500 test images, its record in ``results/analysis/<protocol>_<pair>_s<seed>``
 and its figures in ``docs/figures/analysis/`` under the same name. An analysis already filed is not
 run again; ``--status`` lists each.
@@ -176,20 +177,20 @@ def analysis_command(name: str, ours: Path, other: Path) -> str:
             f"--num-samples {ANALYSIS_SAMPLES} --out {shlex.quote(str(DEFAULT_OUT / name))}")
 
 
-def _analyse_ready(analyses, child: _Child, after) -> list[str]:
-    """Run each analysis that is ready and not claimed by another study process; none is started
-    once SIGUSR1 or a signal asked the study to stop. Returns the names of those that failed."""
-    failed = []
+def _analyse_ready(analyses, child: _Child, after, ran: dict[str, int]) -> None:
+    """Run each analysis that is ready, not claimed by another study process and not run before by
+    this one (the names in `ran`, to which each is added with its exit status); none is started once
+    SIGUSR1 or a signal asked the study to stop."""
     for name, ours, other in analyses:
         if child.stop or after.requested:
             break
+        if name in ran:
+            continue
         with claimed(ours.parent / name) as mine:
             if mine and analysis_state(name, ours, other) == "ready":
                 shell_command = analysis_command(name, ours, other)
                 print(shell_command, flush=True)
-                if child.run(shell_command) != errors.DONE and not child.stop:
-                    failed.append(name)
-    return failed
+                ran[name] = child.run(shell_command)
 
 
 def _retry(status: int) -> bool:
@@ -198,29 +199,33 @@ def _retry(status: int) -> bool:
     return status not in (errors.DONE, errors.REFUSED, errors.STOPPED, errors.SAVE_FAILED, errors.DIVERGED)
 
 
-def _train_pending(runs, training: _Child, after) -> tuple[dict, bool, list]:
+def _train_pending(runs, training: _Child, after) -> tuple[dict, dict, bool, list]:
     """Train each unfinished run of `runs` that no other process has claimed (a run that dies is
-    retried once) and evaluate each finished one; once `after` (a `stepjax.train.StopAfterRun`) is
-    requested by SIGUSR1, start no further training.
+    retried once) and evaluate each finished one; after each run, before the next training, analyse
+    each pair of `plan_analyses` that is ready (one this run completed, or the other study processes did).
+    Once `after` (a `stepjax.train.StopAfterRun`) is requested by SIGUSR1, start nothing further.
 
     **Returns:**
 
-    `(failed, stopped, others)`: workdir -> exit status of the runs that failed, whether a signal
-    stopped the study, and the workdirs left to the other processes that had claimed them.
+    `(failed, analysed, stopped, others)`: workdir -> exit status of the runs that failed, name ->
+    exit status of the analyses it ran, whether a signal stopped the study, and the workdirs left to
+    the other processes that had claimed them.
     """
-    failed, others = {}, []
+    failed, analysed, others = {}, {}, []
     for exp, seed, workdir in runs:
         if training.stop:
-            return failed, True, others
+            return failed, analysed, True, others
         with claimed(workdir) as mine:
-            if not mine:
+            if mine:
+                stopped = _train_and_evaluate(exp, seed, workdir, training, after, failed)
+            else:
                 print(f"{workdir}: another study process trains it; going on with the next run.", flush=True)
                 others.append(workdir)
-                continue
-            stopped = _train_and_evaluate(exp, seed, workdir, training, after, failed)
+                stopped = False
         if stopped:
-            return failed, True, others
-    return failed, False, others
+            return failed, analysed, True, others
+        _analyse_ready(plan_analyses(runs), training, after, analysed)
+    return failed, analysed, training.stop, others  # a signal may have come during an analysis
 
 
 def _train_and_evaluate(exp: str, seed: int, workdir: Path, training: _Child, after, failed: dict) -> bool:
@@ -321,8 +326,8 @@ def _study(args) -> int:
     training = _Child()
     try:
         with StopAfterRun() as after:
-            failed, stopped, others = _train_pending(runs, training, after)
-            failed_analyses = [] if stopped else _analyse_ready(plan_analyses(runs), training, after)
+            failed, analysed, stopped, others = _train_pending(runs, training, after)
+        failed_analyses = [] if stopped else [name for name, status in analysed.items() if status != errors.DONE]
     finally:
         training.restore()
     if others:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from stepjax import errors, records, study
 from stepjax.train import WorkdirLock, describe_status, lock_holder, run_status, set_aside_cut_run
@@ -205,3 +206,35 @@ def test_the_study_analyses_each_pair_of_its_finished_runs_once(tmp_path, monkey
     assert states["deep_stepnet_vs_se_s0"] == "ready"  # its fake analysis filed nothing
     assert states["deep_se_vs_plain_s1"].startswith(f"cannot run: no checkpoint in {runs[('cifar10_se:deep', 1)]} and ")
     assert states["deep_stepnet_vs_se_s1"] == f"waiting for {runs[('cifar10_stepnet:deep', 1)]}"
+
+
+def test_the_study_analyses_a_pair_as_soon_as_its_runs_are_finished(tmp_path, monkeypatch):
+    """SE seed 0 completes its pair with plain seed 0: their analysis runs before plain seed 1 trains."""
+    from stepjax.config import load_experiment
+
+    monkeypatch.setenv("STEPJAX_RESULTS", str(tmp_path / "results"))
+    plan = [("cifar10_resnet:deep", 0), ("cifar10_se:deep", 0), ("cifar10_resnet:deep", 1)]
+    monkeypatch.setitem(study.PLANS, "tiny", plan)
+
+    def finish(exp, workdir):
+        fabricate(workdir, steps=[100], checkpoints=[100], summary={"status": "done", "steps": 100})
+        (workdir / "config.json").write_text(load_experiment(exp).to_json())
+        (workdir / "evaluation.json").write_text(json.dumps({"step": 100, "accuracy": 0.5, "flip_accuracy": 0.5}))
+
+    finish("cifar10_resnet:deep", study.run_dir(tmp_path, "cifar10_resnet:deep", 0))
+    started = []
+
+    class Child:  # a training finishes its run at once; an analysis is not run
+        def __init__(self, argv):
+            module, options = argv[2], dict(zip(argv[3::2], argv[4::2]))
+            started.append((module, options.get("--workdir")))
+            if module == "stepjax.main":
+                finish(options["--config"], Path(options["--workdir"]))
+
+        def wait(self):
+            return errors.DONE
+
+    monkeypatch.setattr(study.subprocess, "Popen", Child)
+    assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == errors.DONE
+    se, plain_s1 = (str(study.run_dir(tmp_path, exp, seed)) for exp, seed in plan[1:])
+    assert started == [("stepjax.main", se), ("stepjax.analysis", se), ("stepjax.main", plain_s1)]
