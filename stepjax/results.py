@@ -277,11 +277,15 @@ def single_seed_lines(stats: dict, key: str = "best") -> list[str]:
         compared = f"; minus the same seed of: {against} points" if against else "; no other experiment has this seed"
         lines.append(f"- {name} (seed {seed} only): {_pct(accuracy)} % {key}{compared}.")
     if lines and spreads:
+        one = len(spreads) == 1
+        sd = f"{spreads[0]:.2f}" if one else f"{min(spreads):.2f} to {max(spreads):.2f}"
+        seeds = "-".join(sorted({str(len(d)) for d in paired}, key=int))
+        upper = max(100 * sd_interval(diffs)[1] for diffs in paired)
+        rests = (f"It rests on {seeds} seeds; the upper end of its 95 % interval is {upper:.2f} points." if one else
+                 f"Each sd rests on {seeds} seeds; the upper ends of their 95 % intervals reach {upper:.2f} points.")
         lines.append(f"- For scale: between the multi-seed experiments the same-seed differences vary from seed to "
-                     f"seed with a standard deviation of {min(spreads):.2f} to {max(spreads):.2f} points, so a "
-                     "single-seed difference below about twice that is no evidence either way. Each sd rests on "
-                     f"{'-'.join(sorted({str(len(d)) for d in paired}, key=int))} seeds; the upper ends of their "
-                     f"95 % intervals reach {max(100 * sd_interval(diffs)[1] for diffs in paired):.2f} points.")
+                     f"seed with a standard deviation of {sd} points, so a single-seed difference below about twice "
+                     f"that is no evidence either way. {rests}")
     return lines
 
 

@@ -70,7 +70,7 @@ def test_results_tables_and_figure(tmp_path):
     # seed 0: 0.70 - 0.80 and 0.70 - 0.90; stepnet - resnet by seed: 0.10, 0.09, 0.11 (std 0.01)
     assert "- cifar10_cbam (seed 0 only): 70.00 % best; minus the same seed of: cifar10_resnet -10.00, " \
            "cifar10_stepnet -20.00 points." in text
-    assert "standard deviation of 1.00 to 1.00 points" in text
+    assert "standard deviation of 1.00 points," in text
     assert "cifar10_stepnet vs cifar10_resnet: +10.00 points in mean best" in text
     assert "cifar10_stepnet vs cifar10_resnet: +11.00 points in mean last" in text and "significant at 0.05 by the paired test (better)" in text
     assert "cifar10_stepnet vs cifar10_se: not enough finished runs yet." in text
@@ -150,8 +150,10 @@ def test_verdict_gives_confidence_intervals_and_the_uncertainty_of_the_sd():
     np.testing.assert_allclose([low, high], [0.001 * 0.5206583, 0.001 * 6.2847347], rtol=1e-6)
     stats = {name: {**s, "n": len(s["best"])} for name, s in stats.items()}
     stats["c"] = {"best": np.array([0.7]), "best_by_seed": {0: 0.7}, "n": 1}
-    assert single_seed_lines(stats)[-1].endswith("Each sd rests on 3 seeds; the upper ends of their 95 % "
-                                                 "intervals reach 0.63 points.")
+    assert single_seed_lines(stats)[-1] == (  # one pair of multi-seed experiments: one sd, not a range
+        "- For scale: between the multi-seed experiments the same-seed differences vary from seed to seed with a "
+        "standard deviation of 0.10 points, so a single-seed difference below about twice that is no evidence "
+        "either way. It rests on 3 seeds; the upper end of its 95 % interval is 0.63 points.")
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
