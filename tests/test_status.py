@@ -28,6 +28,15 @@ def fabricate(workdir, *, steps, evals=(), checkpoints=(), summary=None):
     return workdir
 
 
+def fabricate_finished(exp, workdir, *, checkpoints=(100,)):
+    """A finished, evaluated run of `exp` (its own config, so the study counts it for the plan)."""
+    from stepjax.config import load_experiment
+
+    fabricate(workdir, steps=[100], checkpoints=checkpoints, summary={"status": "done", "steps": 100})
+    (workdir / "config.json").write_text(load_experiment(exp).to_json())
+    (workdir / "evaluation.json").write_text(json.dumps({"step": 100, "accuracy": 0.5, "flip_accuracy": 0.5}))
+
+
 def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
@@ -162,18 +171,13 @@ def test_the_lottery_trains_a_cut_placement_afresh(tmp_path, monkeypatch):
 def test_the_study_analyses_each_pair_of_its_finished_runs_once(tmp_path, monkeypatch, capsys):
     """SE against plain and StepNet against SE, per seed, once both runs are finished and their
     checkpoints are here; one already filed is not run again, and `--status` lists each."""
-    from stepjax.config import load_experiment
-
     monkeypatch.setenv("STEPJAX_RESULTS", str(tmp_path / "results"))
     plan = [(f"cifar10_{c}:deep", s) for s in (0, 1) for c in ("resnet", "se", "stepnet")]
     monkeypatch.setitem(study.PLANS, "tiny", plan)
     runs = {(exp, seed): study.run_dir(tmp_path, exp, seed) for exp, seed in plan}
     for (exp, seed), workdir in runs.items():
         if (exp, seed) != ("cifar10_stepnet:deep", 1):  # still to train
-            fabricate(workdir, steps=[100], checkpoints=[] if seed == 1 else [100],  # seed 1: an earlier checkout
-                      summary={"status": "done", "steps": 100})
-            (workdir / "config.json").write_text(load_experiment(exp).to_json())
-            (workdir / "evaluation.json").write_text(json.dumps({"step": 100, "accuracy": 0.5, "flip_accuracy": 0.5}))
+            fabricate_finished(exp, workdir, checkpoints=() if seed == 1 else (100,))  # seed 1: an earlier checkout
     (tmp_path / "results" / "analysis" / "deep_se_vs_plain_s0").mkdir(parents=True)
     (tmp_path / "results" / "analysis" / "deep_se_vs_plain_s0" / "analysis.json").write_text("{}")
     started = []
@@ -210,18 +214,10 @@ def test_the_study_analyses_each_pair_of_its_finished_runs_once(tmp_path, monkey
 
 def test_the_study_analyses_a_pair_as_soon_as_its_runs_are_finished(tmp_path, monkeypatch):
     """SE seed 0 completes its pair with plain seed 0: their analysis runs before plain seed 1 trains."""
-    from stepjax.config import load_experiment
-
     monkeypatch.setenv("STEPJAX_RESULTS", str(tmp_path / "results"))
     plan = [("cifar10_resnet:deep", 0), ("cifar10_se:deep", 0), ("cifar10_resnet:deep", 1)]
     monkeypatch.setitem(study.PLANS, "tiny", plan)
-
-    def finish(exp, workdir):
-        fabricate(workdir, steps=[100], checkpoints=[100], summary={"status": "done", "steps": 100})
-        (workdir / "config.json").write_text(load_experiment(exp).to_json())
-        (workdir / "evaluation.json").write_text(json.dumps({"step": 100, "accuracy": 0.5, "flip_accuracy": 0.5}))
-
-    finish("cifar10_resnet:deep", study.run_dir(tmp_path, "cifar10_resnet:deep", 0))
+    fabricate_finished("cifar10_resnet:deep", study.run_dir(tmp_path, "cifar10_resnet:deep", 0))
     started = []
 
     class Child:  # a training finishes its run at once; an analysis is not run
@@ -229,7 +225,7 @@ def test_the_study_analyses_a_pair_as_soon_as_its_runs_are_finished(tmp_path, mo
             module, options = argv[2], dict(zip(argv[3::2], argv[4::2]))
             started.append((module, options.get("--workdir")))
             if module == "stepjax.main":
-                finish(options["--config"], Path(options["--workdir"]))
+                fabricate_finished(options["--config"], Path(options["--workdir"]))
 
         def wait(self):
             return errors.DONE
