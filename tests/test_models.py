@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepjax.models import PRESETS, RandomPlacement, get_spec, make_model, resolve_placement
+from stepjax.models import FAST_COMPILE, PRESETS, RandomPlacement, get_spec, make_model, resolve_placement
 from stepjax.models.__main__ import PUBLISHED, param_count
 
 TINY = dict(depths=(2, 3, 2), widths=(2, 4, 4), stem_width=4)
@@ -21,8 +21,10 @@ def test_parameter_counts_match_published(key):
 
 
 def forward(model, x=X):
+    """Logits and step outputs, compiled without XLA's backend optimisations: the tests compare
+    these programs with each other within tolerances, and compiling is most of their time."""
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, x: nnx.merge(graphdef, s, copy=True).solve(x))(state, x)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s, copy=True).solve(x), compiler_options=FAST_COMPILE)(state, x)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -38,6 +40,18 @@ def test_full_depth_resnet164_forward():
     logits, outputs = forward(make_model("resnet164", num_classes=10, controller="stepnet"))
     assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
     assert [o.step_size.shape for o in outputs] == [(18, 2, 64), (18, 2, 128), (18, 2, 256)]
+
+
+def test_a_model_built_again_is_the_same_model_in_its_own_arrays():
+    # the second build reuses the first one's compiled initialisation (`make_model`)
+    first, again = (nnx.state(make_model("resnet164", num_classes=5, controller="se", seed=3, **TINY)) for _ in range(2))
+    other_seed = nnx.state(make_model("resnet164", num_classes=5, controller="se", seed=4, **TINY))
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, c) for a, c in zip(jax.tree.leaves(first), jax.tree.leaves(other_seed)))
+    for a in jax.tree.leaves(first):
+        a.delete()  # as a donating training step does: the other build must not lose its arrays
+    assert all(np.isfinite(np.asarray(b)).all() for b in jax.tree.leaves(again))
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from stepjax.layers import Conv, Projection, batch_norm
 from stepjax.models.factory import DTYPES, NSI_PREFIX, build_model, is_nsi_placement, placement_masks
 from stepjax.models.fields import FIELDS, BasicField, BottleneckField
 from stepjax.models.resnet import (
+    FAST_COMPILE,
     PRESETS,
     RandomPlacement,
     ResNet,
@@ -16,6 +17,7 @@ from stepjax.models.resnet import (
 
 __all__ = [
     "DTYPES",
+    "FAST_COMPILE",
     "FIELDS",
     "NSI_PREFIX",
     "PRESETS",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -218,21 +219,40 @@ def make_model(
     ``depths=(2, 2, 2), widths=(4, 8, 16), stem_width=8`` for a tiny test network)."""
     spec = get_spec(preset, **spec_overrides)
     masks = resolve_placement(placement, spec.depths)
+    options = tuple(sorted((controller_options or {}).items()))
+    graphdefs, init, compiled = _initialiser(spec, num_classes, controller, options, masks, seed, dtype, scan)
+    state = init() if _tracing() else compiled()  # under `nnx.eval_shape`: shapes, nothing compiled
+    return nnx.merge(graphdefs[0], state)
 
-    def build():
-        return ResNet(
-            spec, num_classes, rngs=nnx.Rngs(seed), controller=controller, controller_options=controller_options,
+
+def _tracing() -> bool:
+    """Whether this runs under a JAX trace (`jax.jit`, `nnx.eval_shape`), which stages out every op."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
+@functools.lru_cache(maxsize=8)
+def _initialiser(spec, num_classes, controller, options, masks, seed, dtype, scan):
+    """A model's initialisation: the list its traces put the model's graph in, the function, and
+    the function as one jitted program, made once per process for each set of `make_model`
+    arguments (each call gives fresh arrays).
+
+    One program because op-by-op initialisation of a deep net is slow on CPU; compiled without
+    optimisation because it runs once and XLA's optimiser would dominate its cost."""
+    graphdefs = []
+
+    def init():
+        graphdef, state = nnx.split(ResNet(
+            spec, num_classes, rngs=nnx.Rngs(seed), controller=controller, controller_options=dict(options),
             placement=masks, dtype=dtype, scan=scan,
-        )
+        ))
+        graphdefs.append(graphdef)  # the graph is static: the trace gives it
+        return state
 
-    # Initialise in one compiled program (op-by-op initialisation of a deep net is slow on CPU),
-    # compiled without optimisation: it runs once, and XLA's optimiser dominates its cost.
-    graphdef = nnx.graphdef(nnx.eval_shape(build))
-    init = jax.jit(lambda: nnx.state(build())).lower().compile(_FAST_COMPILE)
-    return nnx.merge(graphdef, init())
+    return graphdefs, init, jax.jit(init, compiler_options=FAST_COMPILE)
 
 
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# XLA without its backend optimisations: for programs whose compilation costs more than their runs
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def count_params(model: nnx.Module) -> int:
