@@ -151,6 +151,7 @@ ADDED_KEYS = {
     "model.zero_init_residual": False,
     "optim.decay_only_kernels": False,
     "train.eval_flip": False,
+    "train.fast_compile": False,
 }
 
 

@@ -16,7 +16,7 @@ from benchmarks import run as bench_run
 from benchmarks.measure import MALLOC
 from stepjax import parallel
 from stepjax.layers import conv2d
-from stepjax.models import make_model
+from stepjax.models import FAST_COMPILE, make_model
 
 
 def _reference(x, w, stride):
@@ -71,7 +71,7 @@ def test_scanned_model_gradient_matches_python_loop(controller):
         def loss(params):
             return (nnx.merge(graphdef, params, rest, copy=True)(x) ** 2).mean()
 
-        return jax.jit(jax.value_and_grad(loss))(params)
+        return jax.jit(jax.value_and_grad(loss), compiler_options=FAST_COMPILE)(params)  # compiles in less time
 
     (l1, g1), (l2, g2) = value_and_grads(True), value_and_grads(False)
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
@@ -93,7 +93,7 @@ def test_recomputation_in_scan_keeps_gradients_and_statistics(monkeypatch, contr
             model = nnx.merge(graphdef, params, rest, copy=True)
             return (model(x) ** 2).mean(), nnx.state(model, nnx.Not(nnx.Param))
 
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)(params)
 
     ((l1, s1), g1), ((l2, s2), g2) = run("1"), run("0")
     np.testing.assert_allclose(l1, l2, rtol=1e-6)

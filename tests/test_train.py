@@ -19,14 +19,14 @@ import optax
 import pytest
 from flax import nnx
 
-from stepjax import kernels, study
+from stepjax import kernels, parallel, study
 from stepjax.analysis.report import load_images, load_source
 from stepjax.config import ADDED_KEYS, apply_overrides, load_experiment, read_run_config, validate
 from stepjax.evaluate import evaluate_run, read_evaluation
 from stepjax.models import build_model
 from stepjax.records import CODE_VERSION_ENV, code_changes, code_version
 from stepjax.results import collect
-from stepjax.train import NonFiniteLossError, load_run, make_optimizer, read_metrics, restore_run, train
+from stepjax.train import NonFiniteLossError, load_run, make_optimizer, read_metrics, restore_run, run_programs, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "cifar10_stepnet:smoke"
@@ -105,6 +105,20 @@ def test_resume_after_halt_is_identical(tmp_path, monkeypatch):
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # same batches in the same order
 
 
+def test_runs_that_compute_the_same_steps_share_their_programs(monkeypatch):
+    config = smoke_config("train.total_steps=4")
+    graphdef, mesh = nnx.graphdef(build_model(config)), parallel.data_mesh(1)
+    programs = run_programs(config, graphdef, 8, 4, mesh)
+    longer_and_halted = smoke_config("train.total_steps=6", "train.halt_after_steps=2", "train.log_every_steps=1")
+    assert run_programs(longer_and_halted, graphdef, 8, 6, mesh) is programs
+    assert run_programs(smoke_config("optim.lr=0.5"), graphdef, 8, 4, mesh) is not programs
+    assert run_programs(config, graphdef, 8, 4, parallel.data_mesh(2)) is not programs
+    cosine = smoke_config("optim.schedule='cosine'")  # its schedule reads the run's length
+    assert run_programs(cosine, graphdef, 8, 4, mesh) is not run_programs(cosine, graphdef, 8, 6, mesh)
+    monkeypatch.delenv("STEPJAX_CONV")  # the tests' XLA path -> the CPU's default
+    if kernels.path_for(jnp.float32) == "onednn":  # where the extension is built, steps trace other calls
+        assert run_programs(config, graphdef, 8, 4, mesh) is not programs
+
 
 def test_halt_between_log_windows_counts_every_trained_image(tmp_path):
     overrides = ["train.total_steps=4", "train.log_every_steps=3", "train.eval_every_epochs=100"]
@@ -125,6 +139,8 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
     overrides = ["train.total_steps=16", "train.checkpoint_every_steps=2", "train.log_every_steps=1",
                  "train.eval_every_epochs=100"]
     straight = _main(tmp_path / "straight", *overrides)
+    _, err = straight.communicate(timeout=300)  # before the next start, which then finds its programs compiled
+    assert straight.returncode == 0, err[-3000:]
     killed = _main(tmp_path / "killed", *overrides)
     deadline = time.time() + 300
 
@@ -139,7 +155,6 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert straight.wait(timeout=300) == 0
     resumed = _main(tmp_path / "killed", *overrides)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]

@@ -4,6 +4,6 @@ it), and a lowering that spares XLA's CPU compiler a copy of every value `jax.ch
 (`stepjax.kernels.lowering`). Nothing here imports the rest of stepjax."""
 
 from stepjax.kernels.lowering import drop_exact_reduce_precision
-from stepjax.kernels.onednn import conv_same, load, path_for
+from stepjax.kernels.onednn import conv_same, load, path_for, trace_settings
 
-__all__ = ["conv_same", "drop_exact_reduce_precision", "load", "path_for"]
+__all__ = ["conv_same", "drop_exact_reduce_precision", "load", "path_for", "trace_settings"]

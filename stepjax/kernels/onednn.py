@@ -61,6 +61,14 @@ def path_for(dtype) -> str:
     return _notice("xla", reason) if reason else _notice("onednn", str(LIBRARY))
 
 
+def trace_settings(dtype) -> tuple:
+    """What a convolution of `dtype` operands reads from this process when it is traced, beyond its
+    operands: its path and, on the oneDNN path, the threads of each call. Programs traced under
+    equal settings are the same program."""
+    path = path_for(dtype)
+    return path, threads() if path == "onednn" else None
+
+
 @functools.cache
 def _notice(path: str, why: str) -> str:
     where = "oneDNN through XLA's FFI" if path == "onednn" else "XLA's own convolution"

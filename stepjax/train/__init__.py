@@ -6,7 +6,16 @@ from stepjax.train.lock import WorkdirLock, WorkdirLocked, hold_workdir, lock_ho
 from stepjax.train.loop import NonFiniteLossError, evaluate, load_run, restore_run, train
 from stepjax.train.metrics import MetricWriter, Progress, drop_records_after, format_summary, read_metrics
 from stepjax.train.status import RunStatus, describe_status, run_status, set_aside_cut_run
-from stepjax.train.step import TrainState, init_state, make_eval_step, make_optimizer, make_train_step, train_step_fn
+from stepjax.train.step import (
+    Programs,
+    TrainState,
+    init_state,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    run_programs,
+    train_step_fn,
+)
 
 __all__ = [
     "CheckpointError",
@@ -14,6 +23,7 @@ __all__ = [
     "Checkpointer",
     "MetricWriter",
     "NonFiniteLossError",
+    "Programs",
     "Progress",
     "RunStatus",
     "StopAfterRun",
@@ -33,6 +43,7 @@ __all__ = [
     "make_train_step",
     "read_metrics",
     "restore_run",
+    "run_programs",
     "run_status",
     "set_aside_cut_run",
     "train",

@@ -31,9 +31,8 @@ from stepjax.train.step import (
     TrainState,
     init_state,
     learning_rate_schedule,
-    make_eval_step,
     make_optimizer,
-    make_train_step,
+    run_programs,
 )
 
 log = logging.getLogger("stepjax")
@@ -231,12 +230,11 @@ def _check_resumable(workdir: Path, discard_record: bool) -> None:
 
 def _train(config, workdir: Path, mesh, loader, checkpointer, command) -> dict:
     primary = jax.process_index() == 0
-    info = data.dataset_info(config.data)
     steps_per_epoch = loader.steps_per_epoch
     total_steps = config.train.total_steps or config.train.epochs * steps_per_epoch
-    schedule = learning_rate_schedule(config.optim, steps_per_epoch, total_steps)
-    tx = make_optimizer(config.optim, schedule)
-    graphdef, state = init_state(build_model(config), tx)
+    model = build_model(config)
+    programs = run_programs(config, nnx.graphdef(model), steps_per_epoch, total_steps, mesh)
+    graphdef, state = init_state(model, programs.tx)
     state = jax.device_put(state, parallel.replicated(mesh))
     record = {"best_accuracy": None, "best_epoch": None, "last_accuracy": None, "last_epoch": None,
               "wall_time_s": 0.0, "eval_time_s": 0.0, "trained_images": 0}
@@ -256,8 +254,8 @@ def _train(config, workdir: Path, mesh, loader, checkpointer, command) -> dict:
 
     run = _Run(
         config, mesh, loader, checkpointer, record, steps_per_epoch, total_steps,
-        train_step=make_train_step(graphdef, tx, schedule, config, info, mesh),
-        eval_step=make_eval_step(graphdef, config, info, mesh, flip=config.train.eval_flip),
+        train_step=programs.train_step,
+        eval_step=programs.eval_step,
         writer=MetricWriter(workdir, enabled=primary),
         progress=Progress(total_steps, int(state.step), enabled=primary and config.train.progress),
         stop=_StopSignals(),

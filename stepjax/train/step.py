@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import json
 from typing import Any, NamedTuple
 
 import jax
@@ -9,8 +11,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from stepjax.data import augment, normalize
-from stepjax.models import DTYPES
+from stepjax import kernels
+from stepjax.data import augment, dataset_info, normalize
+from stepjax.models import DTYPES, FAST_COMPILE
 from stepjax.parallel import batch_sharded, replicated
 
 
@@ -111,6 +114,7 @@ def make_train_step(graphdef, tx, schedule, config, info, mesh):
         in_shardings=(replicated(mesh), batch_sharded(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
+        compiler_options=compiler_options(config),
     )
 
 
@@ -141,4 +145,61 @@ def make_eval_step(graphdef, config, info, mesh, *, flip: bool = False):
             sums["flip_correct"], sums["flip_loss"] = scores(jnp.log(probs))
         return sums
 
-    return jax.jit(eval_step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
+    return jax.jit(eval_step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
+                   compiler_options=compiler_options(config))
+
+
+def compiler_options(config) -> dict | None:
+    """XLA's options for a run's steps: `FAST_COMPILE` with ``train.fast_compile``, else XLA's own."""
+    return FAST_COMPILE if config.train.fast_compile else None
+
+
+class Programs(NamedTuple):
+    """What a run trains with: its learning-rate `schedule`, optimizer `tx`, and jitted
+    `train_step` and `eval_step` (`make_train_step`, `make_eval_step`)."""
+
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    train_step: Any
+    eval_step: Any
+
+
+# train.* fields that change how long a run goes and what it writes, never what its steps compute
+_BOOKKEEPING = ("epochs", "total_steps", "halt_after_steps", "log_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints", "eval_every_epochs", "progress")
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_KEPT_PROGRAMS = 4
+
+
+def run_programs(config, graphdef, steps_per_epoch: int, total_steps: int, mesh) -> Programs:
+    """The `Programs` of a run, made once per process for the configs that compile to the same
+    steps, so that a process training several runs of one model (a resumed run, a sweep, the
+    tests) traces and compiles its steps once.
+
+    **Arguments:**
+
+    - `config`: the run config; `graphdef`: its model's graph (`stepjax.models.build_model`).
+    - `steps_per_epoch`, `total_steps`: the run's length, which the schedule reads.
+    - `mesh`: the `data` mesh the steps are sharded over.
+
+    **Returns:**
+
+    `Programs`, shared with earlier calls of the same key (the last four are kept).
+    """
+    settings = config.to_dict()
+    settings["train"] = {k: v for k, v in settings["train"].items() if k not in _BOOKKEEPING}
+    cosine = config.optim.schedule == "cosine"  # the only schedule that reads the run's length
+    key = (json.dumps(settings, sort_keys=True, default=str), steps_per_epoch, total_steps if cosine else None, mesh,
+           kernels.trace_settings(DTYPES[config.model.dtype]))
+    if key not in _PROGRAMS:
+        info = dataset_info(config.data)
+        schedule = learning_rate_schedule(config.optim, steps_per_epoch, total_steps)
+        tx = make_optimizer(config.optim, schedule)
+        _PROGRAMS[key] = Programs(
+            schedule, tx, make_train_step(graphdef, tx, schedule, config, info, mesh),
+            make_eval_step(graphdef, config, info, mesh, flip=config.train.eval_flip),
+        )
+        while len(_PROGRAMS) > _KEPT_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key]
