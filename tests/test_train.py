@@ -115,6 +115,9 @@ def test_runs_that_compute_the_same_steps_share_their_programs(monkeypatch):
     assert run_programs(config, graphdef, 8, 4, parallel.data_mesh(2)) is not programs
     cosine = smoke_config("optim.schedule='cosine'")  # its schedule reads the run's length
     assert run_programs(cosine, graphdef, 8, 4, mesh) is not run_programs(cosine, graphdef, 8, 6, mesh)
+    monkeypatch.setenv("STEPJAX_REMAT", "0")  # read when the steps are traced
+    assert run_programs(config, graphdef, 8, 4, mesh) is not programs
+    monkeypatch.delenv("STEPJAX_REMAT")
     monkeypatch.delenv("STEPJAX_CONV")  # the tests' XLA path -> the CPU's default
     if kernels.path_for(jnp.float32) == "onednn":  # where the extension is built, steps trace other calls
         assert run_programs(config, graphdef, 8, 4, mesh) is not programs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -164,6 +165,12 @@ class Programs(NamedTuple):
     eval_step: Any
 
 
+def _stepjax_environment() -> tuple:
+    """The process's ``STEPJAX_*`` variables: tracing reads some of them (``STEPJAX_CONV``,
+    ``STEPJAX_REMAT``, ``STEPJAX_ONEDNN_THREADS``)."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("STEPJAX_")))
+
+
 # train.* fields that change how long a run goes and what it writes, never what its steps compute
 _BOOKKEEPING = ("epochs", "total_steps", "halt_after_steps", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "eval_every_epochs", "progress")
@@ -190,7 +197,7 @@ def run_programs(config, graphdef, steps_per_epoch: int, total_steps: int, mesh)
     settings["train"] = {k: v for k, v in settings["train"].items() if k not in _BOOKKEEPING}
     cosine = config.optim.schedule == "cosine"  # the only schedule that reads the run's length
     key = (json.dumps(settings, sort_keys=True, default=str), steps_per_epoch, total_steps if cosine else None, mesh,
-           kernels.trace_settings(DTYPES[config.model.dtype]))
+           kernels.trace_settings(DTYPES[config.model.dtype]), _stepjax_environment())
     if key not in _PROGRAMS:
         info = dataset_info(config.data)
         schedule = learning_rate_schedule(config.optim, steps_per_epoch, total_steps)
