@@ -232,8 +232,8 @@ def _tracing() -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _initialiser(spec, num_classes, controller, options, masks, seed, dtype, scan):
-    """A model's initialisation: the list its traces put the model's graph in, the function, and
-    the function as one jitted program, made once per process for each set of `make_model`
+    """A model's initialisation: the one-item list its traces put the model's graph in, the
+    function, and the function as one jitted program, made once per process for each set of `make_model`
     arguments (each call gives fresh arrays).
 
     One program because op-by-op initialisation of a deep net is slow on CPU; compiled without
@@ -245,7 +245,7 @@ def _initialiser(spec, num_classes, controller, options, masks, seed, dtype, sca
             spec, num_classes, rngs=nnx.Rngs(seed), controller=controller, controller_options=dict(options),
             placement=masks, dtype=dtype, scan=scan,
         ))
-        graphdefs.append(graphdef)  # the graph is static: the trace gives it
+        graphdefs[:] = [graphdef]  # the graph is static: any trace gives it
         return state
 
     return graphdefs, init, jax.jit(init, compiler_options=FAST_COMPILE)

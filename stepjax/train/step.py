@@ -156,10 +156,9 @@ def compiler_options(config) -> dict | None:
 
 
 class Programs(NamedTuple):
-    """What a run trains with: its learning-rate `schedule`, optimizer `tx`, and jitted
+    """What a run trains with: its optimizer `tx` (whose state the run starts from) and jitted
     `train_step` and `eval_step` (`make_train_step`, `make_eval_step`)."""
 
-    schedule: optax.Schedule
     tx: optax.GradientTransformation
     train_step: Any
     eval_step: Any
@@ -203,7 +202,7 @@ def run_programs(config, graphdef, steps_per_epoch: int, total_steps: int, mesh)
         schedule = learning_rate_schedule(config.optim, steps_per_epoch, total_steps)
         tx = make_optimizer(config.optim, schedule)
         _PROGRAMS[key] = Programs(
-            schedule, tx, make_train_step(graphdef, tx, schedule, config, info, mesh),
+            tx, make_train_step(graphdef, tx, schedule, config, info, mesh),
             make_eval_step(graphdef, config, info, mesh, flip=config.train.eval_flip),
         )
         while len(_PROGRAMS) > _KEPT_PROGRAMS:
