@@ -3,6 +3,9 @@ class of the models, under jit, scan, checkpoint and vmap; one ResNet-164 traini
 paths; and the XLA path wherever the extension is not there or not wanted. Also the CPU lowering
 of `stepjax.kernels.lowering`: a rounding that keeps every bit is no instruction, others still round."""
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +90,32 @@ def test_forward_shape_and_values():
     y = jax.jit(onednn.conv_same, static_argnums=2)(x, w, 2)
     assert y.shape == (2, 4, 4, 4)
     np.testing.assert_allclose(y, xla_conv(x, w, 2), rtol=1e-5, atol=1e-5)
+
+
+def _threads_of_calls(mesh, monkeypatch):
+    """The ``threads`` attribute of each oneDNN call in a compiled value-and-gradient of a conv whose
+    batch is split over `mesh`."""
+    monkeypatch.delenv("STEPJAX_ONEDNN_THREADS", raising=False)
+    x, w = operands(SHAPES["bottleneck 3x3"])
+    x = jax.device_put(x, parallel.batch_sharded(mesh))
+    w = jax.device_put(w, parallel.replicated(mesh))
+    loss = jax.value_and_grad(lambda x, w: jnp.sum(onednn.conv_same(x, w, 1) ** 2), argnums=(0, 1))
+    hlo = jax.jit(loss).lower(x, w).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "stepjax_onednn_conv" in line]
+    assert len(calls) >= 3, hlo  # forward, input gradient, kernel gradient
+    return {int(n) for line in calls for n in re.findall(r"threads\W+(\d+)", line)}
+
+
+@needs_extension
+def test_onednn_threads_divide_the_cores_among_the_programs_devices(monkeypatch):
+    """A program on one device gives each call every core of the process, though the process has
+    more devices (the deep protocol trains on one of them); one split over two devices, half each."""
+    cores = len(os.sched_getaffinity(0))
+    assert jax.local_device_count() == 4  # tests/conftest.py
+    assert _threads_of_calls(parallel.data_mesh(1), monkeypatch) == {cores}
+    assert _threads_of_calls(parallel.data_mesh(2), monkeypatch) == {max(1, cores // 2)}
+    monkeypatch.setenv("STEPJAX_ONEDNN_THREADS", "3")
+    assert onednn.threads(1) == onednn.threads(2) == 3
 
 
 def _one_step(devices, monkeypatch, path):

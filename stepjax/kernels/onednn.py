@@ -76,19 +76,21 @@ def _notice(path: str, why: str) -> str:
     return path
 
 
-def threads() -> int:
+def threads(devices: int | None = None) -> int:
     """OpenMP threads per oneDNN call: ``$STEPJAX_ONEDNN_THREADS``, else this process's cores
-    divided among its CPU devices (each device runs its own convolutions at the same time)."""
+    divided among the CPU devices that run the program's convolutions at the same time: `devices`
+    (the devices of its mesh), or, where the program does not say, all of the process's."""
     if os.environ.get("STEPJAX_ONEDNN_THREADS"):
         return int(os.environ["STEPJAX_ONEDNN_THREADS"])
-    return max(1, len(os.sched_getaffinity(0)) // jax.local_device_count("cpu"))
+    return max(1, len(os.sched_getaffinity(0)) // (devices or jax.local_device_count("cpu")))
 
 
-def _ffi(name, a, b, shape, stride):
-    """One oneDNN call on whole operands: `name`'s result of `shape`."""
+def _ffi(name, a, b, shape, stride, devices=None):
+    """One oneDNN call on whole operands: `name`'s result of `shape`, in a program that runs on
+    `devices` CPU devices at once (None: not known here, see `threads`)."""
     call = jax.ffi.ffi_call(f"stepjax_onednn_conv_{name}", jax.ShapeDtypeStruct(shape, a.dtype),
                             vmap_method="sequential")
-    return call(a, b, stride=np.int64(stride), threads=np.int64(threads()))
+    return call(a, b, stride=np.int64(stride), threads=np.int64(threads(devices)))
 
 
 def _partitioned(name, rule, reduce):
@@ -97,8 +99,8 @@ def _partitioned(name, rule, reduce):
     (`reduce`) is summed over the devices. Every other dimension stays whole (Shardy `rule`)."""
 
     @functools.partial(custom_partitioning, static_argnums=(2, 3))
-    def kernel(a, b, shape, stride):
-        return _ffi(name, a, b, shape, stride)
+    def kernel(a, b, shape, stride):  # lowered as it is only in a program on one device
+        return _ffi(name, a, b, shape, stride, devices=1)
 
     def partition(shape, stride, mesh, arg_shapes, result_shape):
         spec = arg_shapes[0].sharding.spec
@@ -107,8 +109,8 @@ def _partitioned(name, rule, reduce):
 
         def lower(a, b):
             if not reduce:
-                return _ffi(name, a, b, (a.shape[0], *shape[1:]), stride)
-            out = _ffi(name, a, b, shape, stride)
+                return _ffi(name, a, b, (a.shape[0], *shape[1:]), stride, devices=mesh.size)
+            out = _ffi(name, a, b, shape, stride, devices=mesh.size)
             return out if axis is None else jax.lax.psum(out, axis)
 
         return mesh, lower, whole if reduce else split, (split, split if reduce else whole)
