@@ -118,6 +118,7 @@ def seed_tables(results_dir: Path, docs_dir: Path) -> None:
         if found:
             missing = [f"`{name}`" for name, p in paths.items() if not p.exists()]
             head = f"Not analysed (no record in results/analysis/): {', '.join(missing)}.\n\n" if missing else ""
+            (docs_dir / table).parent.mkdir(parents=True, exist_ok=True)
             (docs_dir / table).write_text(head + seeds.render(seeds.rows(found)))
 
 

@@ -2,9 +2,10 @@
 temporary folder, they equal the committed ones (figures by the digest of their data)."""
 
 import dataclasses
+import shutil
 from pathlib import Path
 
-from stepjax.docs import DIGESTS, Drawing, generated_markdown, read_digests, regenerate
+from stepjax.docs import DIGESTS, SEED_TABLES, Drawing, generated_markdown, read_digests, regenerate, seed_tables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,3 +34,16 @@ def test_make_results_draws_only_the_figures_whose_data_changed(tmp_path):
     assert read_digests(REPO / "docs") == {  # what DIGESTS.md lists is what it is read as
         line.split("`")[1]: line.split("|")[2].strip()
         for line in (REPO / "docs" / DIGESTS).read_text().splitlines() if line.startswith("| `")}
+
+
+def test_a_seed_table_is_written_from_the_records_there_and_names_the_missing(tmp_path):
+    for name in ("deep_se_vs_plain_s0", "deep_se_vs_plain_s1"):
+        (tmp_path / "results" / "analysis" / name).mkdir(parents=True)
+        shutil.copy(REPO / "results" / "analysis" / name / "analysis.json", tmp_path / "results" / "analysis" / name)
+    seed_tables(tmp_path / "results", tmp_path / "docs")
+    assert not (tmp_path / "docs" / "figures" / "analysis" / "seeds_cpu.md").exists()  # no record of it
+    table = (tmp_path / "docs" / "figures" / "analysis" / "seeds_deep.md").read_text()
+    head, body = table.split("\n", 1)
+    missing = [name for name in SEED_TABLES["figures/analysis/seeds_deep.md"] if not name.startswith("deep_se_vs_plain_s")]
+    assert head.startswith("Not analysed") and [n.strip("`.,") for n in head.split(": ")[1].split()] == ["deep_se_vs_plain_s2", *missing]
+    assert all(f"`cifar10_{c}_deep_s{s}`" in body for c in ("se", "resnet") for s in (0, 1)) and "_s2`" not in body
