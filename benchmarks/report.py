@@ -56,7 +56,10 @@ def summarise(results):
         ratios = {"speed_ratio_jax_vs_torch": ("pytorch resnet164", "resnet164/resnet"),
                   "speed_ratio_jax_vs_torch_compile": ("pytorch resnet164 (torch.compile)", "resnet164/resnet"),
                   "speed_ratio_onednn_vs_xla": ("resnet164/resnet (XLA convolutions)", "resnet164/resnet"),
-                  "speed_ratio_resnet20_vs_torch": ("pytorch resnet20 (batch 32)", "resnet20/resnet (cpu protocol)")}
+                  "speed_ratio_resnet20_vs_torch": ("pytorch resnet20 (batch 32)", "resnet20/resnet (cpu protocol)"),
+                  "speed_ratio_one_device_vs_per_core": ("resnet164/resnet", "resnet164/resnet (1 device)"),
+                  "speed_ratio_resnet20_one_device_vs_per_core": ("resnet20/resnet (cpu protocol)",
+                                                                 "resnet20/resnet (cpu protocol) (1 device)")}
         for key, (slow, fast) in ratios.items():
             if slow in steps and fast in steps:
                 out[key] = steps[slow] / steps[fast]
@@ -154,6 +157,8 @@ def markdown(out):
              "speed_ratio_jax_vs_torch_compile": "ResNet-164 step speed, JAX / PyTorch torch.compile (same time)",
              "speed_ratio_onednn_vs_xla": "ResNet-164 step speed, oneDNN / XLA convolutions (same time)",
              "speed_ratio_resnet20_vs_torch": "ResNet-20 step speed at batch 32, JAX / PyTorch eager (same time)",
+             "speed_ratio_one_device_vs_per_core": "ResNet-164 step speed, one device / one per core (same time)",
+             "speed_ratio_resnet20_one_device_vs_per_core": "ResNet-20 step speed at batch 32, one device / one per core (same time)",
              "peak_rss_ratio_jax_vs_torch": "ResNet-164 step peak RSS, JAX / PyTorch",
              "compile_ratio_164_vs_56": "compile ResNet-164 / ResNet-56",
              "compile_ratio_110_vs_56": "compile ResNet-110 / ResNet-56 (same block, twice the depth)",

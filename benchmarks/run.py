@@ -93,6 +93,9 @@ def plan(args):
         configs = [[f"resnet164/{c}", controller_exp(c), "auto"] for c in MODEL_VARIANTS]
         configs += [["resnet164/resnet (XLA convolutions)", "cifar10_resnet", "xla"],
                     ["resnet20/resnet (cpu protocol)", CPU_PROTOCOL, "auto"]]
+        if args.devices is None:  # one device with all the cores for oneDNN against one device per core
+            configs += [[f"{name} (1 device)", exp, "auto", ["mesh.num_devices=1"]]
+                        for name, exp in (("resnet164/resnet", "cifar10_resnet"), ("resnet20/resnet (cpu protocol)", CPU_PROTOCOL))]
         specs.append({**common, "kind": "interleaved", "name": "interleaved", "configs": configs,
                       "rounds": args.rounds, "torch": args.torch, "torch_compile": args.torch_compile,
                       "timeout": 4 * 3600})  # 12 steps a round: at load 8 it took more than 20 minutes

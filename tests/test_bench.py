@@ -133,6 +133,19 @@ def test_benchmark_summary_and_table():
     assert "resnet164/se" in text and "error: boom" in text
 
 
+def test_same_time_ratios_of_the_interleaved_run():
+    from benchmarks.report import summarise
+
+    steps = {"resnet164/resnet": 4.0, "resnet164/se": 4.4, "resnet164/resnet (1 device)": 3.2,
+             "resnet20/resnet (cpu protocol)": 0.1, "resnet20/resnet (cpu protocol) (1 device)": 0.125,
+             "pytorch resnet164": 3.6}
+    s = summarise([{"name": "interleaved", "step_s": steps, "devices": 2, "batch": {}, "load": [[1, 1, 1]]}])
+    assert s["step_ratio_se_vs_plain"] == pytest.approx(1.1)
+    assert s["speed_ratio_jax_vs_torch"] == pytest.approx(0.9)
+    assert s["speed_ratio_one_device_vs_per_core"] == pytest.approx(1.25)
+    assert s["speed_ratio_resnet20_one_device_vs_per_core"] == pytest.approx(0.8)
+
+
 def test_benchmark_results_replace_only_the_marked_block(tmp_path):
     from benchmarks.report import MARKERS, environment, summarise, write_docs
 
