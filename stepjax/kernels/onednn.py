@@ -99,7 +99,7 @@ def _partitioned(name, rule, reduce):
     (`reduce`) is summed over the devices. Every other dimension stays whole (Shardy `rule`)."""
 
     @functools.partial(custom_partitioning, static_argnums=(2, 3))
-    def kernel(a, b, shape, stride):  # lowered as it is only in a program on one device
+    def kernel(a, b, shape, stride):  # lowered as it is only on one device (and in shard_map, unused here)
         return _ffi(name, a, b, shape, stride, devices=1)
 
     def partition(shape, stride, mesh, arg_shapes, result_shape):
