@@ -90,12 +90,13 @@ def plan(args):
     specs.append({**common, "kind": "pipeline", "name": "input pipeline", "exp": "cifar10_resnet",
                   "batches": 40 if quick else 150})
     if not quick:
-        configs = [[f"resnet164/{c}", controller_exp(c), "auto"] for c in MODEL_VARIANTS]
-        configs += [["resnet164/resnet (XLA convolutions)", "cifar10_resnet", "xla"],
-                    ["resnet20/resnet (cpu protocol)", CPU_PROTOCOL, "auto"]]
+        # [name, experiment, convolution path, overrides]
+        configs = [[f"resnet164/{c}", controller_exp(c), "auto", []] for c in MODEL_VARIANTS]
+        configs += [["resnet164/resnet (XLA convolutions)", "cifar10_resnet", "xla", []],
+                    ["resnet20/resnet (cpu protocol)", CPU_PROTOCOL, "auto", []]]
         if args.devices is None:  # one device with all the cores for oneDNN against one device per core
             configs += [[f"{name} (1 device)", exp, "auto", ["mesh.num_devices=1"]]
-                        for name, exp in (("resnet164/resnet", "cifar10_resnet"), ("resnet20/resnet (cpu protocol)", CPU_PROTOCOL))]
+                        for name, exp, _, _ in (configs[0], configs[-1])]
         specs.append({**common, "kind": "interleaved", "name": "interleaved", "configs": configs,
                       "rounds": args.rounds, "torch": args.torch, "torch_compile": args.torch_compile,
                       "timeout": 4 * 3600})  # 12 steps a round: at load 8 it took more than 20 minutes

@@ -89,9 +89,9 @@ def worker_interleaved(spec):
     import jax
 
     runners, batches = {}, {}
-    for name, exp, conv, *overrides in spec["configs"]:
+    for name, exp, conv, overrides in spec["configs"]:
         os.environ["STEPJAX_CONV"] = conv  # read when the step is traced: "xla" or "auto"
-        compiled, state, batch, config = build_step(exp, overrides[0] if overrides else (), spec["data_dir"])
+        compiled, state, batch, config = build_step(exp, overrides, spec["data_dir"])
         holder = {"state": state}
 
         def run(compiled=compiled, holder=holder, batch=batch):

@@ -63,8 +63,9 @@ def path_for(dtype) -> str:
 
 def trace_settings(dtype) -> tuple:
     """What a convolution of `dtype` operands reads from this process when it is traced, beyond its
-    operands: its path and, on the oneDNN path, the threads of each call. Programs traced under
-    equal settings are the same program."""
+    operands and its program's mesh: its path and, on the oneDNN path, `threads` (whose inputs,
+    besides the mesh, it stands for). Programs traced under equal settings and meshes are the same
+    program."""
     path = path_for(dtype)
     return path, threads() if path == "onednn" else None
 
