@@ -1,6 +1,7 @@
 // The convolutions of `stepjax.models.layers.conv2d` as XLA FFI handlers that call oneDNN:
 // forward, input gradient and kernel gradient of a bias-free NHWC/HWIO fp32 convolution with
-// padding k // 2 on both sides (odd k, any stride). Python side: stepjax/kernels/onednn.py.
+// padding k // 2 on both sides (odd k, any stride); 1x1 convolutions with stride 1 as matrix
+// products (sgemm). Python side: stepjax/kernels/onednn.py.
 //
 // Built against oneDNN 3.2 (PyPI onednn-cpu-gomp + onednn-devel-cpu-gomp 2023.2.0, GNU OpenMP)
 // and jax's XLA FFI headers (jax.ffi.include_dir()): `python -m stepjax.kernels.build`.
@@ -95,10 +96,28 @@ const Plan& GetPlan(Kind kind, const Geometry& g) {
   return *plan;
 }
 
+// A 1x1 convolution with stride 1 is a matrix product over the pixels: x (pixels x c) times the
+// HWIO kernel read as a c x o matrix. oneDNN's sgemm (row-major) runs all three products at its
+// matrix rate; its 1x1 convolution ran the kernel gradient 3-4x slower when the activations were
+// 64-byte aligned, as XLA's are (docs/BENCHMARKS.md, sitting 23).
+void RunProduct(Kind kind, const Geometry& g, float* act, float* grad, float* kernel) {
+  const int64_t m = g.n * g.h * g.w, c = g.c, o = g.o;
+  dnnl::status status;
+  if (kind == kForward) {  // y = x w
+    status = dnnl::sgemm('N', 'N', m, o, c, 1.f, act, c, kernel, o, 0.f, grad, o);
+  } else if (kind == kInputGrad) {  // dx = dy w^T
+    status = dnnl::sgemm('N', 'T', m, c, o, 1.f, grad, o, kernel, o, 0.f, act, c);
+  } else {  // dw = x^T dy
+    status = dnnl::sgemm('T', 'N', c, o, m, 1.f, act, c, grad, o, 0.f, kernel, o);
+  }
+  if (status != dnnl::status::success) throw dnnl::error(static_cast<dnnl_status_t>(status), "sgemm");
+}
+
 // Runs `kind` on the caller's buffers: `act` is x (forward, kernel gradient) or dx (input
 // gradient), `grad` is y or dy, `kernel` is w or dw (HWIO).
 void Run(Kind kind, const Geometry& g, float* act, float* grad, float* kernel, int64_t threads) {
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+  if (g.k == 1 && g.s == 1) return RunProduct(kind, g, act, grad, kernel);
   const Plan& plan = GetPlan(kind, g);
   const auto f32 = memory::data_type::f32;
   dnnl::stream stream(Engine());

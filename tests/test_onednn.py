@@ -30,6 +30,7 @@ SHAPES = {
     "bottleneck 3x3": (2, 8, 4, 4, 3, 1),
     "bottleneck 3x3 stride 2": (2, 8, 4, 4, 3, 2),
     "bottleneck 1x1 out": (2, 8, 4, 16, 1, 1),
+    "1x1 matrix product, odd sizes": (3, 5, 7, 3, 1, 1),
     "projection 1x1 stride 2": (2, 8, 16, 32, 1, 2),
     "odd map stride 2": (2, 7, 4, 4, 3, 2),
     "cbam 7x7": (2, 8, 2, 1, 7, 1),
