@@ -49,20 +49,22 @@ def summarise(results):
     inter = by.get("interleaved")
     if inter:  # same-time medians: the ratios that the targets use
         steps = inter["step_s"]
-        base = steps.get("resnet164/resnet")
-        for c in MODEL_VARIANTS[1:]:
-            if base and f"resnet164/{c}" in steps:
-                out[f"step_ratio_{c}_vs_plain"] = steps[f"resnet164/{c}"] / base
-        ratios = {"speed_ratio_jax_vs_torch": ("pytorch resnet164", "resnet164/resnet"),
+        ratios = {f"step_ratio_{c}_vs_plain": (f"resnet164/{c}", "resnet164/resnet") for c in MODEL_VARIANTS[1:]}
+        ratios |= {"speed_ratio_jax_vs_torch": ("pytorch resnet164", "resnet164/resnet"),
                   "speed_ratio_jax_vs_torch_compile": ("pytorch resnet164 (torch.compile)", "resnet164/resnet"),
                   "speed_ratio_onednn_vs_xla": ("resnet164/resnet (XLA convolutions)", "resnet164/resnet"),
                   "speed_ratio_resnet20_vs_torch": ("pytorch resnet20 (batch 32)", "resnet20/resnet (cpu protocol)"),
                   "speed_ratio_one_device_vs_per_core": ("resnet164/resnet", "resnet164/resnet (1 device)"),
                   "speed_ratio_resnet20_one_device_vs_per_core": ("resnet20/resnet (cpu protocol)",
                                                                  "resnet20/resnet (cpu protocol) (1 device)")}
+        out["rounds_range"] = {}
         for key, (slow, fast) in ratios.items():
             if slow in steps and fast in steps:
                 out[key] = steps[slow] / steps[fast]
+                per_round = [a / b for a, b in zip(inter.get("step_times_s", {}).get(slow, []),
+                                                   inter.get("step_times_s", {}).get(fast, []))]
+                if per_round:  # how far one round's ratio strays from the medians' ratio
+                    out["rounds_range"][key] = [min(per_round), max(per_round)]
     elif plain:
         for c in MODEL_VARIANTS[1:]:
             if f"resnet164/{c}" in by:
@@ -164,11 +166,16 @@ def markdown(out):
              "compile_ratio_110_vs_56": "compile ResNet-110 / ResNet-56 (same block, twice the depth)",
              "compile_resnet164_s": "compile ResNet-164 (s)",
              "pipeline_vs_fastest_step": "input pipeline (loader + augment) / fastest training step"}
+    spread = s.get("rounds_range", {})
+
+    def rounds(key):
+        return f" (rounds {spread[key][0]:.2f}-{spread[key][1]:.2f})" if key in spread else ""
+
     lines += ["| ratio | value |", "| --- | --- |"]
     for key, value in s.items():
-        if key != "targets_met":
+        if key not in ("targets_met", "rounds_range"):
             label = names.get(key, key.replace("step_ratio_", "step time ").replace("_vs_plain", " / plain"))
-            lines.append(f"| {label} | {value:.2f} |")
+            lines.append(f"| {label} | {value:.2f}{rounds(key)} |")
     figures = {"resnet164 step >= pytorch": ("speed_ratio_jax_vs_torch", "x PyTorch's speed"),
                "resnet20 step (batch 32) >= pytorch": ("speed_ratio_resnet20_vs_torch", "x PyTorch's speed"),
                "se step <= 1.15x plain": ("step_ratio_se_vs_plain", "x plain"),
@@ -179,7 +186,7 @@ def markdown(out):
     lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
     for k, v in s["targets_met"].items():
         key, unit = figures[k]
-        lines.append(f"| {k} | {s[key]:.2f}{unit} | {'met' if v else 'MISSED'} |")
+        lines.append(f"| {k} | {s[key]:.2f}{unit}{rounds(key)} | {'met' if v else 'MISSED'} |")
     return "\n".join(lines)
 
 

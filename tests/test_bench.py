@@ -139,11 +139,17 @@ def test_same_time_ratios_of_the_interleaved_run():
     steps = {"resnet164/resnet": 4.0, "resnet164/se": 4.4, "resnet164/resnet (1 device)": 3.2,
              "resnet20/resnet (cpu protocol)": 0.1, "resnet20/resnet (cpu protocol) (1 device)": 0.125,
              "pytorch resnet164": 3.6}
-    s = summarise([{"name": "interleaved", "step_s": steps, "devices": 2, "batch": {}, "load": [[1, 1, 1]]}])
+    times = {"resnet164/resnet": [4.0, 5.0, 3.0], "pytorch resnet164": [3.6, 4.0, 3.3], "resnet164/se": [4.4, 5.5]}
+    s = summarise([{"name": "interleaved", "step_s": steps, "step_times_s": times, "devices": 2, "batch": {},
+                    "load": [[1, 1, 1]]}])
     assert s["step_ratio_se_vs_plain"] == pytest.approx(1.1)
     assert s["speed_ratio_jax_vs_torch"] == pytest.approx(0.9)
     assert s["speed_ratio_one_device_vs_per_core"] == pytest.approx(1.25)
     assert s["speed_ratio_resnet20_one_device_vs_per_core"] == pytest.approx(0.8)
+    # each round's ratio, paired by round: PyTorch / JAX 0.9, 0.8, 1.1
+    assert s["rounds_range"]["speed_ratio_jax_vs_torch"] == pytest.approx([0.8, 1.1])
+    assert s["rounds_range"]["step_ratio_se_vs_plain"] == pytest.approx([1.1, 1.1])
+    assert "speed_ratio_one_device_vs_per_core" not in s["rounds_range"]  # no per-round times given
 
 
 def test_benchmark_results_replace_only_the_marked_block(tmp_path):
