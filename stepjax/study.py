@@ -55,8 +55,8 @@ PLANS = {
     # the deep protocol (ResNet-164 topology): seed 0 of plain, SE and StepNet first, then seeds 1, 2
     "deep": [(f"cifar10_{c}:deep", s) for s in SEEDS for c in ("resnet", "se", "stepnet")],
     # its control for a gate that does not vary with the image (docs/ANALYSIS.md 3.9): a trained
-    # constant step per channel, seed 0
-    "deep_controls": [("cifar10_channel_step:deep", 0)],
+    # constant step per channel, the same three seeds
+    "deep_controls": [("cifar10_channel_step:deep", s) for s in SEEDS],
 }
 ROOTS = {"cpu": "runs/study", "deep": "runs/deep", "deep_controls": "runs/deep"}  # run directories; records go to results/<same>
 CLAIMS = ".claims"  # <root>/.claims/<run>: the lock of the study process that trains the run
