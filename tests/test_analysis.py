@@ -582,3 +582,14 @@ def test_seed_table_counts_each_run_once_with_its_mean_gate_control(tmp_path):
     assert "| mean-gate change (points) | -1.00 ± 0.00 |  |  |" in text
     with pytest.raises(SystemExit, match="No analysis.json"):
         seeds.main([str(tmp_path / "missing")])
+
+
+def test_model_labels_name_every_deep_controller_in_words():
+    from stepjax.analysis.report import model_label
+    from stepjax.config import load_experiment
+
+    labels = {c: model_label(load_experiment(f"cifar10_{c}:deep"), 100) for c in ("resnet", "se", "stepnet", "channel_step")}
+    assert labels["channel_step"].startswith("trained constant step per channel (control), resnet164")
+    assert labels["stepnet"].startswith("StepNet (our reconstruction)")
+    assert labels["resnet"].startswith("plain (h = 1)") and labels["se"].startswith("SE,")
+    assert model_label(load_experiment("cifar10_se:deep"), 0).endswith("random init")

@@ -72,7 +72,8 @@ def model_label(config, step: int) -> str:
     """A short description: controller (StepNet marked as our reconstruction), preset, placement,
     training state."""
     m = config.model
-    names = {"stepnet": "StepNet (our reconstruction)", "constant": "plain (h = 1)"}
+    names = {"stepnet": "StepNet (our reconstruction)", "constant": "plain (h = 1)",
+             "channel_step": "trained constant step per channel (control)"}
     name = names.get(m.controller, m.controller.upper())
     options = dict(m.controller_options)
     parts = [name + (f" {options}" if options else ""), m.preset]
