@@ -46,7 +46,10 @@ def conv2d(x, w, stride=1):
         y = _pointwise(x[:, ::stride, ::stride, :], w[0, 0])
     else:
         y = _conv_same(x, w, stride)
-    return checkpoint_name(y, SAVED)  # kept for the backward pass of a scanned stage
+    # kept for the backward pass of a scanned stage: the outputs of larger kernels. A 1x1
+    # convolution is one matrix product, cheaper to redo there than its output is to store in the
+    # scan's stack and read back (docs/BENCHMARKS.md, "What a scanned stage stores").
+    return y if k == 1 else checkpoint_name(y, SAVED)
 
 
 @jax.custom_vjp

@@ -81,7 +81,7 @@ def test_scanned_model_gradient_matches_python_loop(controller):
 
 @pytest.mark.parametrize("controller", ["stepnet", "dia"])
 def test_recomputation_in_scan_keeps_gradients_and_statistics(monkeypatch, controller):
-    """Storing only the convolution outputs (STEPJAX_REMAT, default on) changes nothing computed."""
+    """Storing only the larger kernels' convolution outputs (STEPJAX_REMAT, default on) changes nothing computed."""
     kwargs = dict(num_classes=3, controller=controller, depths=(3, 2, 2), widths=(2, 4, 4), stem_width=4)
     x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
 
@@ -99,6 +99,21 @@ def test_recomputation_in_scan_keeps_gradients_and_statistics(monkeypatch, contr
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves((g1, s1)), jax.tree.leaves((g2, s2))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_scanned_stage_stores_the_outputs_of_larger_kernels_and_redoes_1x1(capsys):
+    """The policy of `EulerStage`'s checkpoint keeps what `conv2d` names: a 3x3 convolution's output,
+    not a 1x1's (one matrix product, redone in the backward pass)."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from stepjax.ode.euler import SAVED
+
+    x, w3, w1 = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5)), jnp.ones((1, 1, 5, 7))
+    f = jax.checkpoint(lambda x, w3, w1: jnp.tanh(conv2d(jnp.tanh(conv2d(x, w3)), w1)).sum(),
+                       policy=jax.checkpoint_policies.save_only_these_names(SAVED))
+    print_saved_residuals(f, x, w3, w1)
+    saved = [line for line in capsys.readouterr().out.splitlines() if SAVED in line]
+    assert len(saved) == 1 and saved[0].startswith("f32[2,8,8,5]")  # the 3x3 output; the 1x1's is f32[2,8,8,7]
 
 
 def _fake_results():

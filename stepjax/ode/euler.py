@@ -14,7 +14,8 @@ from stepjax import kernels
 from stepjax.ode.controller import StageShared, StepController
 
 # Inside the scan over a stage's blocks, only values a vector field tags with
-# `jax.ad_checkpoint.checkpoint_name(x, SAVED)` (the convolution outputs of the ResNet fields) are
+# `jax.ad_checkpoint.checkpoint_name(x, SAVED)` (the outputs of the ResNet fields' 3x3 and larger
+# convolutions; a 1x1 convolution is redone, `stepjax.layers.conv2d`) are
 # stored for the backward pass; the elementwise rest of a step (BatchNorm, ReLU, the step-size
 # update) is recomputed from them. Same gradients; about half the stored activations, fewer
 # memory passes, and on 2 CPU cores a faster step. ``STEPJAX_REMAT=0`` turns it off. On the CPU the
