@@ -58,11 +58,11 @@ def summarise(results):
                   "speed_ratio_resnet20_one_device_vs_per_core": ("resnet20/resnet (cpu protocol)",
                                                                  "resnet20/resnet (cpu protocol) (1 device)")}
         out["rounds_range"] = {}
+        times = inter.get("step_times_s", {})
         for key, (slow, fast) in ratios.items():
             if slow in steps and fast in steps:
                 out[key] = steps[slow] / steps[fast]
-                per_round = [a / b for a, b in zip(inter.get("step_times_s", {}).get(slow, []),
-                                                   inter.get("step_times_s", {}).get(fast, []))]
+                per_round = [a / b for a, b in zip(times.get(slow, []), times.get(fast, []))]
                 if per_round:  # how far one round's ratio strays from the medians' ratio
                     out["rounds_range"][key] = [min(per_round), max(per_round)]
     elif plain:
