@@ -2,7 +2,7 @@
 regenerated from the records in ``results/`` alone.
 
 What is generated is data (`REPORTS`, `SEED_TABLES`): the accuracy reports from training records,
-the analysis figures from ``results/analysis/<name>/analysis.json``, the lottery strip plots from
+the analysis figures from ``results/analysis/<name>/analysis.json.gz``, the lottery strip plots from
 ``results/lottery/<name>/lottery.json``, and the across-seed table of the analyses. Beside the
 figures, ``docs/figures/DIGESTS.md`` lists a digest of each figure's data, so a test can tell that
 a committed figure still matches its record without comparing pixels.
@@ -19,7 +19,7 @@ from pathlib import Path
 from stepjax import results
 from stepjax.analysis import figures, seeds
 from stepjax.analysis.report import render_report
-from stepjax.records import digest
+from stepjax.records import ANALYSIS_RECORD, digest, read_analysis_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,8 @@ def accuracy_report(report: Report, results_dir: Path, docs_dir: Path, drawing: 
 def analysis_figures(results_dir: Path, docs_dir: Path, drawing: Drawing) -> dict[str, str]:
     """Draw every analysis record into ``figures/analysis/<name>/``; returns the data digests."""
     all_digests = {}
-    for path in sorted((results_dir / "analysis").glob("*/analysis.json")):
-        report = json.loads(path.read_text())
+    for path in sorted((results_dir / "analysis").glob(f"*/{ANALYSIS_RECORD}")):
+        report = read_analysis_record(path)
         digests = {f"figures/analysis/{path.parent.name}/{name}.png": digest(figure)
                    for name, figure in report["figures"].items()}
         render_report(report, docs_dir / "figures" / "analysis" / path.parent.name, draw=drawing.needed(digests))
@@ -113,8 +113,8 @@ def seed_tables(results_dir: Path, docs_dir: Path) -> None:
     """Write the across-seed tables (`SEED_TABLES`) from the analysis records that exist, naming the
     ones that do not."""
     for table, names in SEED_TABLES.items():
-        paths = {name: results_dir / "analysis" / name / "analysis.json" for name in names}
-        found = [json.loads(p.read_text()) for p in paths.values() if p.exists()]
+        paths = {name: results_dir / "analysis" / name / ANALYSIS_RECORD for name in names}
+        found = [read_analysis_record(p) for p in paths.values() if p.exists()]
         if found:
             missing = [f"`{name}`" for name, p in paths.items() if not p.exists()]
             head = f"Not analysed (no record in results/analysis/): {', '.join(missing)}.\n\n" if missing else ""

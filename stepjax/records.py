@@ -10,6 +10,7 @@ records``) copies it by hand. ``runs/<path>`` is filed as ``results/<path>``; a 
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -143,6 +144,39 @@ def digest(data) -> str:
     instead of pixels."""
     text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# one analysis's record (``results/analysis/<name>/``): the data of every figure, as gzip-compressed
+# JSON, a quarter of the plain text's size (the working tree travels with every device call)
+ANALYSIS_RECORD = "analysis.json.gz"
+
+
+def analysis_record(source: str | Path) -> Path | None:
+    """The analysis record file that `source` names (a directory holding `ANALYSIS_RECORD`, or the
+    file itself), or None when there is none."""
+    path = Path(source)
+    path = path / ANALYSIS_RECORD if path.is_dir() else path
+    return path if path.name == ANALYSIS_RECORD and path.is_file() else None
+
+
+def write_analysis_record(directory: str | Path, report: dict) -> Path:
+    """Write `report` (JSON-ready) as the analysis record of `directory` (made); returns its path.
+    The bytes depend on the report alone (no time stamp in the gzip header)."""
+    path = Path(directory) / ANALYSIS_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, separators=(",", ":"))
+    path.write_bytes(gzip.compress(text.encode(), compresslevel=9, mtime=0))
+    return path
+
+
+def read_analysis_record(source: str | Path) -> dict:
+    """The report of the analysis record that `source` names (see `analysis_record`); a missing one
+    raises `FileNotFoundError` naming it and how to make one."""
+    path = analysis_record(source)
+    if path is None:
+        raise FileNotFoundError(f"{source}: no analysis record ({ANALYSIS_RECORD}); make one with "
+                                "`make analyze WORKDIR=...` (python -m stepjax.analysis).")
+    return json.loads(gzip.decompress(path.read_bytes()))
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stepjax import figures
 from stepjax.config import read_run_config
 from stepjax.evaluate import read_evaluation
 from stepjax.records import digest
@@ -372,11 +373,7 @@ def epoch_means(steps, losses, steps_per_epoch) -> tuple[np.ndarray, np.ndarray]
 
 def plot_curves(records: list[dict], path: Path) -> None:
     """Test accuracy and train loss by epoch/step, one colour per experiment."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figures.pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     colours = {}
     for r in records:
@@ -391,9 +388,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
                 "and test loss (dashed)", yscale="log")
     ax_acc.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path, dpi=110)
 
 
 # StepNet (ours) against SE and plain; and SE against plain, the premise that attention helps here

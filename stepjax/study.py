@@ -43,9 +43,8 @@ from pathlib import Path
 
 from stepjax import errors, parallel
 from stepjax.analysis.__main__ import DEFAULT_OUT, RECORDS
-from stepjax.analysis.placement import analysis_file
 from stepjax.analysis.seeds import PAIRS, pair_analysis
-from stepjax.records import finished_run, results_root
+from stepjax.records import analysis_record, finished_run, results_root
 
 SEEDS = (0, 1, 2)
 PLANS = {
@@ -160,7 +159,7 @@ def analysis_state(name: str, ours: Path, other: Path) -> str:
     """``done`` (its record is filed), ``waiting for <runs>``, ``ready``, or why it cannot run."""
     from stepjax.train.checkpoint import saved_steps
 
-    if analysis_file(results_root() / RECORDS / name) is not None:
+    if analysis_record(results_root() / RECORDS / name) is not None:
         return "done"
     waiting = [str(d) for d in (ours, other) if finished_steps(d) is None]
     if waiting:

@@ -44,6 +44,7 @@ from stepjax.analysis.placement import nsi_placement, nsi_scores, recorded_score
 from stepjax.analysis.report import load_images, load_source
 from stepjax.config import apply_overrides, load_experiment
 from stepjax.models import Conv, make_model
+from stepjax.records import ANALYSIS_RECORD, read_analysis_record, write_analysis_record
 from stepjax.train import StopAfterRun
 
 FAST = TraceOptions(power_iters=3, batch_size=12)  # the CLI test's settings: compilations are shared
@@ -347,7 +348,7 @@ def test_mean_gate_control_gets_an_exact_mcnemar_test(tmp_path):
     text = (tmp_path / "correlations.md").read_text()
     assert "8 images right only with the model's own gate, 1 only with the mean gate; exact McNemar " \
            "(two-sided) p = 0.0391." in text
-    assert json.loads((tmp_path / "record" / "analysis.json").read_text())["models"]["mean_gate"]["paired_test"]["p_value"] == 0.03906
+    assert read_analysis_record(tmp_path / "record")["models"]["mean_gate"]["paired_test"]["p_value"] == 0.03906
 
 
 def test_report_of_a_model_with_constant_steps(tmp_path, caplog):
@@ -361,7 +362,7 @@ def test_report_of_a_model_with_constant_steps(tmp_path, caplog):
     assert report["models"]["main"]["step_size"][0]["cv_samples"] == [0.0, 0.0]
     paths = write_report(report, tmp_path / "record", tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
-    assert (tmp_path / "record" / "analysis.json").exists()
+    assert (tmp_path / "record" / ANALYSIS_RECORD).exists()
     assert "no model with varying step sizes" in (tmp_path / "correlations.md").read_text()
     progress = [r.getMessage() for r in caplog.records]  # the long phases at depth say where they are
     assert progress[0] == f"statistics of main: {len(INDICATORS)} indicators x 6 blocks, 10 permutations and 5 bootstrap draws each"
@@ -400,7 +401,7 @@ def test_cli_on_a_smoke_run_writes_json_and_figures(smoke_run, tmp_path):
                           "--power-iters", str(FAST.power_iters), "--permutations", "20", "--bootstrap", "10",
                           "--num-curves", "5", "--out", str(out)]) == 0
     assert (out / "correlations.md").exists()
-    report = json.loads((Path(os.environ["STEPJAX_RESULTS"]) / "analysis" / "figures" / "analysis.json").read_text())
+    report = read_analysis_record(Path(os.environ["STEPJAX_RESULTS"]) / "analysis" / "figures")
     assert set(report["models"]) == {"main", "random_init", "mean_gate"}
     assert "OUR RECONSTRUCTION" in report["note"]
     nsi = report["figures"]["nsi_relative_increment"]
@@ -566,8 +567,7 @@ def test_seed_table_counts_each_run_once_with_its_mean_gate_control(tmp_path):
     reports.append({"models": {"main": _fake_model("StepNet", "runs/stepnet_s0", 0.85, -0.3),
                                "compare": _fake_model("SE", "runs/se_s0", 0.80, -0.2)}})
     for i, report in enumerate(reports):
-        (tmp_path / str(i)).mkdir()
-        (tmp_path / str(i) / "analysis.json").write_text(json.dumps(report))
+        write_analysis_record(tmp_path / str(i), report)
     table = seeds.rows(reports)
     assert sorted(r["source"] for r in table) == ["runs/plain_s0", "runs/plain_s1", "runs/se_s0", "runs/se_s1",
                                                   "runs/stepnet_s0"]
@@ -580,7 +580,7 @@ def test_seed_table_counts_each_run_once_with_its_mean_gate_control(tmp_path):
     assert "| figure | SE, resnet20 (n=2) | StepNet, resnet20 (n=1) | plain (h = 1), resnet20 (n=2) |" in text
     assert "| within-block rho, relative derivative | -0.300 ± 0.141 | -0.300 |  |" in text  # sd of -0.2, -0.4
     assert "| mean-gate change (points) | -1.00 ± 0.00 |  |  |" in text
-    with pytest.raises(SystemExit, match="No analysis.json"):
+    with pytest.raises(SystemExit, match="No analysis.json.gz"):
         seeds.main([str(tmp_path / "missing")])
 
 

@@ -16,8 +16,10 @@ import pytest
 
 from stepjax import results as results_report
 from stepjax.campaign import filing, measure, plan, runner, slot, staging
+from stepjax.campaign.__main__ import REPO
 from stepjax.campaign.__main__ import main as campaign_main
 from stepjax.config import load_experiment, read_run_config
+from stepjax.records import read_analysis_record, write_analysis_record
 from stepjax.train import load_run
 
 
@@ -161,8 +163,7 @@ def test_next_item_follows_the_records(tmp_path):
     assert plan.next_item(plan.PLAN, results) is first  # its analyses are still to do
     assert not plan.pending(first, results)["trainings"]
     for analysis in first.analyses:
-        (results / "analysis" / analysis.name).mkdir(parents=True)
-        (results / "analysis" / analysis.name / "analysis.json").write_text("{}")
+        write_analysis_record(results / "analysis" / analysis.name, {})
     assert plan.next_item(plan.PLAN, results).key == "measure"
     (results / "measure").mkdir()
     (results / "measure" / "measure.json").write_text("{}")
@@ -218,12 +219,12 @@ def test_campaign_end_to_end_on_the_cpu(tmp_path):
     assert all((out / f).stat().st_size <= runner.FILE_LIMIT for f in files)
     with tarfile.open(out / "records.tar.gz") as tar:
         names = tar.getnames()
-    assert "check/cifar10_stepnet_smoke_s0/summary.json" in names and "analysis/check_stepnet/analysis.json" in names
+    assert "check/cifar10_stepnet_smoke_s0/summary.json" in names and "analysis/check_stepnet/analysis.json.gz" in names
 
     lines = filing.file_returned(out, results=results, base=base)
     record = results / "check" / "cifar10_stepnet_smoke_s0"
     assert json.loads((record / "summary.json").read_text())["status"] == "done"
-    assert (results / "analysis" / "check_stepnet" / "analysis.json").exists()
+    assert read_analysis_record(results / "analysis" / "check_stepnet")["models"]
     assert len(list((results / "campaign").glob("*-check.json"))) == 1
     workdir = base / "runs" / "check" / "cifar10_stepnet_smoke_s0"
     assert staging.latest_checkpoint(workdir) is not None
@@ -301,3 +302,11 @@ def test_measured_ratios_and_targets():
     assert out["targets"]["StepNet <= 1.25x plain (gpu protocol)"]["met"] is False
     assert out["targets"]["plain ResNet-164 b128 >= 2x 5,205 images/s (fastest setting)"] == \
         {"images_per_s": 11000.0, "met": True}
+
+
+def test_the_working_tree_leaves_each_device_call_room_for_the_data():
+    tree = slot.tree_bytes(REPO)
+    assert tree <= slot.TREE_BUDGET, (
+        f"the working tree is {tree / staging.MIB:.1f} MiB, above the {slot.TREE_BUDGET / staging.MIB:.0f} MiB "
+        "that leaves a device call room for the data: look for large tracked files (git ls-files -z | xargs -0 du -k "
+        "| sort -n | tail); figures: python -m stepjax.figures docs/figures")

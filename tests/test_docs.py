@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from stepjax.docs import DIGESTS, SEED_TABLES, Drawing, generated_markdown, read_digests, regenerate, seed_tables
+from stepjax.records import ANALYSIS_RECORD
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ def test_make_results_draws_only_the_figures_whose_data_changed(tmp_path):
 def test_a_seed_table_is_written_from_the_records_there_and_names_the_missing(tmp_path):
     for name in ("deep_se_vs_plain_s0", "deep_se_vs_plain_s1"):
         (tmp_path / "results" / "analysis" / name).mkdir(parents=True)
-        shutil.copy(REPO / "results" / "analysis" / name / "analysis.json", tmp_path / "results" / "analysis" / name)
+        shutil.copy(REPO / "results" / "analysis" / name / ANALYSIS_RECORD, tmp_path / "results" / "analysis" / name)
     seed_tables(tmp_path / "results", tmp_path / "docs")
     assert not (tmp_path / "docs" / "figures" / "analysis" / "seeds_cpu.md").exists()  # no record of it
     table = (tmp_path / "docs" / "figures" / "analysis" / "seeds_deep.md").read_text()

@@ -17,6 +17,7 @@ SOURCES = ("stepjax", "benchmarks", "experiments")
 
 LAYERS = {
     "stepjax.errors": [],  # exit statuses and the user-error type: importable from every layer
+    "stepjax.figures": [],  # how every figure is drawn and stored (matplotlib, 256-colour PNG)
     "stepjax.kernels": [],  # the CPU backend's oneDNN convolutions (XLA FFI) and a lowering
     "stepjax.ode": ["stepjax.errors", "stepjax.kernels"],
     "stepjax.layers": ["stepjax.ode", "stepjax.kernels"],
@@ -32,14 +33,14 @@ LAYERS = {
     "stepjax": ["stepjax.models"],  # the package's public API (stepjax/__init__.py)
     # readers of trained models and runs
     "stepjax.evaluate": ["stepjax.train"],
-    "stepjax.analysis": ["stepjax.train", "stepjax.records"],
-    "stepjax.results": ["stepjax.evaluate", "stepjax.records"],
+    "stepjax.analysis": ["stepjax.train", "stepjax.records", "stepjax.figures"],
+    "stepjax.results": ["stepjax.evaluate", "stepjax.records", "stepjax.figures"],
     "stepjax.docs": ["stepjax.results", "stepjax.analysis"],  # every run-derived document, from records
     "stepjax.main": ["stepjax.analysis", "stepjax.records"],  # resolves an NSI-guided placement
     "stepjax.study": ["stepjax.main", "stepjax.results"],
     "stepjax.campaign": ["stepjax.main"],  # the GPU campaign: trains, analyses and files records
     "benchmarks": ["stepjax.train"],
-    "stepjax.odebench": ["stepjax.controllers", "stepjax.records"],
+    "stepjax.odebench": ["stepjax.controllers", "stepjax.records", "stepjax.figures"],
 }
 
 

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from stepjax import records
 from stepjax.records import RECORD_FILES, file_run, finished_run, main, record_path
 from stepjax.study import finished_steps
 
@@ -53,3 +54,15 @@ def test_a_finished_run_is_found_in_its_record_once_its_directory_is_gone(tmp_pa
     (tmp_path / "results" / "x_s0").mkdir(parents=True)
     (tmp_path / "results" / "x_s0" / "summary.json").write_text(json.dumps({"status": "done"}))
     assert finished_run(outside) is None
+
+
+def test_an_analysis_record_is_compressed_json_read_back_the_same(tmp_path):
+    report = {"note": "x", "figures": {"nsi": {"values": [0.1234, 1e-05, None]}}}
+    path = records.write_analysis_record(tmp_path / "a", report)
+    assert path.name == records.ANALYSIS_RECORD and path.read_bytes()[:2] == b"\x1f\x8b"  # gzip
+    assert records.read_analysis_record(tmp_path / "a") == report == records.read_analysis_record(path)
+    again = records.write_analysis_record(tmp_path / "b", report)
+    assert again.read_bytes() == path.read_bytes()  # no time stamp: the same report gives the same bytes
+    assert records.analysis_record(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="no analysis record .*make analyze"):
+        records.read_analysis_record(tmp_path)

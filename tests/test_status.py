@@ -178,8 +178,7 @@ def test_the_study_analyses_each_pair_of_its_finished_runs_once(tmp_path, monkey
     for (exp, seed), workdir in runs.items():
         if (exp, seed) != ("cifar10_stepnet:deep", 1):  # still to train
             fabricate_finished(exp, workdir, checkpoints=() if seed == 1 else (100,))  # seed 1: an earlier checkout
-    (tmp_path / "results" / "analysis" / "deep_se_vs_plain_s0").mkdir(parents=True)
-    (tmp_path / "results" / "analysis" / "deep_se_vs_plain_s0" / "analysis.json").write_text("{}")
+    records.write_analysis_record(tmp_path / "results" / "analysis" / "deep_se_vs_plain_s0", {})
     started = []
 
     class Analysis:  # the analysis process, not run

@@ -2,7 +2,7 @@
 ``python -m stepjax.analysis --workdir DIR [--compare DIR2] [--num-samples N] [--out DIR]``.
 
 `DIR` is a run directory, or ``init:EXP`` for a freshly initialised model of experiment EXP.
-Writes ``analysis.json`` (the data of every figure), ``correlations.md`` and the PNGs.
+Writes the record ``analysis.json.gz`` (the data of every figure, gzip-compressed JSON), ``correlations.md`` and the PNGs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from stepjax.analysis.trace import TraceOptions
 from stepjax.records import results_root
 
 DEFAULT_OUT = Path("docs/figures/analysis")
-RECORDS = "analysis"  # analysis.json goes to results/analysis/<name>/ (stepjax.records.results_root)
+RECORDS = "analysis"  # the record (analysis.json.gz) goes to results/analysis/<name>/ (stepjax.records.results_root)
 
 
 def parse_args(argv):
@@ -32,7 +32,7 @@ def parse_args(argv):
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--data-dir", help="read the images from an npz copy here (e.g. /work/shared/data/cifar10)")
     p.add_argument("--out", help=f"figure directory (default {DEFAULT_OUT}/<workdir name>); the record "
-                   "analysis.json goes to results/analysis/<its name>")
+                   "its record goes to results/analysis/<its name>")
     p.add_argument("--no-controls", action="store_true", help="skip the random-init and mean-gate controls")
     p.add_argument("--power-iters", type=int, default=TraceOptions.power_iters)
     p.add_argument("--tol", type=float, default=TraceOptions.tol, help="relative local error tolerance of h*")

@@ -1,5 +1,5 @@
 """Figures drawn from the JSON-ready data that `stepjax.analysis.report` builds (so every PNG has
-its numbers in the report's JSON). Matplotlib is imported on first use, with the Agg backend."""
+its numbers in the report's JSON). Matplotlib is imported on first use (`stepjax.figures`)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,9 @@ import math
 
 import numpy as np
 
+from stepjax import figures
+
 COLOURS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _missing(value) -> bool:
@@ -37,7 +30,7 @@ def plot_nsi(figure: dict, path) -> None:
       "min", "max", "samples"}]}]}``.
     - `path`: the PNG to write.
     """
-    plt = _pyplot()
+    plt = figures.pyplot()
     stages = figure["stages"]
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.6), squeeze=False)
     for ax, stage in zip(axes[0], stages):
@@ -56,8 +49,7 @@ def plot_nsi(figure: dict, path) -> None:
                fontsize=7, frameon=False)
     fig.suptitle(figure["title"], fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path, dpi=120)
 
 
 def plot_step_sizes(figure: dict, path, max_columns: int = 9) -> None:
@@ -72,7 +64,7 @@ def plot_step_sizes(figure: dict, path, max_columns: int = 9) -> None:
     - `path`: the PNG to write.
     - `max_columns`: panels per row.
     """
-    plt = _pyplot()
+    plt = figures.pyplot()
     rows = [(stage["stage"], stage["panels"][i : i + max_columns])
             for stage in figure["stages"] for i in range(0, len(stage["panels"]), max_columns)]
     cols = max(len(panels) for _, panels in rows)
@@ -90,8 +82,7 @@ def plot_step_sizes(figure: dict, path, max_columns: int = 9) -> None:
         row[0].set_ylabel(f"samples by\n{figure['sort_by']}", fontsize=6.5)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="step size h")
     fig.suptitle(figure["title"], fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path, dpi=110)
 
 
 CORRELATION_COLUMNS = ("model", "indicator", "within-block mean rho [CI]", "p", "blocks p<=a",
@@ -144,7 +135,7 @@ def plot_correlations(figure: dict, path) -> None:
     - `figure`: ``{"title", "note", "rows": [...]}`` (see `stepjax.analysis.report`).
     - `path`: the PNG to write.
     """
-    plt = _pyplot()
+    plt = figures.pyplot()
     rows = correlation_rows(figure)
     height = 0.2 * (len(rows) + 1)
     fig = plt.figure(figsize=(15, height + 1.5))  # 1.2 inches below the table for the footnote
@@ -167,8 +158,7 @@ def plot_correlations(figure: dict, path) -> None:
     fig.suptitle(figure["title"], fontsize=9)
     sentence = mean_gate_sentence(figure.get("mean_gate_test"))
     fig.text(0.01, 0.02, (sentence + " " if sentence else "") + figure["note"], fontsize=6.5, wrap=True, va="bottom")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path, dpi=120)
 
 
 LOTTERY_GROUPS = ("none", "all", "random", "nsi_top", "nsi_bottom")
@@ -191,7 +181,7 @@ def plot_lottery(figure: dict, path) -> None:
     - `figure`: ``{"title", "note", "runs": [{"name", "status", "best_accuracy", "last_accuracy"}]}``.
     - `path`: the PNG to write.
     """
-    plt = _pyplot()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     labels = []
     for x, group in enumerate(LOTTERY_GROUPS):
@@ -213,5 +203,4 @@ def plot_lottery(figure: dict, path) -> None:
                  fontsize=9)
     fig.text(0.01, 0.01, figure["note"], fontsize=6, wrap=True)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path, dpi=120)

@@ -29,11 +29,11 @@ import numpy as np
 
 from stepjax import errors, parallel
 from stepjax.analysis import figures
-from stepjax.analysis.placement import analysis_file, nsi_placement, nsi_scores, recorded_scores
+from stepjax.analysis.placement import nsi_placement, nsi_scores, recorded_scores
 from stepjax.analysis.report import RECONSTRUCTION_NOTE, load_images, load_source
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS
 from stepjax.errors import UserError
-from stepjax.records import file_run, finished_run, results_root
+from stepjax.records import analysis_record, file_run, finished_run, results_root
 
 
 def placement_configs(config, *, ratio: float, num_random: int, scores) -> dict:
@@ -192,7 +192,7 @@ def cached_scores(source: str, folders, *, indicator: str, num_samples: int) -> 
     `(scores, key)`: the per-block scores and what they were measured on (``source``, ``indicator``,
     ``num_samples``, ``split``).
     """
-    if analysis_file(source) is not None:  # its NSI is read, not traced
+    if analysis_record(source) is not None:  # its NSI is read, not traced
         scores, settings = recorded_scores(source, indicator=indicator)
         key = {"source": str(source), "indicator": indicator, "num_samples": settings["num_samples"],
                "split": settings["split"]}

@@ -3,15 +3,13 @@ largest (or smallest), as an explicit list for `stepjax.models.resolve_placement
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from stepjax.analysis.report import load_images, load_source
 from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, TraceOptions, trace_model
 from stepjax.errors import UserError
 from stepjax.models import NSI_PREFIX, get_spec, is_nsi_placement
+from stepjax.records import ANALYSIS_RECORD, analysis_record, read_analysis_record
 
 NSI_SAMPLES = 500
 
@@ -41,14 +39,6 @@ def nsi_scores(model, images, *, indicator: str = DEFAULT_NSI, options: TraceOpt
     return scores
 
 
-def analysis_file(source) -> Path | None:
-    """The ``analysis.json`` that `source` names (an analysis record directory or the file itself),
-    or None when `source` is not an analysis record (a run directory, ``init:EXP``)."""
-    path = Path(source)
-    path = path / "analysis.json" if path.is_dir() else path
-    return path if path.name == "analysis.json" and path.is_file() else None
-
-
 def recorded_scores(record, *, indicator: str = DEFAULT_NSI) -> tuple[np.ndarray, dict]:
     """`nsi_scores` of the analysed model of an analysis record, read from the record instead of
     traced again: the ranking stays available once the model's run directory is gone.
@@ -56,7 +46,7 @@ def recorded_scores(record, *, indicator: str = DEFAULT_NSI) -> tuple[np.ndarray
     **Arguments:**
 
     - `record`: an analysis record directory (``results/analysis/NAME``, written by
-      ``python -m stepjax.analysis``) or its ``analysis.json``.
+      ``python -m stepjax.analysis``) or its record file (`stepjax.records.ANALYSIS_RECORD`).
     - `indicator`: a name in `INDICATORS`.
 
     **Returns:**
@@ -65,11 +55,11 @@ def recorded_scores(record, *, indicator: str = DEFAULT_NSI) -> tuple[np.ndarray
     `nsi_scores` (NaN for the shape-changing blocks), and the record's settings (its images:
     ``num_samples`` of the ``split``).
     """
-    path = analysis_file(record)
+    path = analysis_record(record)
     if path is None:
-        raise UserError(f"{record} holds no analysis.json: pass an analysis record (results/analysis/NAME, "
+        raise UserError(f"{record} holds no {ANALYSIS_RECORD}: pass an analysis record (results/analysis/NAME, "
                         "written by `make analyze`) or a run directory.")
-    analysis = json.loads(path.read_text())
+    analysis = read_analysis_record(path)
     figure = analysis["figures"].get(f"nsi_{indicator}")
     if figure is None:
         raise UserError(f"{path} has no figure of indicator {indicator!r}; it has "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -22,6 +21,7 @@ from stepjax.analysis.trace import DEFAULT_NSI, INDICATORS, Trace, TraceOptions,
 from stepjax.config import command_config
 from stepjax.errors import UserError
 from stepjax.models import build_model
+from stepjax.records import read_analysis_record, write_analysis_record
 from stepjax.train import load_run
 
 RECONSTRUCTION_NOTE = (
@@ -337,7 +337,7 @@ def _json_ready(value):
 
 
 def render_report(report: dict, out_dir, *, draw: bool = True) -> list[Path]:
-    """Draw an analysis report (`build_report`, or a saved ``analysis.json``): ``correlations.md``
+    """Draw an analysis report (`build_report`, or a saved record, `stepjax.records.read_analysis_record`): ``correlations.md``
     and, with `draw`, one PNG per figure into `out_dir`.
 
     **Returns:**
@@ -359,15 +359,12 @@ def render_report(report: dict, out_dir, *, draw: bool = True) -> list[Path]:
 
 
 def write_report(report: dict, record_dir, out_dir) -> list[Path]:
-    """Write the report's record ``analysis.json`` into `record_dir` (under ``results/``) and draw
-    it into `out_dir` (`render_report`).
+    """Write the report's record (`stepjax.records.ANALYSIS_RECORD`) into `record_dir` (under
+    ``results/``) and draw it into `out_dir` (`render_report`).
 
     **Returns:**
 
     The paths written.
     """
-    record_dir = Path(record_dir)
-    record_dir.mkdir(parents=True, exist_ok=True)
-    path = record_dir / "analysis.json"
-    path.write_text(json.dumps(_json_ready(report), separators=(",", ":")))
-    return [path, *render_report(json.loads(path.read_text()), out_dir)]
+    path = write_analysis_record(record_dir, _json_ready(report))
+    return [path, *render_report(read_analysis_record(path), out_dir)]

@@ -1,6 +1,6 @@
-"""Do the analysis findings repeat across seeds? One table from several ``analysis.json``.
+"""Do the analysis findings repeat across seeds? One table from several analysis records.
 
-``python -m stepjax.analysis.seeds DIR [DIR ...] [--out FILE]`` reads the ``analysis.json`` that
+``python -m stepjax.analysis.seeds DIR [DIR ...] [--out FILE]`` reads the record (``analysis.json.gz``) that
 ``python -m stepjax.analysis`` wrote in each DIR, takes every trained model in them (the analysed
 one and the one it was compared with; a run analysed twice is counted once) and writes a markdown
 table: one column per trained run with the headline figures of docs/ANALYSIS.md, then per model
@@ -10,12 +10,13 @@ kind (controller and network) their mean and standard deviation over the runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from stepjax.records import ANALYSIS_RECORD, analysis_record, read_analysis_record
 
 NSI = "relative_increment"  # NSI candidate (a), the one docs/ANALYSIS.md plots
 # the study's pairwise analyses: name -> (controller analysed, controller it is compared with), both
@@ -123,13 +124,13 @@ def render(table: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stepjax.analysis.seeds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dirs", nargs="+", help="directories holding an analysis.json")
+    parser.add_argument("dirs", nargs="+", help=f"analysis record directories (holding {ANALYSIS_RECORD})")
     parser.add_argument("--out", help="markdown file (default: print)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    missing = [d for d in args.dirs if not (Path(d) / "analysis.json").exists()]
+    missing = [d for d in args.dirs if analysis_record(d) is None]
     if missing:
-        raise SystemExit(f"No analysis.json in {', '.join(missing)}: run `make analyze WORKDIR=...` first.")
-    text = render(rows([json.loads((Path(d) / "analysis.json").read_text()) for d in args.dirs]))
+        raise SystemExit(f"No {ANALYSIS_RECORD} in {', '.join(missing)}: run `make analyze WORKDIR=...` first.")
+    text = render(rows([read_analysis_record(d) for d in args.dirs]))
     if args.out:
         Path(args.out).write_text(text)
         print("wrote", args.out)

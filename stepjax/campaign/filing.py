@@ -3,7 +3,7 @@ results tree and the local run directories.
 
 - the records in ``records.tar.gz`` -> ``results/<group>/<run>/`` (`stepjax.records.file_run`:
   the record files only, an older copy replaced whole);
-- each analysis's ``analysis.json`` -> ``results/analysis/<name>/`` (``make results`` draws the
+- each analysis's record (``analysis.json.gz``) -> ``results/analysis/<name>/`` (``make results`` draws the
   figures from it);
 - the measurements -> ``results/measure/<item>.json``;
 - ``campaign.json`` -> ``results/campaign/<stamp>-<item>.json`` (the device, the command, the wall
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from stepjax.campaign import staging
-from stepjax.records import file_run
+from stepjax.records import ANALYSIS_RECORD, file_run
 
 
 def file_returned(folder: str | Path, *, results: str | Path = "results", base: str | Path = ".") -> list[str]:
@@ -62,8 +62,8 @@ def file_tree(tree: Path, results: Path) -> list[str]:
     for config in sorted(tree.rglob("config.json")):
         relative = config.parent.relative_to(tree)
         lines.append(f"{relative} -> {file_run(config.parent, results / relative)}")
-    for analysis in sorted(tree.glob("analysis/*/analysis.json")):
-        target = results / "analysis" / analysis.parent.name / "analysis.json"
+    for analysis in sorted(tree.glob(f"analysis/*/{ANALYSIS_RECORD}")):
+        target = results / "analysis" / analysis.parent.name / ANALYSIS_RECORD
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(analysis, target)
         lines.append(f"analysis {analysis.parent.name} -> {target}")

@@ -3,7 +3,7 @@ each is expected to take on one NVIDIA H200.
 
 An item trains some runs side by side on the one GPU (each a normal ``python -m stepjax.main``
 process; a run is *finished* when its record, ``results/<record>/summary.json``, says ``done``),
-then analyses some of them (finished when ``results/analysis/<name>/analysis.json`` exists), or
+then analyses some of them (finished when its record ``results/analysis/<name>/analysis.json.gz`` exists), or
 measures the step (``results/measure/<key>.json``). `next_item` is the first item with anything
 unfinished; since ``results/`` travels with the working tree, the device decides this itself.
 
@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+
+from stepjax.records import ANALYSIS_RECORD
 
 COMMAND_S = 540  # one device command: 9 minutes of the 10 it may run
 RECEIVE_S = 45  # before the item, in the same command: the last part's arrival and the decoding of CIFAR-10
@@ -118,7 +120,7 @@ class Training:
 @dataclasses.dataclass(frozen=True)
 class Analysis:
     """``python -m stepjax.analysis --workdir <model> --compare <compare> <options>``, filed as
-    ``results/analysis/<name>/analysis.json``; `model` and `compare` are `Training.record` s."""
+    ``results/analysis/<name>/analysis.json.gz``; `model` and `compare` are `Training.record` s."""
 
     name: str
     model: str
@@ -168,7 +170,7 @@ def training_done(training: Training, results: str | Path) -> bool:
 
 
 def analysis_done(analysis: Analysis, results: str | Path) -> bool:
-    return (Path(results) / "analysis" / analysis.name / "analysis.json").is_file()
+    return (Path(results) / "analysis" / analysis.name / ANALYSIS_RECORD).is_file()
 
 
 def measure_done(item: Item, results: str | Path) -> bool:

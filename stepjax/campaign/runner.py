@@ -9,7 +9,7 @@ after `GRACE_S`. The analyses follow, side by side, until `PACK_S` before the bu
 
 The output folder holds ``campaign.json`` (the item, the device, the command, the wall time and
 every run's outcome), ``records.tar.gz`` (the ``results/`` records of the item's runs, the
-analyses' ``analysis.json`` and figures, the measurements, the logs) and ``run<k>.tar.gz``
+analyses' records (``analysis.json.gz``) and figures, the measurements, the logs) and ``run<k>.tar.gz``
 (`stepjax.campaign.staging.bundle_run`: the newest checkpoint of a run, to resume it or analyse
 it later), as many as fit: unfinished runs first, then runs whose analyses are still to do, then
 the rest. `stepjax.campaign.filing` files it on the CPU side.
@@ -34,7 +34,7 @@ from pathlib import Path
 from stepjax.campaign import plan as planning
 from stepjax.campaign import staging
 from stepjax.data.sources import DATA_DIR_ENV
-from stepjax.records import CODE_VERSION_ENV, RESULTS_ENV, RUNS_DIR, file_run
+from stepjax.records import ANALYSIS_RECORD, CODE_VERSION_ENV, RESULTS_ENV, RUNS_DIR, file_run
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_FILES, FILE_LIMIT, TOTAL_LIMIT = 8, 16 * staging.MIB, 64 * staging.MIB
@@ -139,7 +139,7 @@ def analysis_job(analysis: planning.Analysis, ctx: Context, env: dict) -> Job:
         argv += ["--compare", str(ctx.workdir(analysis.compare))]
     if DATA_DIR_ENV in env:
         argv += ["--data-dir", env[DATA_DIR_ENV]]
-    # the record (analysis.json) goes to <results>/analysis/<name>: here, beside its figures
+    # the record (analysis.json.gz) goes to <results>/analysis/<name>: here, beside its figures
     env = {**env, RESULTS_ENV: str(ctx.work)}
     return Job(analysis.name, argv, env, ctx.work / "logs" / f"{analysis.name}.log")
 
@@ -205,7 +205,7 @@ def run_analyses(item: planning.Item, todo: dict, ctx: Context) -> list[dict]:
     out = []
     for analysis in todo["analyses"]:
         job = next((j for j in jobs if j.name == analysis.name), None)
-        done = (ctx.work / "analysis" / analysis.name / "analysis.json").exists()
+        done = (ctx.work / "analysis" / analysis.name / ANALYSIS_RECORD).exists()
         status = "done" if done else ("failed or stopped" if job else "inputs not finished on this machine")
         out.append({"name": analysis.name, "status": status, **(job.outcome() if job else {})})
     return out
@@ -244,7 +244,7 @@ def pack_records(item: planning.Item, ctx: Context, out: Path) -> Path:
             file_run(workdir, tree / training.record)
     for analysis in item.analyses:
         made = ctx.work / "analysis" / analysis.name
-        if (made / "analysis.json").exists():
+        if (made / ANALYSIS_RECORD).exists():
             shutil.copytree(made, tree / "analysis" / analysis.name, dirs_exist_ok=True)
     measured = ctx.work / "measure.json"
     if measured.exists():
@@ -262,7 +262,7 @@ def pack_records(item: planning.Item, ctx: Context, out: Path) -> Path:
 def bundle_candidates(item: planning.Item, ctx: Context) -> list[planning.Training]:
     """The item's runs with a checkpoint here, in the order they earn a file: unfinished (to
     resume), finished with an analysis still to do, the rest."""
-    analysed = {a.name for a in item.analyses if (ctx.work / "analysis" / a.name / "analysis.json").exists()}
+    analysed = {a.name for a in item.analyses if (ctx.work / "analysis" / a.name / ANALYSIS_RECORD).exists()}
     wanted = {r for a in item.analyses if a.name not in analysed for r in (a.model, a.compare) if r}
     present = [t for t in item.trainings if staging.latest_checkpoint(ctx.workdir(t.record)) is not None]
 

@@ -10,13 +10,12 @@ import math
 import pathlib
 import re
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from stepjax.figures import pyplot
+from stepjax.figures import save as save_figure
 
-from .workprecision import Curve, cost_ratio, error_levels  # noqa: E402
+from .workprecision import Curve, cost_ratio, error_levels
 
 WIN_RATIO = 0.85  # at least 15 % fewer NFE than the best classical controller
 WIN_LEVELS = 3  # ... at this many of the error levels
@@ -212,7 +211,7 @@ def plot_work_precision(name: str, curves: dict, levels: list, path: pathlib.Pat
     - `levels`: matched-error levels, drawn as dotted lines.
     - `path`: PNG file to write.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2))
     for ax, cost, label in zip(axes, ("nfe", "wall_time"), ("NFE", "wall time [s]")):
         for controller, curve in curves.items():
             e, c = curve.points(cost=cost)
@@ -227,9 +226,7 @@ def plot_work_precision(name: str, curves: dict, levels: list, path: pathlib.Pat
     axes[1].set_title("wall time after compilation (min of repeats)")
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _fmt(x, digits=3):
