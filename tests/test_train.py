@@ -338,7 +338,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
 
 def test_resuming_a_different_model_is_refused(tmp_path):
     train(smoke_config("train.total_steps=1"), tmp_path / "run")
-    with pytest.raises(ValueError, match="different `model` config"):
+    with pytest.raises(ValueError, match="different `model` config \\(model.controller: 'stepnet' in the run, "
+                                         "'se' now\\); .* command.txt"):
         train(smoke_config("train.total_steps=1", "model.controller='se'"), tmp_path / "run")
 
 

@@ -45,17 +45,25 @@ class NonFiniteLossError(StepjaxError, RuntimeError):
 
 
 def _check_workdir_config(workdir: Path, config) -> None:
-    """Refuse to resume a workdir that holds a different model or dataset."""
+    """Refuse to resume a workdir that holds a different model or dataset, naming what differs."""
     if not (workdir / "config.json").exists():
         return
     saved = json.loads(read_run_config(workdir).to_json())
     current = json.loads(config.to_json())
     for key in ("model", "data"):
-        if saved.get(key) != current.get(key):
+        differences = _differences(saved.get(key) or {}, current.get(key) or {}, key)
+        if differences:
             raise UserError(
-                f"{workdir} holds a run with a different `{key}` config; resuming it would mix two "
-                "experiments. Use another workdir (WORKDIR=... / --workdir), or delete this one."
+                f"{workdir} holds a run with a different `{key}` config ({'; '.join(differences[:3])}); "
+                "resuming it would mix two experiments. Rerun it as its command.txt says, use another "
+                "workdir (WORKDIR=... / --workdir), or delete this one."
             )
+
+
+def _differences(saved: dict, current: dict, prefix: str) -> list[str]:
+    """``"<key>: <saved> in the run, <current> now"`` for each field that differs."""
+    return [f"{prefix}.{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
 class _StopSignals:
