@@ -317,7 +317,8 @@ def _status(r):
 
 def render_protocol(variant: str, records: list[dict], figure: str | None, pairs: list[tuple[str, str]]) -> list[str]:
     """The markdown section of one protocol; without `pairs` to compare, the runs are only listed
-    (no verdict, no single-seed comparisons)."""
+    (no verdict, no single-seed comparisons). A pair with a control (`CONTROLS`) that this protocol
+    has no run of is left out."""
     out = [f"## {variant} protocol", "", "| run | controller | seed | status | best % | last % | last % flip TTA | wall time (train + eval) | "
            "train images/s median (p90) | first -> last train loss | data | code |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -337,6 +338,7 @@ def render_protocol(variant: str, records: list[dict], figure: str | None, pairs
         out.append(f"| {name} | {s['params_m']:.3f} | {s['n']} | {_mean_std(s['best_mean'], s['best_std'])} | "
                    f"{_mean_std(s['last_mean'], s['last_std'])} | "
                    f"{_mean_std(s['flip_mean'], s['flip_std'])} ({len(s['flip'])}) |")
+    pairs = [pair for pair in pairs if not set(pair) & (set(CONTROLS) - {r["group"] for r in records})]
     if pairs:
         out += ["", "Verdict (finished runs only; two-sided tests: Welch over the seeds, and paired by seed, since "
                 "under one seed every controller starts from the same backbone and sees the same data order):", ""]
@@ -392,7 +394,11 @@ def plot_curves(records: list[dict], path: Path) -> None:
 
 
 # StepNet (ours) against SE and plain; and SE against plain, the premise that attention helps here
-COMPARISONS = ["cifar10_stepnet:cifar10_se", "cifar10_stepnet:cifar10_resnet", "cifar10_se:cifar10_resnet"]
+COMPARISONS = ["cifar10_stepnet:cifar10_se", "cifar10_stepnet:cifar10_resnet", "cifar10_se:cifar10_resnet",
+               # the trained constant step per channel (docs/ANALYSIS.md 3.13-3.15) against the three
+               "cifar10_channel_step:cifar10_se", "cifar10_channel_step:cifar10_stepnet",
+               "cifar10_channel_step:cifar10_resnet"]
+CONTROLS = ("cifar10_channel_step",)  # compared only in a protocol that trained them
 
 
 def curve_data(records: list[dict]) -> list:

@@ -81,8 +81,21 @@ def test_results_tables_and_figure(tmp_path):
     cpu, paper = text.split("## cpu protocol")[1].split("## paper protocol")
     assert "cifar10_stepnet_s0" not in cpu and "| stepnet | 0 | preempted after 2 of 2 epochs | 35.00 |" in paper
     assert "cifar10_stepnet vs cifar10_resnet: not enough finished runs yet." in paper  # a stopped run is not averaged
+    assert "cifar10_channel_step" not in text  # a control that no protocol trained is not compared
     for variant in ("cpu", "paper"):
         assert (fig.parent / f"c_{variant}.png").stat().st_size > 1000 and f"(figures/c_{variant}.png)" in text
+
+
+def test_a_trained_control_is_compared_with_the_three(tmp_path):
+    for seed, (plain, control) in enumerate([(0.78, 0.79), (0.77, 0.80)]):
+        fake_run(tmp_path / "runs", "cifar10_resnet", "constant", seed, [plain])
+        fake_run(tmp_path / "runs", "cifar10_channel_step", "channel_step", seed, [control])
+    out = tmp_path / "R.md"
+    main(["--root", str(tmp_path / "runs"), "--out", str(out), "--figure", str(tmp_path / "c.png")])
+    text = out.read_text()
+    assert "- cifar10_channel_step vs cifar10_resnet: +2.00 points in mean best accuracy" in text
+    assert "paired by seed: +2.00 ± 1.41 points, n=2" in text
+    assert "- cifar10_channel_step vs cifar10_se: not enough finished runs yet." in text
 
 
 def test_resumed_run_counts_each_step_once_and_eval_time(tmp_path):
