@@ -593,3 +593,5 @@ def test_model_labels_name_every_deep_controller_in_words():
     assert labels["stepnet"].startswith("StepNet (our reconstruction)")
     assert labels["resnet"].startswith("plain (h = 1)") and labels["se"].startswith("SE,")
     assert model_label(load_experiment("cifar10_se:deep"), 0).endswith("random init")
+    seed2 = apply_overrides(load_experiment("cifar10_channel_step:deep"), ["seed=2"])
+    assert model_label(seed2, 6248).endswith(", trained 6248 steps, seed 2")  # two seeds of one model differ

@@ -70,7 +70,7 @@ def random_init(config):
 
 def model_label(config, step: int) -> str:
     """A short description: controller (StepNet marked as our reconstruction), preset, placement,
-    training state."""
+    training state and, for a trained model, its seed (two seeds of one model tell apart)."""
     m = config.model
     names = {"stepnet": "StepNet (our reconstruction)", "constant": "plain (h = 1)",
              "channel_step": "trained constant step per channel (control)"}
@@ -79,7 +79,7 @@ def model_label(config, step: int) -> str:
     parts = [name + (f" {options}" if options else ""), m.preset]
     if m.placement != "all":
         parts.append(f"placement {m.placement}")
-    parts.append(f"trained {step} steps" if step else "random init")
+    parts.append(f"trained {step} steps, seed {config.seed}" if step else "random init")
     return ", ".join(parts)
 
 
