@@ -19,7 +19,7 @@ from pathlib import Path
 from stepjax import results
 from stepjax.analysis import figures, seeds
 from stepjax.analysis.report import render_report
-from stepjax.records import ANALYSIS_RECORD, digest, read_analysis_record
+from stepjax.records import ANALYSIS_RECORD, analysis_record, digest, read_analysis_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +114,10 @@ def seed_tables(results_dir: Path, docs_dir: Path) -> None:
     """Write the across-seed tables (`SEED_TABLES`) from the analysis records that exist, naming the
     ones that do not."""
     for table, names in SEED_TABLES.items():
-        paths = {name: results_dir / "analysis" / name / ANALYSIS_RECORD for name in names}
-        found = [read_analysis_record(p) for p in paths.values() if p.exists()]
+        paths = {name: analysis_record(results_dir / "analysis" / name) for name in names}
+        found = [read_analysis_record(p) for p in paths.values() if p is not None]
         if found:
-            missing = [f"`{name}`" for name, p in paths.items() if not p.exists()]
+            missing = [f"`{name}`" for name, p in paths.items() if p is None]
             head = f"Not analysed (no record in results/analysis/): {', '.join(missing)}.\n\n" if missing else ""
             (docs_dir / table).parent.mkdir(parents=True, exist_ok=True)
             (docs_dir / table).write_text(head + seeds.render(seeds.rows(found)))

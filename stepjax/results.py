@@ -395,7 +395,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
 
 # StepNet (ours) against SE and plain; and SE against plain, the premise that attention helps here
 COMPARISONS = ["cifar10_stepnet:cifar10_se", "cifar10_stepnet:cifar10_resnet", "cifar10_se:cifar10_resnet",
-               # the trained constant step per channel (docs/ANALYSIS.md 3.13-3.15) against the three
+               # the trained constant step per channel (docs/ANALYSIS.md 3.13-3.16) against the three
                "cifar10_channel_step:cifar10_se", "cifar10_channel_step:cifar10_stepnet",
                "cifar10_channel_step:cifar10_resnet"]
 CONTROLS = ("cifar10_channel_step",)  # compared only in a protocol that trained them

@@ -57,7 +57,7 @@ PLANS = {
     # constant step per channel, the same three seeds
     "deep_controls": [("cifar10_channel_step:deep", s) for s in SEEDS],
     # seeds 3 and 4 of SE and StepNet at depth: three seeds detect a paired StepNet - SE difference
-    # of about 1 point (docs/ANALYSIS.md 3.14), five about 0.6 at the same spread
+    # of about 1 point (docs/ANALYSIS.md 3.14), five about 0.6 at the spread of seeds 0-2
     "deep_more": [(f"cifar10_{c}:deep", s) for s in (3, 4) for c in ("se", "stepnet")],
 }
 ROOTS = {"cpu": "runs/study", "deep": "runs/deep", "deep_controls": "runs/deep", "deep_more": "runs/deep"}  # run directories; records go to results/<same>

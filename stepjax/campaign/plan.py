@@ -28,7 +28,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from stepjax.records import ANALYSIS_RECORD
+from stepjax.records import analysis_record
 
 COMMAND_S = 540  # one device command: 9 minutes of the 10 it may run
 RECEIVE_S = 45  # before the item, in the same command: the last part's arrival and the decoding of CIFAR-10
@@ -170,7 +170,7 @@ def training_done(training: Training, results: str | Path) -> bool:
 
 
 def analysis_done(analysis: Analysis, results: str | Path) -> bool:
-    return (Path(results) / "analysis" / analysis.name / ANALYSIS_RECORD).is_file()
+    return analysis_record(Path(results) / "analysis" / analysis.name) is not None
 
 
 def measure_done(item: Item, results: str | Path) -> bool:

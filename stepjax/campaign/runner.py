@@ -34,7 +34,7 @@ from pathlib import Path
 from stepjax.campaign import plan as planning
 from stepjax.campaign import staging
 from stepjax.data.sources import DATA_DIR_ENV
-from stepjax.records import ANALYSIS_RECORD, CODE_VERSION_ENV, RESULTS_ENV, RUNS_DIR, file_run
+from stepjax.records import CODE_VERSION_ENV, RESULTS_ENV, RUNS_DIR, analysis_record, file_run
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_FILES, FILE_LIMIT, TOTAL_LIMIT = 8, 16 * staging.MIB, 64 * staging.MIB
@@ -205,7 +205,7 @@ def run_analyses(item: planning.Item, todo: dict, ctx: Context) -> list[dict]:
     out = []
     for analysis in todo["analyses"]:
         job = next((j for j in jobs if j.name == analysis.name), None)
-        done = (ctx.work / "analysis" / analysis.name / ANALYSIS_RECORD).exists()
+        done = analysis_record(ctx.work / "analysis" / analysis.name) is not None
         status = "done" if done else ("failed or stopped" if job else "inputs not finished on this machine")
         out.append({"name": analysis.name, "status": status, **(job.outcome() if job else {})})
     return out
@@ -244,7 +244,7 @@ def pack_records(item: planning.Item, ctx: Context, out: Path) -> Path:
             file_run(workdir, tree / training.record)
     for analysis in item.analyses:
         made = ctx.work / "analysis" / analysis.name
-        if (made / ANALYSIS_RECORD).exists():
+        if analysis_record(made) is not None:
             shutil.copytree(made, tree / "analysis" / analysis.name, dirs_exist_ok=True)
     measured = ctx.work / "measure.json"
     if measured.exists():
@@ -262,7 +262,7 @@ def pack_records(item: planning.Item, ctx: Context, out: Path) -> Path:
 def bundle_candidates(item: planning.Item, ctx: Context) -> list[planning.Training]:
     """The item's runs with a checkpoint here, in the order they earn a file: unfinished (to
     resume), finished with an analysis still to do, the rest."""
-    analysed = {a.name for a in item.analyses if (ctx.work / "analysis" / a.name / ANALYSIS_RECORD).exists()}
+    analysed = {a.name for a in item.analyses if analysis_record(ctx.work / "analysis" / a.name) is not None}
     wanted = {r for a in item.analyses if a.name not in analysed for r in (a.model, a.compare) if r}
     present = [t for t in item.trainings if staging.latest_checkpoint(ctx.workdir(t.record)) is not None]
 
