@@ -61,7 +61,7 @@ study: setup
 # the deep CPU protocol in the order of its issue: seed 0 of plain, SE and StepNet, the lottery at
 # depth (SE in 40 % of the 54 blocks, ranked by the SE model's NSI as its analysis record holds it),
 # then seeds 1 and 2 (the study analyses each pair, SE vs plain and StepNet vs SE, as soon as both
-# its runs are finished), then the constant-step control, then seeds 3 and 4 of SE and StepNet; every step resumes where it stopped and files its records into results/, and a
+# its runs are finished), then the constant-step control, then seeds 3 and 4 of SE, StepNet and the control; every step resumes where it stopped and files its records into results/, and a
 # run whose record is finished is not trained again (make deep DATA=../shared/data/cifar10); SIGUSR1 to the
 # study or lottery process stops it after the run in progress (pkill -USR1 -f stepjax.analysis.lottery)
 DEEP_LOTTERY := --exp cifar10_se:deep --ratio 0.4 --num-random 3 --nsi-workdir results/analysis/deep_se_vs_plain_s0 \

@@ -56,9 +56,9 @@ PLANS = {
     # its control for a gate that does not vary with the image (docs/ANALYSIS.md 3.9): a trained
     # constant step per channel, the same three seeds
     "deep_controls": [("cifar10_channel_step:deep", s) for s in SEEDS],
-    # seeds 3 and 4 of SE and StepNet at depth: three seeds detect a paired StepNet - SE difference
-    # of about 1 point (docs/ANALYSIS.md 3.14), five about 0.6 at the spread of seeds 0-2
-    "deep_more": [(f"cifar10_{c}:deep", s) for s in (3, 4) for c in ("se", "stepnet")],
+    # seeds 3 and 4 of SE, StepNet and the control at depth: three seeds detect a paired
+    # difference of about 1 point (docs/ANALYSIS.md 3.14), five about 0.6 at the spread of seeds 0-2
+    "deep_more": [(f"cifar10_{c}:deep", s) for s in (3, 4) for c in ("se", "stepnet", "channel_step")],
 }
 ROOTS = {"cpu": "runs/study", "deep": "runs/deep", "deep_controls": "runs/deep", "deep_more": "runs/deep"}  # run directories; records go to results/<same>
 CLAIMS = ".claims"  # <root>/.claims/<run>: the lock of the study process that trains the run
