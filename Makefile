@@ -34,7 +34,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 # the oneDNN convolutions for the CPU (pip's oneDNN wheels + the machine's g++); where they cannot be
 # built, stepjax runs XLA's convolutions and setup still succeeds
-$(KERNELS): csrc/onednn_conv.cc $(VENV)/.installed
+$(KERNELS): csrc/onednn_conv.cc csrc/spatial_moments.cc $(VENV)/.installed
 	$(PY) -m stepjax.kernels.build || echo "oneDNN extension not built: convolutions run on the XLA path"
 
 # pyflakes, syntax errors and import order (pyproject.toml [tool.ruff]); `ruff check --fix .` mends most

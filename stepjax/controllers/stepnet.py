@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stepjax.layers import BottleneckMLP, as_channel_step
+from stepjax.layers import BottleneckMLP, as_channel_step, spatial_moments
 from stepjax.ode.controller import StepController
 
 
@@ -42,8 +42,9 @@ def step_features(y0, f0, eps=1e-5):
     made ResNet-164 with StepNet diverge at the paper's learning rate (0.1, no warm-up).
 
     The variance is ``GAP(f^2) - GAP(f)^2``, clamped at 0, as Flax's BatchNorm computes its own
-    (``use_fast_variance``): five independent reductions, none of which reads a broadcast
-    operand. ``f.var`` subtracts the mean inside its reduction, and XLA's CPU backend runs such a
+    (``use_fast_variance``): five moments (`stepjax.layers.spatial_moments`: one pass over ``y``
+    and ``f`` in the CPU extension, five independent reductions without it), none of which reads a
+    broadcast operand. ``f.var`` subtracts the mean inside its reduction, and XLA's CPU backend runs such a
     reduction slower than a plain one: the stage-1 features of the deep protocol took 5.1 ms that
     way against 3.9 ms (docs/BENCHMARKS.md). The cost is float32 cancellation where a channel's
     mean is large against its spatial spread: the spread's relative error stays below
@@ -64,12 +65,10 @@ def _features(y, f, eps):
 
 
 def _features_fwd(y, f, eps):
-    mean_f = f.mean(axis=(1, 2))
-    abs_f = jnp.abs(f).mean(axis=(1, 2))
-    abs_y = jnp.abs(y).mean(axis=(1, 2))
-    variance = jnp.maximum(jnp.square(f).mean(axis=(1, 2)) - jnp.square(mean_f), 0.0)
+    mean_f, abs_f, square_f, mean_y, abs_y = spatial_moments(y, f)
+    variance = jnp.maximum(square_f - jnp.square(mean_f), 0.0)
     spread = jnp.sqrt(variance + eps)
-    features = (mean_f, y.mean(axis=(1, 2)), abs_f / (abs_f + abs_y + eps), spread)
+    features = (mean_f, mean_y, abs_f / (abs_f + abs_y + eps), spread)
     return features, (y, f, mean_f, abs_f, abs_y, spread)
 
 

@@ -1,6 +1,7 @@
-"""Build the oneDNN convolution extension: ``python -m stepjax.kernels.build``.
+"""Build the CPU extension: ``python -m stepjax.kernels.build``.
 
-Compiles ``csrc/onednn_conv.cc`` with the machine's C++ compiler (``$CXX``, default ``g++``)
+Compiles ``csrc/onednn_conv.cc`` (the oneDNN convolutions) and ``csrc/spatial_moments.cc`` (a
+step-size controller's spatial moments) into one library with the machine's C++ compiler (``$CXX``, default ``g++``)
 against jax's XLA FFI headers (`jax.ffi.include_dir`) and oneDNN 3.2 from PyPI
 (``onednn-devel-cpu-gomp`` headers, ``onednn-cpu-gomp`` library, pinned in requirements.txt;
 pip puts both under the environment's data directory, ``<venv>/include`` and ``<venv>/lib``).
@@ -18,11 +19,11 @@ from pathlib import Path
 
 from stepjax.kernels.onednn import LIBRARY
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "onednn_conv.cc"
+SOURCES = tuple(Path(__file__).resolve().parents[2] / "csrc" / name for name in ("onednn_conv.cc", "spatial_moments.cc"))
 
 
 def compile_command(prefix: str | None = None, cxx: str | None = None) -> list[str]:
-    """The compiler command line that builds `LIBRARY` from `SOURCE`.
+    """The compiler command line that builds `LIBRARY` from `SOURCES`.
 
     **Arguments:**
 
@@ -40,11 +41,12 @@ def compile_command(prefix: str | None = None, cxx: str | None = None) -> list[s
     for path, package in ((header, "onednn-devel-cpu-gomp"), (library, "onednn-cpu-gomp")):
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: pip install -r requirements.txt (it pins {package})")
-    if not SOURCE.exists():
-        raise FileNotFoundError(f"{SOURCE} not found: build from a checkout of the repository")
+    for source in SOURCES:
+        if not source.exists():
+            raise FileNotFoundError(f"{source} not found: build from a checkout of the repository")
     return [
-        cxx or os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-        "-isystem", jax.ffi.include_dir(), "-isystem", str(prefix / "include"), str(SOURCE),
+        cxx or os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+        "-isystem", jax.ffi.include_dir(), "-isystem", str(prefix / "include"), *map(str, SOURCES),
         f"-L{prefix / 'lib'}", "-ldnnl", f"-Wl,-rpath,{prefix / 'lib'}", "-o", str(LIBRARY),
     ]
 

@@ -24,7 +24,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 LIBRARY = Path(__file__).resolve().with_name("_onednn_conv.so")
-_SYMBOLS = {"forward": "StepjaxConvForward", "input_grad": "StepjaxConvInputGrad", "kernel_grad": "StepjaxConvKernelGrad"}
+# the library's XLA FFI targets (registered for the CPU by `load`) and their C symbols
+TARGETS = {"stepjax_onednn_conv_forward": "StepjaxConvForward", "stepjax_onednn_conv_input_grad": "StepjaxConvInputGrad",
+           "stepjax_onednn_conv_kernel_grad": "StepjaxConvKernelGrad", "stepjax_spatial_moments": "StepjaxSpatialMoments"}
 _log = logging.getLogger("stepjax")
 
 
@@ -42,8 +44,8 @@ def load() -> str | None:
         lib = ctypes.cdll.LoadLibrary(str(LIBRARY))
     except OSError as e:
         return f"{LIBRARY.name} does not load ({e}); rebuild it with python -m stepjax.kernels.build"
-    for name, symbol in _SYMBOLS.items():
-        jax.ffi.register_ffi_target(f"stepjax_onednn_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return None
 
 

@@ -1,0 +1,91 @@
+// The spatial moments a step-size controller reads from one Euler step, as an XLA FFI handler:
+// for NHWC float32 tensors y (the state) and f (the field), per example and channel, the means
+// over the pixels of f, |f|, f^2, y and |y|, in one pass over both (XLA's CPU backend runs five
+// reductions, each a pass of its own). Python side: stepjax/kernels/moments.py.
+//
+// Built into the same library as onednn_conv.cc (`python -m stepjax.kernels.build`).
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMoments = 5;  // f, |f|, f^2, y, |y|
+
+// Sums of one example's pixels (hw rows of c channels) into acc[kMoments][c], in double: the
+// variance taken later as E[f^2] - E[f]^2 loses less to cancellation, and the loop over the
+// channels vectorises (one clone per instruction set, chosen when the library loads).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void SumExample(const float* y, const float* f, int64_t hw, int64_t c, double* acc) {
+  double* sf = acc;
+  double* af = acc + c;
+  double* qf = acc + 2 * c;
+  double* sy = acc + 3 * c;
+  double* ay = acc + 4 * c;
+  for (int64_t k = 0; k < kMoments * c; ++k) acc[k] = 0.0;
+  for (int64_t p = 0; p < hw; ++p) {
+    const float* fp = f + p * c;
+    const float* yp = y + p * c;
+#pragma GCC ivdep
+    for (int64_t k = 0; k < c; ++k) {
+      const double a = fp[k], v = yp[k];
+      sf[k] += a;
+      af[k] += std::fabs(a);
+      qf[k] += a * a;
+      sy[k] += v;
+      ay[k] += std::fabs(v);
+    }
+  }
+}
+
+ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> f, ffi::ResultBuffer<ffi::F32> mean_f,
+                       ffi::ResultBuffer<ffi::F32> mean_abs_f, ffi::ResultBuffer<ffi::F32> mean_sq_f,
+                       ffi::ResultBuffer<ffi::F32> mean_y, ffi::ResultBuffer<ffi::F32> mean_abs_y, int64_t threads) {
+  auto yd = y.dimensions(), fd = f.dimensions();
+  if (yd.size() != 4 || fd.size() != 4) return ffi::Error::InvalidArgument("spatial_moments: rank-4 NHWC operands only");
+  for (int i = 0; i < 4; ++i) {
+    if (yd[i] != fd[i]) return ffi::Error::InvalidArgument("spatial_moments: y and f differ in shape");
+  }
+  const int64_t n = yd[0], hw = yd[1] * yd[2], c = yd[3];
+  float* out[kMoments] = {mean_f->typed_data(), mean_abs_f->typed_data(), mean_sq_f->typed_data(),
+                          mean_y->typed_data(), mean_abs_y->typed_data()};
+  for (auto* result : {&mean_f, &mean_abs_f, &mean_sq_f, &mean_y, &mean_abs_y}) {
+    auto d = (*result)->dimensions();
+    if (d.size() != 2 || d[0] != n || d[1] != c) return ffi::Error::InvalidArgument("spatial_moments: results are (N, C)");
+  }
+  const double scale = hw > 0 ? 1.0 / static_cast<double>(hw) : 0.0;
+  const float* yp = y.typed_data();
+  const float* fp = f.typed_data();
+#pragma omp parallel num_threads(static_cast<int>(threads > 0 ? threads : 1))
+  {
+    std::vector<double> acc(kMoments * c);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n; ++b) {
+      SumExample(yp + b * hw * c, fp + b * hw * c, hw, c, acc.data());
+      for (int m = 0; m < kMoments; ++m) {
+        for (int64_t k = 0; k < c; ++k) out[m][b * c + k] = static_cast<float>(acc[m * c + k] * scale);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StepjaxSpatialMoments, MomentsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));

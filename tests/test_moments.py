@@ -1,0 +1,154 @@
+"""A step-size controller's spatial moments in one pass (`stepjax.kernels.spatial_moments`, the CPU
+extension) against the five `jnp` reductions they replace: values for the shapes the models use,
+under jit, scan, checkpoint, vmap and a batch split over devices; kept for the backward pass of a
+scanned stage; one StepNet training step the same either way; the reductions wherever the
+extension is not there or not wanted."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stepjax import data, kernels, parallel
+from stepjax.config import apply_overrides, load_experiment
+from stepjax.kernels import moments, onednn
+from stepjax.models import build_model
+from stepjax.train import init_state, make_optimizer, make_train_step
+from stepjax.train.step import learning_rate_schedule
+
+NOT_BUILT = kernels.load()
+needs_extension = pytest.mark.skipif(NOT_BUILT is not None, reason=f"CPU extension unavailable: {NOT_BUILT}")
+
+# (batch, height, width, channels): the stages of ResNet-164 at a small batch, odd sizes, one pixel
+SHAPES = [(2, 32, 32, 16), (3, 8, 8, 64), (2, 4, 4, 256), (3, 5, 7, 3), (1, 1, 1, 5)]
+
+
+@pytest.fixture
+def extension_path(monkeypatch):
+    monkeypatch.setenv("STEPJAX_CONV", "onednn")
+    jax.clear_caches()  # the path is chosen when a function is traced
+
+
+def operands(shape, lead=()):
+    ky, kf = jax.random.split(jax.random.key(sum(shape)))
+    y = jax.nn.relu(jax.random.normal(ky, (*lead, *shape)))
+    return y, 0.3 + 2.0 * jax.random.normal(kf, (*lead, *shape))
+
+
+def assert_moments_equal(ours, theirs):
+    assert len(ours) == len(theirs) == moments.NUM_MOMENTS
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape and a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def transformed(fn, transform):
+    """`fn(y, f)` under one transform, as one jitted function of `(y, f)` (stacked twice for scan)."""
+    if transform == "checkpoint":
+        fn = jax.checkpoint(fn)
+    if transform == "scan":
+        inner = fn
+        fn = lambda ys, fs: jax.lax.scan(lambda c, yf: (c, inner(*yf)), 0.0, (ys, fs))[1]  # noqa: E731
+    if transform == "vmap":
+        fn = jax.vmap(fn)
+    return jax.jit(fn)
+
+
+@needs_extension
+@pytest.mark.parametrize("transform", ["jit", "scan", "checkpoint", "vmap"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_one_pass_equals_the_reductions(shape, transform, extension_path):
+    y, f = operands(shape, lead=(2,) if transform in ("scan", "vmap") else ())
+    ours = transformed(kernels.spatial_moments, transform)
+    assert moments.TARGET in ours.lower(y, f).compile().as_text()
+    assert_moments_equal(ours(y, f), transformed(moments.reduced_moments, transform)(y, f))
+
+
+@needs_extension
+def test_vmap_of_one_operand_joins_the_mapped_axis_to_the_batch(extension_path):
+    y, _ = operands((2, 4, 4, 8))
+    _, fs = operands((2, 4, 4, 8), lead=(3,))
+    ours = jax.jit(jax.vmap(kernels.spatial_moments, in_axes=(None, 0)))(y, fs)
+    theirs = jax.vmap(moments.reduced_moments, in_axes=(None, 0))(y, fs)
+    assert_moments_equal(ours, theirs)
+
+
+@needs_extension
+def test_a_split_batch_stays_split(extension_path):
+    """Each device takes the moments of its own examples: nothing is gathered or summed."""
+    mesh = parallel.data_mesh(2)
+    y, f = (jax.device_put(v, parallel.batch_sharded(mesh)) for v in operands((4, 8, 8, 16)))
+    fn = jax.jit(kernels.spatial_moments)
+    hlo = fn.lower(y, f).compile().as_text()
+    assert moments.TARGET in hlo and "all-gather" not in hlo and "all-reduce" not in hlo
+    ours = fn(y, f)
+    assert all(m.sharding.spec == parallel.batch_sharded(mesh).spec for m in ours)
+    assert_moments_equal(ours, moments.reduced_moments(*operands((4, 8, 8, 16))))
+
+
+@needs_extension
+def test_the_moments_are_kept_for_the_backward_pass(extension_path):
+    """Under the checkpoint of a scanned stage (saved names only) StepNet's features store their
+    moments, so the backward pass does not read `y` and `f` again to redo them: the program of the
+    loss and its gradient calls the one pass once, in the forward loop (twice without the tags
+    of `stepjax.layers.spatial_moments`, checked by removing them)."""
+    from stepjax.controllers.stepnet import step_features
+    from stepjax.ode.euler import SAVED
+
+    def loss(y, f):
+        def body(c, scale):  # an Euler-like step: the state changes, the field with it
+            out = sum(jnp.sum(jnp.sin(m)) for m in step_features(c, scale * f))
+            return c + scale * f, out
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(SAVED))
+        return jnp.sum(jax.lax.scan(body, y, jnp.array([1.0, 0.5, 0.25]))[1])
+
+    y, f = operands((2, 4, 4, 8))
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(y, f).compile().as_text()
+    assert hlo.count(f'custom_call_target="{moments.TARGET}"') == 1
+
+
+def test_the_reductions_where_the_extension_is_not_wanted(monkeypatch):
+    monkeypatch.setenv("STEPJAX_CONV", "xla")
+    jax.clear_caches()
+    y, f = operands((2, 4, 4, 8))
+    assert moments.TARGET not in jax.jit(kernels.spatial_moments).lower(y, f).compile().as_text()
+    assert_moments_equal(kernels.spatial_moments(y, f), moments.reduced_moments(y, f))
+
+
+def test_the_reductions_without_the_extension(monkeypatch, tmp_path):
+    monkeypatch.setattr(onednn, "LIBRARY", tmp_path / "_onednn_conv.so")
+    reason = onednn.load.__wrapped__()
+    monkeypatch.setattr(onednn, "load", lambda: reason)
+    monkeypatch.delenv("STEPJAX_CONV", raising=False)
+    jax.clear_caches()
+    y, f = operands((2, 4, 4, 8))
+    assert moments.TARGET not in jax.jit(kernels.spatial_moments).lower(y, f).compile().as_text()
+
+
+def _stepnet_step(monkeypatch, one_pass):
+    """Loss, updated parameters and whether the program has the one-pass call: one training step of a
+    ResNet-20 with StepNet (batch 8, 32x32 synthetic images, split over 2 devices), the
+    convolutions in oneDNN either way."""
+    monkeypatch.setattr(kernels, "spatial_moments", kernels.spatial_moments if one_pass else moments.reduced_moments)
+    config = apply_overrides(load_experiment("cifar10_stepnet:smoke"), [
+        "model.depths=(3, 3, 3)", "data.image_size=32", "train.global_batch=8"])
+    mesh = parallel.data_mesh(2)
+    schedule = learning_rate_schedule(config.optim, 10, 100)
+    tx = make_optimizer(config.optim, schedule)
+    graphdef, state = init_state(build_model(config), tx)
+    images = jax.random.randint(jax.random.key(1), (8, 32, 32, 3), 0, 256).astype(jnp.uint8)
+    batch = parallel.global_batch({"image": np.asarray(images), "label": np.arange(8) % 10}, mesh)
+    step = make_train_step(graphdef, tx, schedule, config, data.dataset_info(config.data), mesh)
+    called = moments.TARGET in step.lower(state, batch).compile().as_text()
+    state, metrics = step(state, batch)
+    return float(metrics["loss"]), jax.tree.map(np.asarray, state.params), called
+
+
+@needs_extension
+def test_a_stepnet_training_step_is_the_same_with_the_one_pass_moments(monkeypatch, extension_path):
+    loss_ours, params_ours, called = _stepnet_step(monkeypatch, one_pass=True)
+    loss_theirs, params_theirs, called_theirs = _stepnet_step(monkeypatch, one_pass=False)
+    assert called and not called_theirs
+    assert loss_ours == pytest.approx(loss_theirs, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(params_ours), jax.tree.leaves(params_theirs), strict=True):
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7
