@@ -135,7 +135,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed ResNet-164 training steps per configuration")
     parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of the interleaved same-time comparison (all controllers and PyTorch; "
-                        "3 until 2026-12-03, when one stray round decided a median of three)")
+                        "3 until 2026-12-03)")
     parser.add_argument("--data-dir", default=DEFAULT_DATA, help="directory with train.npz / test.npz")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch comparison")
     parser.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
