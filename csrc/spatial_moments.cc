@@ -19,10 +19,17 @@ namespace {
 
 constexpr int kMoments = 5;  // f, |f|, f^2, y, |y|
 
+// On x86-64 one clone of the summing loop per instruction set, chosen when the library loads.
+#if defined(__x86_64__)
+#define STEPJAX_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define STEPJAX_CLONES
+#endif
+
 // Sums of one example's pixels (hw rows of c channels) into acc[kMoments][c], in double: the
 // variance taken later as E[f^2] - E[f]^2 loses less to cancellation, and the loop over the
-// channels vectorises (one clone per instruction set, chosen when the library loads).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+// channels vectorises.
+STEPJAX_CLONES
 void SumExample(const float* y, const float* f, int64_t hw, int64_t c, double* acc) {
   double* sf = acc;
   double* af = acc + c;
