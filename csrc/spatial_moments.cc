@@ -26,29 +26,36 @@ constexpr int kMoments = 5;  // f, |f|, f^2, y, |y|
 #define STEPJAX_CLONES
 #endif
 
-// Sums of one example's pixels (hw rows of c channels) into acc[kMoments][c], in double: the
-// variance taken later as E[f^2] - E[f]^2 loses less to cancellation, and the loop over the
-// channels vectorises.
+// Sums of one example's pixels (h rows of w pixels of c channels) into acc[kMoments][c]: each row
+// summed in float (the loop over the channels vectorises, 8 or 16 lanes), its sums added into
+// double accumulators. The variance taken later as E[f^2] - E[f]^2 then loses no more to
+// cancellation than with one float mean, and the float sums run over one row only. Summing
+// everything in double instead took twice the time on data in the cache (stage 1 of the deep
+// protocol, 0.78 ms against 0.40 ms on one core).
 STEPJAX_CLONES
-void SumExample(const float* y, const float* f, int64_t hw, int64_t c, double* acc) {
-  double* sf = acc;
-  double* af = acc + c;
-  double* qf = acc + 2 * c;
-  double* sy = acc + 3 * c;
-  double* ay = acc + 4 * c;
+void SumExample(const float* y, const float* f, int64_t h, int64_t w, int64_t c, double* acc, float* row) {
   for (int64_t k = 0; k < kMoments * c; ++k) acc[k] = 0.0;
-  for (int64_t p = 0; p < hw; ++p) {
-    const float* fp = f + p * c;
-    const float* yp = y + p * c;
+  for (int64_t r = 0; r < h; ++r) {
+    float* sf = row;
+    float* af = row + c;
+    float* qf = row + 2 * c;
+    float* sy = row + 3 * c;
+    float* ay = row + 4 * c;
+    for (int64_t k = 0; k < kMoments * c; ++k) row[k] = 0.0f;
+    for (int64_t p = r * w; p < (r + 1) * w; ++p) {
+      const float* fp = f + p * c;
+      const float* yp = y + p * c;
 #pragma GCC ivdep
-    for (int64_t k = 0; k < c; ++k) {
-      const double a = fp[k], v = yp[k];
-      sf[k] += a;
-      af[k] += std::fabs(a);
-      qf[k] += a * a;
-      sy[k] += v;
-      ay[k] += std::fabs(v);
+      for (int64_t k = 0; k < c; ++k) {
+        const float a = fp[k], v = yp[k];
+        sf[k] += a;
+        af[k] += std::fabs(a);
+        qf[k] += a * a;
+        sy[k] += v;
+        ay[k] += std::fabs(v);
+      }
     }
+    for (int64_t k = 0; k < kMoments * c; ++k) acc[k] += row[k];
   }
 }
 
@@ -60,7 +67,7 @@ ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> f, ffi::Re
   for (int i = 0; i < 4; ++i) {
     if (yd[i] != fd[i]) return ffi::Error::InvalidArgument("spatial_moments: y and f differ in shape");
   }
-  const int64_t n = yd[0], hw = yd[1] * yd[2], c = yd[3];
+  const int64_t n = yd[0], h = yd[1], w = yd[2], hw = h * w, c = yd[3];
   float* out[kMoments] = {mean_f->typed_data(), mean_abs_f->typed_data(), mean_sq_f->typed_data(),
                           mean_y->typed_data(), mean_abs_y->typed_data()};
   for (auto* result : {&mean_f, &mean_abs_f, &mean_sq_f, &mean_y, &mean_abs_y}) {
@@ -73,9 +80,10 @@ ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> f, ffi::Re
 #pragma omp parallel num_threads(static_cast<int>(threads > 0 ? threads : 1))
   {
     std::vector<double> acc(kMoments * c);
+    std::vector<float> row(kMoments * c);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n; ++b) {
-      SumExample(yp + b * hw * c, fp + b * hw * c, hw, c, acc.data());
+      SumExample(yp + b * hw * c, fp + b * hw * c, h, w, c, acc.data(), row.data());
       for (int m = 0; m < kMoments; ++m) {
         for (int64_t k = 0; k < c; ++k) out[m][b * c + k] = static_cast<float>(acc[m * c + k] * scale);
       }
