@@ -27,11 +27,10 @@ constexpr int kMoments = 5;  // f, |f|, f^2, y, |y|
 #endif
 
 // Sums of one example's pixels (h rows of w pixels of c channels) into acc[kMoments][c]: each row
-// summed in float (the loop over the channels vectorises, 8 or 16 lanes), its sums added into
-// double accumulators. The variance taken later as E[f^2] - E[f]^2 then loses no more to
-// cancellation than with one float mean, and the float sums run over one row only. Summing
-// everything in double instead took twice the time on data in the cache (stage 1 of the deep
-// protocol, 0.78 ms against 0.40 ms on one core).
+// summed in float (the loop over the channels vectorises, 8 or 16 lanes), the row sums added in
+// double, so that no float sum runs over more than one row. Summing everything in double took
+// twice the time on data in the cache (deep protocol, stage 1: 0.78 ms against 0.40 ms on one
+// core, docs/BENCHMARKS.md "StepNet's spatial moments in one pass").
 STEPJAX_CLONES
 void SumExample(const float* y, const float* f, int64_t h, int64_t w, int64_t c, double* acc, float* row) {
   for (int64_t k = 0; k < kMoments * c; ++k) acc[k] = 0.0;
