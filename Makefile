@@ -61,13 +61,13 @@ study: setup
 # the deep CPU protocol in the order of its issue: seed 0 of plain, SE and StepNet, the lottery at
 # depth (SE in 40 % of the 54 blocks, ranked by the SE model's NSI as its analysis record holds it),
 # then seeds 1 and 2 (the study analyses each pair, SE vs plain and StepNet vs SE, as soon as both
-# its runs are finished), then the constant-step control, then seeds 3 and 4 of SE, StepNet and the control; every step resumes where it stopped and files its records into results/, and a
+# its runs are finished), then the constant-step control, then seeds 3 and 4 of SE, StepNet and the control, then of plain; every step resumes where it stopped and files its records into results/, and a
 # run whose record is finished is not trained again (make deep DATA=../shared/data/cifar10); SIGUSR1 to the
 # study or lottery process stops it after the run in progress (pkill -USR1 -f stepjax.analysis.lottery)
 DEEP_LOTTERY := --exp cifar10_se:deep --ratio 0.4 --num-random 3 --nsi-workdir results/analysis/deep_se_vs_plain_s0 \
 	--reuse none=results/deep/cifar10_resnet_deep_s0 --reuse all=results/deep/cifar10_se_deep_s0
 DEEP_REST := $(PY) -m stepjax.study --plan deep --seeds 1,2 && $(PY) -m stepjax.study --plan deep_controls && \
-	$(PY) -m stepjax.study --plan deep_more
+	$(PY) -m stepjax.study --plan deep_more && $(PY) -m stepjax.study --plan deep_plain_more
 deep: setup
 	$(PY) -m stepjax.study --plan deep --seeds 0
 	$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY)
@@ -96,6 +96,7 @@ deep-status: setup
 	@$(PY) -m stepjax.study --plan deep --status
 	@$(PY) -m stepjax.study --plan deep_controls --status
 	@$(PY) -m stepjax.study --plan deep_more --status
+	@$(PY) -m stepjax.study --plan deep_plain_more --status
 	@$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY) --status
 
 # file the record of every run directory under runs/ into results/ (training does it when a run stops)

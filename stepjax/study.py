@@ -59,8 +59,11 @@ PLANS = {
     # seeds 3 and 4 of SE, StepNet and the control at depth: three seeds detect a paired
     # difference of about 1 point (docs/ANALYSIS.md 3.14), five about 0.6 at the spread of seeds 0-2
     "deep_more": [(f"cifar10_{c}:deep", s) for s in (3, 4) for c in ("se", "stepnet", "channel_step")],
+    # and of the plain network, so that every comparison with it is paired over five seeds too
+    "deep_plain_more": [("cifar10_resnet:deep", s) for s in (3, 4)],
 }
-ROOTS = {"cpu": "runs/study", "deep": "runs/deep", "deep_controls": "runs/deep", "deep_more": "runs/deep"}  # run directories; records go to results/<same>
+ROOTS = {"cpu": "runs/study", "deep": "runs/deep", "deep_controls": "runs/deep", "deep_more": "runs/deep",
+         "deep_plain_more": "runs/deep"}  # run directories; records go to results/<same>
 CLAIMS = ".claims"  # <root>/.claims/<run>: the lock of the study process that trains the run
 ANALYSIS_SAMPLES = 500  # test images of each pairwise analysis (docs/ANALYSIS.md 3.5-3.10)
 
