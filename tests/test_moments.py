@@ -1,20 +1,16 @@
 """A step-size controller's spatial moments in one pass (`stepjax.kernels.spatial_moments`, the CPU
 extension) against the five `jnp` reductions they replace: values for the shapes the models use,
 under jit, scan, checkpoint, vmap and a batch split over devices; kept for the backward pass of a
-scanned stage; one StepNet training step the same either way; the reductions wherever the
-extension is not there or not wanted."""
+scanned stage; the reductions wherever the extension is not there or not wanted. One StepNet
+training step the same either way: `tests/test_onednn.py`, beside the other training steps."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stepjax import data, kernels, parallel
-from stepjax.config import apply_overrides, load_experiment
+from stepjax import kernels, parallel
 from stepjax.kernels import moments, onednn
-from stepjax.models import build_model
-from stepjax.train import init_state, make_optimizer, make_train_step
-from stepjax.train.step import learning_rate_schedule
 
 NOT_BUILT = kernels.load()
 needs_extension = pytest.mark.skipif(NOT_BUILT is not None, reason=f"CPU extension unavailable: {NOT_BUILT}")
@@ -123,32 +119,3 @@ def test_the_reductions_without_the_extension(monkeypatch, tmp_path):
     jax.clear_caches()
     y, f = operands((2, 4, 4, 8))
     assert moments.TARGET not in jax.jit(kernels.spatial_moments).lower(y, f).compile().as_text()
-
-
-def _stepnet_step(monkeypatch, one_pass):
-    """Loss, updated parameters and whether the program has the one-pass call: one training step of a
-    ResNet-20 with StepNet (batch 8, 32x32 synthetic images, split over 2 devices), the
-    convolutions in oneDNN either way."""
-    monkeypatch.setattr(kernels, "spatial_moments", kernels.spatial_moments if one_pass else moments.reduced_moments)
-    config = apply_overrides(load_experiment("cifar10_stepnet:smoke"), [
-        "model.depths=(3, 3, 3)", "data.image_size=32", "train.global_batch=8"])
-    mesh = parallel.data_mesh(2)
-    schedule = learning_rate_schedule(config.optim, 10, 100)
-    tx = make_optimizer(config.optim, schedule)
-    graphdef, state = init_state(build_model(config), tx)
-    images = jax.random.randint(jax.random.key(1), (8, 32, 32, 3), 0, 256).astype(jnp.uint8)
-    batch = parallel.global_batch({"image": np.asarray(images), "label": np.arange(8) % 10}, mesh)
-    step = make_train_step(graphdef, tx, schedule, config, data.dataset_info(config.data), mesh)
-    called = moments.TARGET in step.lower(state, batch).compile().as_text()
-    state, metrics = step(state, batch)
-    return float(metrics["loss"]), jax.tree.map(np.asarray, state.params), called
-
-
-@needs_extension
-def test_a_stepnet_training_step_is_the_same_with_the_one_pass_moments(monkeypatch, extension_path):
-    loss_ours, params_ours, called = _stepnet_step(monkeypatch, one_pass=True)
-    loss_theirs, params_theirs, called_theirs = _stepnet_step(monkeypatch, one_pass=False)
-    assert called and not called_theirs
-    assert loss_ours == pytest.approx(loss_theirs, rel=1e-6)
-    for a, b in zip(jax.tree.leaves(params_ours), jax.tree.leaves(params_theirs), strict=True):
-        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7

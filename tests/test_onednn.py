@@ -13,7 +13,7 @@ import pytest
 
 from stepjax import data, kernels, parallel
 from stepjax.config import apply_overrides, load_experiment
-from stepjax.kernels import onednn
+from stepjax.kernels import moments, onednn
 from stepjax.layers import conv2d
 from stepjax.models import build_model
 from stepjax.train import init_state, make_optimizer, make_train_step
@@ -119,13 +119,16 @@ def test_onednn_threads_divide_the_cores_among_the_programs_devices(monkeypatch)
     assert onednn.threads(1) == onednn.threads(2) == 3
 
 
-def _one_step(devices, monkeypatch, path):
-    """Loss and updated parameters of one ResNet-164 training step (batch 8, 32x32 synthetic
-    images) on `path`, the batch sharded over `devices` CPU devices."""
+RESNET164 = ("cifar10_resnet:smoke", ["model.depths=(18, 18, 18)", "model.widths=(16, 32, 64)", "model.stem_width=16"])
+
+
+def _one_step(devices, monkeypatch, path, network=RESNET164):
+    """Loss, updated parameters and compiled program of one training step of `network` (an
+    experiment and its overrides; default ResNet-164) at batch 8 on 32x32 synthetic images, on
+    `path`, the batch sharded over `devices` CPU devices."""
     monkeypatch.setenv("STEPJAX_CONV", path)
-    config = apply_overrides(load_experiment("cifar10_resnet:smoke"), [
-        "model.depths=(18, 18, 18)", "model.widths=(16, 32, 64)", "model.stem_width=16",
-        "data.image_size=32", "train.global_batch=8"])
+    exp, overrides = network
+    config = apply_overrides(load_experiment(exp), [*overrides, "data.image_size=32", "train.global_batch=8"])
     mesh = parallel.data_mesh(devices)
     schedule = learning_rate_schedule(config.optim, 10, 100)
     tx = make_optimizer(config.optim, schedule)
@@ -138,7 +141,7 @@ def _one_step(devices, monkeypatch, path):
     assert ("stepjax_onednn_conv" in hlo) == (path == "onednn")
     assert "reduce-precision(" not in hlo  # the scan's stored values are not copied (kernels.lowering)
     state, metrics = step(state, batch)
-    return float(metrics["loss"]), jax.tree.map(np.asarray, state.params)
+    return float(metrics["loss"]), jax.tree.map(np.asarray, state.params), hlo
 
 
 @needs_extension
@@ -147,13 +150,27 @@ def test_resnet164_step_same_on_both_paths(monkeypatch):
     in float32 (XLA on one device and on two, which differ only in the order of reductions, already
     disagree by ~10 % on the stem's update), so the oneDNN step (batch split over two devices) must
     be as close to XLA's as XLA's two orders are to each other, leaf by leaf; the loss to 1e-4."""
-    loss_1, params_1 = _one_step(1, monkeypatch, "xla")
-    loss_2, params_2 = _one_step(2, monkeypatch, "xla")
-    loss_dnn, params_dnn = _one_step(2, monkeypatch, "onednn")
+    loss_1, params_1, _ = _one_step(1, monkeypatch, "xla")
+    loss_2, params_2, _ = _one_step(2, monkeypatch, "xla")
+    loss_dnn, params_dnn, _ = _one_step(2, monkeypatch, "onednn")
     assert loss_dnn == pytest.approx(loss_1, rel=1e-4)
     for a, b, c in zip(jax.tree.leaves(params_dnn), jax.tree.leaves(params_1), jax.tree.leaves(params_2), strict=True):
         noise = np.linalg.norm(c - b)
         assert np.linalg.norm(a - b) <= 3 * noise + 1e-6 * np.linalg.norm(b)
+
+
+@needs_extension
+def test_a_stepnet_training_step_is_the_same_with_the_one_pass_moments(monkeypatch):
+    """A ResNet-20 with StepNet, the convolutions in oneDNN either way: its spatial moments in one
+    pass (`stepjax.kernels.spatial_moments`) or as the five reductions."""
+    stepnet = ("cifar10_stepnet:smoke", ["model.depths=(3, 3, 3)"])
+    loss_ours, params_ours, hlo_ours = _one_step(2, monkeypatch, "onednn", stepnet)
+    monkeypatch.setattr(kernels, "spatial_moments", moments.reduced_moments)
+    loss_theirs, params_theirs, hlo_theirs = _one_step(2, monkeypatch, "onednn", stepnet)
+    assert moments.TARGET in hlo_ours and moments.TARGET not in hlo_theirs
+    assert loss_ours == pytest.approx(loss_theirs, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(params_ours), jax.tree.leaves(params_theirs), strict=True):
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7
 
 
 def _lowered(x, w):
