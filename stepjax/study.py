@@ -33,7 +33,6 @@ run again; ``--status`` lists each.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shlex
 import signal
@@ -64,35 +63,11 @@ PLANS = {
 }
 ROOTS = {"cpu": "runs/study", "deep": "runs/deep", "deep_controls": "runs/deep", "deep_more": "runs/deep",
          "deep_plain_more": "runs/deep"}  # run directories; records go to results/<same>
-CLAIMS = ".claims"  # <root>/.claims/<run>: the lock of the study process that trains the run
 ANALYSIS_SAMPLES = 500  # test images of each pairwise analysis (docs/ANALYSIS.md 3.5-3.10)
 
 
 def run_dir(root: Path, exp: str, seed: int) -> Path:
     return Path(root) / f"{exp.replace(':', '_')}_s{seed}"
-
-
-@contextlib.contextmanager
-def claimed(workdir: Path):
-    """Hold this process's claim on `workdir` (a run, or an analysis named under the root) for the
-    block; yields False, holding nothing, when another live study process has claimed it."""
-    from stepjax.train import WorkdirLock, WorkdirLocked
-
-    claim = WorkdirLock(claim_dir(workdir))
-    try:
-        claim.acquire()
-    except WorkdirLocked:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        claim.release()
-
-
-def claim_dir(workdir: Path) -> Path:
-    """Where a study process claims the run of `workdir` while it trains and evaluates it."""
-    return Path(workdir).parent / CLAIMS / Path(workdir).name
 
 
 def finished_steps(workdir: Path) -> int | None:
@@ -186,6 +161,8 @@ def _analyse_ready(analyses, child: _Child, after, ran: dict[str, int]) -> None:
     """Run each analysis that is ready, not claimed by another study process and not run before by
     this one (the names in `ran`, to which each is added with its exit status); none is started once
     SIGUSR1 or a signal asked the study to stop."""
+    from stepjax.train import claimed
+
     for name, ours, other in analyses:
         if child.stop or after.requested:
             break
@@ -216,6 +193,8 @@ def _train_pending(runs, training: _Child, after) -> tuple[dict, dict, bool, lis
     exit status of the analyses it ran, whether a signal stopped the study, and the workdirs left to
     the other processes that had claimed them.
     """
+    from stepjax.train import claimed
+
     failed, analysed, others = {}, {}, []
     for exp, seed, workdir in runs:
         if training.stop:

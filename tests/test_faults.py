@@ -23,7 +23,7 @@ from stepjax.config import apply_overrides, load_experiment
 from stepjax.evaluate import evaluate_run
 from stepjax.main import main
 from stepjax.results import collect
-from stepjax.train import WorkdirLock, WorkdirLocked, load_run, read_metrics, restore_run, train
+from stepjax.train import WorkdirLock, WorkdirLocked, claim_dir, load_run, read_metrics, restore_run, train
 from stepjax.train.checkpoint import saved_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,7 +333,7 @@ def test_sigusr1_lets_the_running_training_finish_and_stops_the_study(tmp_path, 
 def test_a_run_another_study_process_claimed_is_left_to_it(tmp_path, monkeypatch, capfd):
     monkeypatch.setitem(study.PLANS, "tiny", [(SMOKE, 0), (SMOKE, 1)])
     claimed, free = study.run_dir(tmp_path, SMOKE, 0), study.run_dir(tmp_path, SMOKE, 1)
-    other = WorkdirLock(study.claim_dir(claimed))  # as a second study process holds it while it trains
+    other = WorkdirLock(claim_dir(claimed))  # as a second study process holds it while it trains
     other.acquire()
     try:
         assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == errors.DONE
@@ -343,7 +343,7 @@ def test_a_run_another_study_process_claimed_is_left_to_it(tmp_path, monkeypatch
     assert f"{claimed}: another study process trains it; going on with the next run." in out
     assert err.strip().splitlines()[-1] == f"stepjax.study: left to the other study processes that train them: {claimed}"
     assert not claimed.exists() and (free / "evaluation.json").exists()
-    assert not (study.claim_dir(free) / "writer.lock").exists()  # its claim ends with the run
+    assert not (claim_dir(free) / "writer.lock").exists()  # its claim ends with the run
 
 
 def test_the_study_goes_on_when_a_run_dies_and_names_it_at_the_end(tmp_path, monkeypatch, capfd):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from stepjax import errors, records, study
-from stepjax.train import WorkdirLock, describe_status, lock_holder, run_status, set_aside_cut_run
+from stepjax.train import WorkdirLock, claim_dir, describe_status, lock_holder, run_status, set_aside_cut_run
 
 NOW = 1_800_000_000.0
 
@@ -190,7 +190,7 @@ def test_the_study_analyses_each_pair_of_its_finished_runs_once(tmp_path, monkey
 
     monkeypatch.setattr(study.subprocess, "Popen", Analysis)
     monkeypatch.setitem(study.PLANS, "tiny", [p for p in plan if p != ("cifar10_stepnet:deep", 1)])
-    other = WorkdirLock(study.claim_dir(tmp_path / "deep_stepnet_vs_se_s0"))  # another study process runs it
+    other = WorkdirLock(claim_dir(tmp_path / "deep_stepnet_vs_se_s0"))  # another study process runs it
     other.acquire()
     try:
         assert study.main(["--plan", "tiny", "--root", str(tmp_path)]) == errors.DONE

@@ -9,9 +9,13 @@ accuracies as a strip plot with the NSI-guided placement marked. Re-running skip
 and resumes unfinished ones; ``--plot-only`` draws what has finished. ``--reuse none=DIR1
 --reuse all=DIR2`` takes finished runs of the same protocol and seed (e.g. the accuracy study's
 plain and SE runs) instead of training them again; they are checked to be the same training.
+The override ``seed=N`` trains every placement from training seed N: a lottery of its own, named
+``<exp>_ratio<r>_s<N>`` (its placements are the same when its ranking is). Several lottery
+processes may train one lottery at once (one per core, under ``taskset``): each claims the run it
+trains, and leaves a claimed run to the process that holds it.
 
 The lottery outlives its run directories: the NSI ranking is kept beside its record
-(``results/lottery/<exp>_ratio<r>/nsi_scores.json``) and read back from there, and a run that
+(``results/lottery/<name>/nsi_scores.json``) and read back from there, and a run that
 finished in an earlier checkout is read from its record. DIR may also be an analysis record
 (``results/analysis/NAME``), whose NSI needs no checkpoint.
 """
@@ -19,7 +23,6 @@ finished in an earlier checkout is read from its record. DIR may also be an anal
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -134,6 +137,9 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     A run whose directory is gone but whose record (`stepjax.records.record_path`) is finished is
     read from the record, after the same check.
 
+    Several processes may work through one lottery at once (one per core): each claims a run before
+    it trains it (`stepjax.train.claimed`) and leaves a run another live process has claimed to it.
+
     A run cut before its first checkpoint (`stepjax.train.set_aside_cut_run`) is moved aside and
     trained afresh. A run that ends unfinished (stopped by a signal: its checkpoint is saved) stops the lottery:
     the later runs are reported as they stand, and rerunning resumes. So does `stop_after`'s
@@ -143,7 +149,7 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
 
     name -> ``{"workdir", "blocks", "ratio", "status", "best_accuracy", "last_accuracy"}``.
     """
-    from stepjax.train import set_aside_cut_run
+    from stepjax.train import claimed, set_aside_cut_run
 
     if train_fn is None:
         from stepjax.train import train as train_fn
@@ -162,10 +168,14 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
         summary = reused.get(name) or (json.loads(path.read_text()) if path.exists() else {"status": "pending"})
         interrupted = interrupted or (stop_after is not None and stop_after.requested)
         if summary["status"] != "done" and not (plot_only or interrupted):
-            set_aside_cut_run(workdir)
-            summary = train_fn(config, workdir)
-            file_run(workdir)
-            interrupted = summary["status"] != "done"  # e.g. SIGTERM: start no further run
+            with claimed(workdir) as mine:
+                if mine:
+                    set_aside_cut_run(workdir)
+                    summary = train_fn(config, workdir)
+                    file_run(workdir)
+                    interrupted = summary["status"] != "done"  # e.g. SIGTERM: start no further run
+                else:
+                    print(f"{workdir}: another lottery process trains it; going on with the next run.", flush=True)
         blocks, total = _blocks(config)
         results[name] = {
             "workdir": str(workdir), "blocks": blocks, "ratio": len(blocks) / total, "status": summary["status"],
@@ -254,11 +264,12 @@ def lottery_contrasts(results: dict, key: str = "best_accuracy") -> dict:
     return contrasts
 
 
-def lottery_figure(results: dict, *, experiment: str, ratio: float, ranking: dict) -> dict:
+def lottery_figure(results: dict, *, experiment: str, ratio: float, ranking: dict, seed: int = 0) -> dict:
     """The JSON-ready data of the strip plot (see `figures.plot_lottery`), with `lottery_contrasts`
-    of the best and the last accuracy; `ranking` is the key of `cached_scores`."""
+    of the best and the last accuracy; `ranking` is the key of `cached_scores`, `seed` the training
+    seed (named in the title unless 0)."""
     return {
-        "title": f"lottery ticket in SAM: {experiment}, connection ratio {ratio}",
+        "title": f"lottery ticket in SAM: {experiment}, connection ratio {ratio}" + (f", seed {seed}" if seed else ""),
         "note": f"NSI = mean {INDICATORS[ranking['indicator']].label} of {ranking['source']} on "
                 f"{ranking['num_samples']} {ranking['split']} images. " + RECONSTRUCTION_NOTE,
         "runs": [{"name": name, **r} for name, r in results.items()],
@@ -283,9 +294,10 @@ def parse_args(argv):
                         "(results/analysis/NAME: its NSI, on its images)")
     p.add_argument("--indicator", default=DEFAULT_NSI, choices=sorted(INDICATORS))
     p.add_argument("--nsi-samples", type=int, default=500, help="training images for the NSI ranking")
-    p.add_argument("--root", help="run directories go here (default runs/lottery/<exp>_ratio<r>)")
-    p.add_argument("--out", help="figure directory (default docs/figures/analysis/lottery_<exp>_ratio<r>); the "
-                   "record lottery.json goes to results/lottery/<exp>_ratio<r>")
+    p.add_argument("--root", help="run directories go here (default runs/lottery/<name>, <name> = "
+                   "<exp>_ratio<r>, with _s<seed> for a seed other than 0)")
+    p.add_argument("--out", help="figure directory (default docs/figures/analysis/lottery_<name>); the "
+                   "record lottery.json goes to results/lottery/<name>")
     p.add_argument("--plot-only", action="store_true", help="train nothing, draw what has finished")
     p.add_argument("--status", action="store_true",
                    help="print where each placement's run stands (done, training, stopped, pending); "
@@ -304,16 +316,22 @@ def main(argv=None) -> int:
     return errors.run(lambda: _lottery(args), debug=args.debug)
 
 
+def lottery_name(exp: str, ratio: float, seed: int) -> str:
+    """The lottery's name, that of its record (``results/lottery/<name>``) and run root: the
+    experiment and the ratio, and the training seed unless it is 0 (``..._ratio0.4_s1``)."""
+    return f"{exp.replace(':', '_')}_ratio{ratio}" + (f"_s{seed}" if seed else "")
+
+
 def _lottery(args) -> int:
-    """The lottery's runs (under the lock of its root, except with --plot-only, which only reads),
-    its figure, its record and its contrasts."""
+    """The lottery's runs (each claimed by the process that trains it), its figure, its record and
+    its contrasts."""
     from stepjax.config import command_config
-    from stepjax.train import StopAfterRun, describe_status, hold_workdir, run_status
+    from stepjax.train import StopAfterRun, describe_status, run_status
 
     parallel.configure_cpu_devices()  # as `stepjax.main` and the study: one CPU device per core
-    name = f"{args.exp.replace(':', '_')}_ratio{args.ratio}"
-    root = Path(args.root or f"runs/lottery/{name}")
     config = command_config(args.exp, args.overrides)
+    name = lottery_name(args.exp, args.ratio, config.seed)
+    root = Path(args.root or f"runs/lottery/{name}")
     reuse = dict(item.split("=", 1) for item in args.reuse if "=" in item)
     if len(reuse) != len(args.reuse):
         raise UserError(f"--reuse takes NAME=DIR items; got {args.reuse}.")
@@ -323,13 +341,13 @@ def _lottery(args) -> int:
         for run in placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores):
             print(f"{run:12s} {describe_status(run_status(placement_dir(run, root, reuse)))}")
         return errors.DONE
-    with contextlib.nullcontext() if args.plot_only else hold_workdir(root), StopAfterRun() as after:
+    with StopAfterRun() as after:
         scores, ranking = cached_scores(args.nsi_workdir, (root, record), indicator=args.indicator,
                                         num_samples=args.nsi_samples)
         configs = placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores)
         results = run_lottery(configs, root, plot_only=args.plot_only, reuse=reuse, stop_after=after)
     out = Path(args.out or f"docs/figures/analysis/lottery_{name}")
-    figure = lottery_figure(results, experiment=args.exp, ratio=args.ratio, ranking=ranking)
+    figure = lottery_figure(results, experiment=args.exp, ratio=args.ratio, ranking=ranking, seed=config.seed)
     out.mkdir(parents=True, exist_ok=True)
     record.mkdir(parents=True, exist_ok=True)
     (record / "lottery.json").write_text(json.dumps(figure, indent=1))

@@ -2,7 +2,7 @@
 
 from stepjax.train.after_run import StopAfterRun
 from stepjax.train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
-from stepjax.train.lock import WorkdirLock, WorkdirLocked, hold_workdir, lock_holder
+from stepjax.train.lock import WorkdirLock, WorkdirLocked, claim_dir, claimed, hold_workdir, lock_holder
 from stepjax.train.loop import NonFiniteLossError, evaluate, load_run, restore_run, train
 from stepjax.train.metrics import MetricWriter, Progress, drop_records_after, format_summary, read_metrics
 from stepjax.train.status import RunStatus, describe_status, run_status, set_aside_cut_run
@@ -30,6 +30,8 @@ __all__ = [
     "TrainState",
     "WorkdirLock",
     "WorkdirLocked",
+    "claim_dir",
+    "claimed",
     "describe_status",
     "drop_records_after",
     "evaluate",

@@ -24,6 +24,7 @@ from pathlib import Path
 from stepjax.errors import UserError
 
 LOCK_FILE = "writer.lock"
+CLAIMS = ".claims"  # <parent>/.claims/<run>: the lock of the process that trains the run
 log = logging.getLogger("stepjax")
 
 
@@ -185,3 +186,25 @@ def hold_workdir(directory: str | os.PathLike):
         yield lock
     finally:
         lock.release()
+
+
+def claim_dir(workdir: str | os.PathLike) -> Path:
+    """Where a process claims the run of `workdir` while it trains it: ``<parent>/.claims/<name>``."""
+    return Path(workdir).parent / CLAIMS / Path(workdir).name
+
+
+@contextlib.contextmanager
+def claimed(workdir: str | os.PathLike):
+    """Hold this process's claim on `workdir` (a run, or an analysis named beside the runs) for the
+    block, so that several processes can work through one list of runs (the study's and the
+    lottery's lanes); yields False, holding nothing, when another live process has claimed it."""
+    claim = WorkdirLock(claim_dir(workdir))
+    try:
+        claim.acquire()
+    except WorkdirLocked:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        claim.release()
