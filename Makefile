@@ -61,13 +61,19 @@ study: setup
 # the deep CPU protocol in the order of its issue: seed 0 of plain, SE and StepNet, the lottery at
 # depth (SE in 40 % of the 54 blocks, ranked by the SE model's NSI as its analysis record holds it),
 # then seeds 1 and 2 (the study analyses each pair, SE vs plain and StepNet vs SE, as soon as both
-# its runs are finished), then the constant-step control, then seeds 3 and 4 of SE, StepNet and the control, then of plain; every step resumes where it stopped and files its records into results/, and a
+# its runs are finished), then the constant-step control, then seeds 3 and 4 of SE, StepNet and the control, then of plain, then the lottery's NSI placements
+# from seed 1; every step resumes where it stopped and files its records into results/, and a
 # run whose record is finished is not trained again (make deep DATA=../shared/data/cifar10); SIGUSR1 to the
 # study or lottery process stops it after the run in progress (pkill -USR1 -f stepjax.analysis.lottery)
 DEEP_LOTTERY := --exp cifar10_se:deep --ratio 0.4 --num-random 3 --nsi-workdir results/analysis/deep_se_vs_plain_s0 \
 	--reuse none=results/deep/cifar10_resnet_deep_s0 --reuse all=results/deep/cifar10_se_deep_s0
+# the lottery's two NSI placements again from training seed 1 (the same ranking, so the same blocks;
+# none and all are the study's seed-1 plain and SE runs): placement against run-to-run variation
+DEEP_LOTTERY_S1 := --exp cifar10_se:deep --ratio 0.4 --num-random 0 --nsi-workdir results/analysis/deep_se_vs_plain_s0 \
+	--reuse none=results/deep/cifar10_resnet_deep_s1 --reuse all=results/deep/cifar10_se_deep_s1 seed=1
 DEEP_REST := $(PY) -m stepjax.study --plan deep --seeds 1,2 && $(PY) -m stepjax.study --plan deep_controls && \
-	$(PY) -m stepjax.study --plan deep_more && $(PY) -m stepjax.study --plan deep_plain_more
+	$(PY) -m stepjax.study --plan deep_more && $(PY) -m stepjax.study --plan deep_plain_more && \
+	$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY_S1)
 deep: setup
 	$(PY) -m stepjax.study --plan deep --seeds 0
 	$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY)
@@ -77,7 +83,7 @@ deep: setup
 # cores two single-core trainings trained 1.25-1.7x the images per second of one on both
 # (docs/BENCHMARKS.md, "Two trainings at once, one core each"). After seed 0 (on all cores), lane 0 trains the lottery, then
 # joins lane 1 on seeds 1 and 2 and the control; the two study processes share that plan, each run
-# claimed by one (stepjax.study). Logs: runs/deep_lane0.log, runs/deep_lane1.log. To stop both after
+# claimed by one (stepjax.study; the lottery of seed 1 likewise). Logs: runs/deep_lane0.log, runs/deep_lane1.log. To stop both after
 # their runs in progress: pkill -USR1 -f '^.venv/bin/python -m stepjax' (the pattern spares the lanes' shells).
 LANE_CPUS ?= 0 1
 deep-lanes: setup
@@ -98,6 +104,7 @@ deep-status: setup
 	@$(PY) -m stepjax.study --plan deep_more --status
 	@$(PY) -m stepjax.study --plan deep_plain_more --status
 	@$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY) --status
+	@$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY_S1) --status
 
 # file the record of every run directory under runs/ into results/ (training does it when a run stops)
 records: setup

@@ -38,14 +38,14 @@ from stepjax.analysis import (
     write_report,
 )
 from stepjax.analysis.__main__ import main as analysis_main
-from stepjax.analysis.lottery import cached_scores, lottery_contrasts, placement_configs, run_lottery
+from stepjax.analysis.lottery import cached_scores, lottery_contrasts, lottery_name, placement_configs, run_lottery
 from stepjax.analysis.lottery import parse_args as lottery_args
 from stepjax.analysis.placement import nsi_placement, nsi_scores, recorded_scores
 from stepjax.analysis.report import load_images, load_source
 from stepjax.config import apply_overrides, load_experiment
 from stepjax.models import Conv, make_model
 from stepjax.records import ANALYSIS_RECORD, read_analysis_record, write_analysis_record
-from stepjax.train import StopAfterRun
+from stepjax.train import StopAfterRun, WorkdirLock, claim_dir
 
 FAST = TraceOptions(power_iters=3, batch_size=12)  # the CLI test's settings: compilations are shared
 
@@ -446,6 +446,32 @@ def test_sigusr1_stops_the_lottery_after_the_run_in_progress(tmp_path, monkeypat
     assert [r["status"] for r in results.values()] == ["done", "done", "pending", "pending", "pending"]
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # restored
     assert len(run_lottery(configs, tmp_path, train_fn=fake_train)) == 5 and calls[2:] == list(configs)[2:]
+
+
+def test_two_lottery_processes_share_its_runs_and_a_seed_names_its_own_lottery(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPJAX_RESULTS", str(tmp_path / "results"))
+    scores = [np.nan, 0.5, np.nan, 0.9, np.nan, 0.1]
+    configs = placement_configs(load_experiment("cifar10_se:smoke"), ratio=0.34, num_random=0, scores=scores)
+    root, calls = tmp_path / "lottery", []
+
+    def fake_train(cfg, workdir):
+        calls.append(workdir.name)
+        summary = {"status": "done", "best_accuracy": 0.5, "last_accuracy": 0.5}
+        workdir.mkdir(parents=True)
+        (workdir / "config.json").write_text(cfg.to_json())
+        (workdir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    other = WorkdirLock(claim_dir(root / "nsi_top"))  # as a second lottery process holds it while it trains
+    other.acquire()
+    try:
+        results = run_lottery(configs, root, train_fn=fake_train)
+    finally:
+        other.release()
+    assert calls == ["none", "all", "nsi_bottom"] and results["nsi_top"]["status"] == "pending"
+    assert run_lottery(configs, root, train_fn=fake_train)["nsi_top"]["status"] == "done" and calls[-1] == "nsi_top"
+    assert lottery_name("cifar10_se:deep", 0.4, 0) == "cifar10_se_deep_ratio0.4"
+    assert lottery_name("cifar10_se:deep", 0.4, 1) == "cifar10_se_deep_ratio0.4_s1"
 
 
 def test_nsi_placement_and_lottery_bookkeeping(tmp_path, monkeypatch):
