@@ -45,7 +45,8 @@ SEED_TABLES = {f"figures/analysis/seeds_{protocol}.md": [seeds.pair_analysis(pro
                                                           for pair in seeds.PAIRS for seed in (0, 1, 2)] + extra
                for protocol, extra in (("cpu", []), ("deep", ["deep_stepnet_s2_vs_channel_step_s0", "deep_channel_step_s1_vs_s0",
                                                     "deep_channel_step_s2_vs_s0", "deep_stepnet_vs_se_s3",
-                                                    "deep_stepnet_vs_se_s4", "deep_channel_step_s4_vs_s3"]))}
+                                                    "deep_stepnet_vs_se_s4", "deep_channel_step_s4_vs_s3",
+                                                    "deep_plain_s4_vs_s3"]))}
 DIGESTS = "figures/DIGESTS.md"
 LOST_NOTE = ("Runs reported before 2026-11-30 whose records are lost (their figures kept, each marked "
              "\"record lost\"): [lost/RESULTS.md](lost/RESULTS.md), [lost/RESULTS_PILOTS.md](lost/RESULTS_PILOTS.md).")
