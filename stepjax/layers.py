@@ -207,7 +207,8 @@ def _normalize_bwd(epsilon, residuals, dy):
     a = rstd * scale
     b = -a * rstd * dy_xhat_sum / n
     c = -a * dy_sum / n - mean * b
-    return dy * a + x * b + c, dy_xhat_sum, dy_sum
+    # scale and bias share a dtype (the module promotes them together), bfloat16 in a bfloat16 model
+    return dy * a + x * b + c, dy_xhat_sum.astype(scale.dtype), dy_sum.astype(scale.dtype)
 
 
 normalize_batch.defvjp(_normalize_fwd, _normalize_bwd)

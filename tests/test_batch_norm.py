@@ -50,6 +50,19 @@ def test_forward_and_running_statistics_are_flaxs_and_the_gradient_its_autodiff(
     np.testing.assert_allclose(gb1, gb0, rtol=1e-4, atol=1e-4)
 
 
+def test_a_bfloat16_batch_norm_trains_as_flaxs():
+    x, w = _data((4, 5, 5, 3))
+    grads = []
+    for cls in (nnx.BatchNorm, BatchNorm):
+        norm = cls(3, momentum=0.9, epsilon=1e-5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        value, g = jax.jit(nnx.value_and_grad(lambda norm: jnp.sum(w * norm(x.astype(jnp.bfloat16)))))(norm)
+        grads.append((value, g.scale[...], g.bias[...]))
+    (l0, s0, b0), (l1, s1, b1) = grads
+    assert l1 == l0 and s1.dtype == s0.dtype and b1.dtype == b0.dtype
+    np.testing.assert_allclose(s1, s0, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(b1, b0, rtol=2e-2, atol=2e-2)
+
+
 def test_evaluation_uses_the_running_statistics_as_flax_does():
     x, _ = _data((4, 5, 5, 3))
     flax_norm, ours = _pair(3)
