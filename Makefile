@@ -67,13 +67,14 @@ study: setup
 # study or lottery process stops it after the run in progress (pkill -USR1 -f stepjax.analysis.lottery)
 DEEP_LOTTERY := --exp cifar10_se:deep --ratio 0.4 --num-random 3 --nsi-workdir results/analysis/deep_se_vs_plain_s0 \
 	--reuse none=results/deep/cifar10_resnet_deep_s0 --reuse all=results/deep/cifar10_se_deep_s0
-# the lottery's two NSI placements again from training seed 1 (the same ranking, so the same blocks;
-# none and all are the study's seed-1 plain and SE runs): placement against run-to-run variation
-DEEP_LOTTERY_S1 := --exp cifar10_se:deep --ratio 0.4 --num-random 0 --nsi-workdir results/analysis/deep_se_vs_plain_s0 \
-	--reuse none=results/deep/cifar10_resnet_deep_s1 --reuse all=results/deep/cifar10_se_deep_s1 seed=1
+# the lottery's two NSI placements again from training seed N (the same ranking, so the same blocks;
+# none and all are the study's seed-N plain and SE runs): placement against run-to-run variation
+deep_lottery_seed = --exp cifar10_se:deep --ratio 0.4 --num-random 0 --nsi-workdir results/analysis/deep_se_vs_plain_s0 \
+	--reuse none=results/deep/cifar10_resnet_deep_s$(1) --reuse all=results/deep/cifar10_se_deep_s$(1) seed=$(1)
 DEEP_REST := $(PY) -m stepjax.study --plan deep --seeds 1,2 && $(PY) -m stepjax.study --plan deep_controls && \
 	$(PY) -m stepjax.study --plan deep_more && $(PY) -m stepjax.study --plan deep_plain_more && \
-	$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY_S1)
+	$(PY) -m stepjax.analysis.lottery $(call deep_lottery_seed,1) && \
+	$(PY) -m stepjax.analysis.lottery $(call deep_lottery_seed,2)
 deep: setup
 	$(PY) -m stepjax.study --plan deep --seeds 0
 	$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY)
@@ -104,7 +105,8 @@ deep-status: setup
 	@$(PY) -m stepjax.study --plan deep_more --status
 	@$(PY) -m stepjax.study --plan deep_plain_more --status
 	@$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY) --status
-	@$(PY) -m stepjax.analysis.lottery $(DEEP_LOTTERY_S1) --status
+	@$(PY) -m stepjax.analysis.lottery $(call deep_lottery_seed,1) --status
+	@$(PY) -m stepjax.analysis.lottery $(call deep_lottery_seed,2) --status
 
 # file the record of every run directory under runs/ into results/ (training does it when a run stops)
 records: setup
