@@ -10,6 +10,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from statistics import median
 
 from benchmarks.measure import MODEL_VARIANTS, jsonable
 
@@ -57,14 +58,16 @@ def summarise(results):
                   "speed_ratio_one_device_vs_per_core": ("resnet164/resnet", "resnet164/resnet (1 device)"),
                   "speed_ratio_resnet20_one_device_vs_per_core": ("resnet20/resnet (cpu protocol)",
                                                                  "resnet20/resnet (cpu protocol) (1 device)")}
-        out["rounds_range"] = {}
+        out["rounds_range"], out["rounds_median"] = {}, {}
         times = inter.get("step_times_s", {})
         for key, (slow, fast) in ratios.items():
             if slow in steps and fast in steps:
                 out[key] = steps[slow] / steps[fast]
                 per_round = [a / b for a, b in zip(times.get(slow, []), times.get(fast, []))]
-                if per_round:  # how far one round's ratio strays from the medians' ratio
+                if per_round:  # how far one round's ratio strays from the medians' ratio; the median of the
+                    # rounds' own ratios, which a load that drifts between rounds moves less
                     out["rounds_range"][key] = [min(per_round), max(per_round)]
+                    out["rounds_median"][key] = median(per_round)
     elif plain:
         for c in MODEL_VARIANTS[1:]:
             if f"resnet164/{c}" in by:
@@ -166,14 +169,17 @@ def markdown(out):
              "compile_ratio_110_vs_56": "compile ResNet-110 / ResNet-56 (same block, twice the depth)",
              "compile_resnet164_s": "compile ResNet-164 (s)",
              "pipeline_vs_fastest_step": "input pipeline (loader + augment) / fastest training step"}
-    spread = s.get("rounds_range", {})
+    spread, paired = s.get("rounds_range", {}), s.get("rounds_median", {})
 
     def rounds(key):
-        return f" (rounds {spread[key][0]:.2f}-{spread[key][1]:.2f})" if key in spread else ""
+        if key not in spread:
+            return ""
+        return f" (rounds {spread[key][0]:.2f}-{spread[key][1]:.2f}, their median {paired[key]:.2f})" if key in paired \
+            else f" (rounds {spread[key][0]:.2f}-{spread[key][1]:.2f})"
 
     lines += ["| ratio | value |", "| --- | --- |"]
     for key, value in s.items():
-        if key not in ("targets_met", "rounds_range"):
+        if key not in ("targets_met", "rounds_range", "rounds_median"):
             label = names.get(key, key.replace("step_ratio_", "step time ").replace("_vs_plain", " / plain"))
             lines.append(f"| {label} | {value:.2f}{rounds(key)} |")
     figures = {"resnet164 step >= pytorch": ("speed_ratio_jax_vs_torch", "x PyTorch's speed"),
