@@ -119,7 +119,9 @@ def test_the_lottery_reports_its_placements_and_writes_nothing(tmp_path, monkeyp
     before = sorted(p for p in tmp_path.rglob("*"))
     assert lottery(["--exp", "cifar10_se:smoke", "--ratio", "0.34", "--num-random", "1", "--nsi-workdir",
                     "init:cifar10_se:smoke", "--root", str(root), "--out", str(tmp_path / "figure"), "--status"]) == errors.DONE
-    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()] == [
+    head, *lines = capsys.readouterr().out.splitlines()
+    assert head == f"lottery cifar10_se_smoke_ratio0.34 (runs in {root})"  # which lottery, when make deep-status lists three
+    assert [line.split()[:2] for line in lines] == [
         ["none", "pending"], ["all", "pending"], ["nsi_top", "done,"], ["nsi_bottom", "pending"], ["random_0", "pending"]]
     assert sorted(p for p in tmp_path.rglob("*")) == before  # no record, figure or lock
 

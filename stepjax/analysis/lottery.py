@@ -394,6 +394,7 @@ def _lottery(args) -> int:
     record = results_root() / "lottery" / name  # also keeps the ranking the placements came from
     if args.status:
         scores, _ = cached_scores(args.nsi_workdir, (root, record), indicator=args.indicator, num_samples=args.nsi_samples)
+        print(f"lottery {name} (runs in {root})")
         for run in placement_configs(config, ratio=args.ratio, num_random=args.num_random, scores=scores):
             print(f"{run:12s} {describe_status(run_status(placement_dir(run, root, reuse)))}")
         return errors.DONE
