@@ -283,8 +283,6 @@ def seed_table(lotteries: dict[int, dict], key: str = "best_accuracy") -> str:
     The table, with a line saying whether each placement has the same blocks in every seed (a
     pairing is of one placement only when it does).
     """
-    from stepjax.results import paired_by_seed, t_interval
-
     seeds = sorted(lotteries)
     runs = {seed: {r["name"]: r for r in lotteries[seed]["runs"] if r["status"] == "done"} for seed in seeds}
     names = list(dict.fromkeys(name for seed in seeds for name in runs[seed]))
@@ -299,19 +297,22 @@ def seed_table(lotteries: dict[int, dict], key: str = "best_accuracy") -> str:
     lines += ["", "Blocks: " + (f"**differ between seeds** for {', '.join(f'`{n}`' for n in differing)}."
                                 if differing else "each placement has the same blocks in every seed it has."), "",
               "| contrast (points) | per seed | mean ± sd | n | paired t p | 95 % CI |", "| --- | --- | --- | --- | --- | --- |"]
-    for a, b in SEED_CONTRASTS:
-        diffs, p = paired_by_seed(acc.get(a, {}), acc.get(b, {}))
-        if len(diffs) == 0:
-            continue
-        common = sorted(set(acc[a]) & set(acc[b]))
-        per_seed = ", ".join(f"{d:+.2f} (s{s})" for d, s in zip(diffs, common))
-        if len(diffs) < 2:
-            lines.append(f"| `{a}` - `{b}` | {per_seed} | {diffs.mean():+.2f} | 1 | - | - |")
-            continue
-        low, high = t_interval(diffs)
-        lines.append(f"| `{a}` - `{b}` | {per_seed} | {diffs.mean():+.2f} ± {diffs.std(ddof=1):.2f} | {len(diffs)} "
-                     f"| {p:.3f} | [{low:+.2f}, {high:+.2f}] |")
+    lines += [_contrast_row(a, b, acc.get(a, {}), acc.get(b, {})) for a, b in SEED_CONTRASTS
+              if set(acc.get(a, {})) & set(acc.get(b, {}))]
     return "\n".join(lines) + "\n"
+
+
+def _contrast_row(a: str, b: str, acc_a: dict, acc_b: dict) -> str:
+    """A row of `seed_table`: ``a - b`` paired by the seeds both have (accuracies in %, by seed)."""
+    from stepjax.results import paired_by_seed, t_interval
+
+    diffs, p = paired_by_seed(acc_a, acc_b)
+    per_seed = ", ".join(f"{d:+.2f} (s{s})" for d, s in zip(diffs, sorted(set(acc_a) & set(acc_b))))
+    if len(diffs) < 2:
+        return f"| `{a}` - `{b}` | {per_seed} | {diffs.mean():+.2f} | 1 | - | - |"
+    low, high = t_interval(diffs)
+    return (f"| `{a}` - `{b}` | {per_seed} | {diffs.mean():+.2f} ± {diffs.std(ddof=1):.2f} | {len(diffs)} "
+            f"| {p:.3f} | [{low:+.2f}, {high:+.2f}] |")
 
 
 def lottery_figure(results: dict, *, experiment: str, ratio: float, ranking: dict, seed: int = 0) -> dict:
