@@ -114,7 +114,7 @@ def lottery_figures(results_dir: Path, docs_dir: Path, drawing: Drawing) -> dict
 
 
 def lottery_seed_tables(results_dir: Path, docs_dir: Path) -> None:
-    """Write ``figures/analysis/lottery_seeds_<name>.md`` (`lottery.seed_table`) for every lottery
+    """Write ``figures/analysis/lottery_seeds_<name>.md`` (`results.lottery_seed_table`) for every lottery
     trained from more than one training seed (``<name>``, ``<name>_s1``, ...)."""
     groups: dict[str, dict[int, dict]] = {}
     for path in sorted((results_dir / "lottery").glob("*/lottery.json")):
@@ -124,7 +124,7 @@ def lottery_seed_tables(results_dir: Path, docs_dir: Path) -> None:
         if len(by_seed) > 1:
             out = docs_dir / LOTTERY_SEEDS.format(name=name)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(lottery.seed_table(by_seed))
+            out.write_text(results.lottery_seed_table(by_seed))
 
 
 def seed_tables(results_dir: Path, docs_dir: Path) -> None:

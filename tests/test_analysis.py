@@ -470,6 +470,22 @@ def test_two_lottery_processes_share_its_runs_and_a_seed_names_its_own_lottery(t
         other.release()
     assert calls == ["none", "all", "nsi_bottom"] and results["nsi_top"]["status"] == "pending"
     assert run_lottery(configs, root, train_fn=fake_train)["nsi_top"]["status"] == "done" and calls[-1] == "nsi_top"
+    # the other process finishes its run while this one trains: this one's results (its record) have it
+    root = tmp_path / "lottery_b"
+    other = WorkdirLock(claim_dir(root / "nsi_top"))
+    other.acquire()
+
+    def train_while_the_other_finishes(cfg, workdir):
+        if workdir.name == "nsi_bottom":
+            fake_train(cfg, root / "nsi_top")
+            other.release()
+        return fake_train(cfg, workdir)
+
+    try:
+        results = run_lottery(configs, root, train_fn=train_while_the_other_finishes)
+    finally:
+        other.release()
+    assert results["nsi_top"]["status"] == "done" and results["nsi_top"]["best_accuracy"] == 0.5
     assert lottery_name("cifar10_se:deep", 0.4, 0) == "cifar10_se_deep_ratio0.4"
     assert lottery_name("cifar10_se:deep", 0.4, 1) == "cifar10_se_deep_ratio0.4_s1"
 

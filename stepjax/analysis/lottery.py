@@ -139,6 +139,9 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
 
     Several processes may work through one lottery at once (one per core): each claims a run before
     it trains it (`stepjax.train.claimed`) and leaves a run another live process has claimed to it.
+    Such a run is read again once this process's own runs are done, so that whichever process
+    finishes last reports, and records, every run (before sitting 27 it kept the state it had read
+    when it passed the run, and a record could miss a run that had finished).
 
     A run cut before its first checkpoint (`stepjax.train.set_aside_cut_run`) is moved aside and
     trained afresh. A run that ends unfinished (stopped by a signal: its checkpoint is saved) stops the lottery:
@@ -158,14 +161,9 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
     if unknown:
         raise UserError(f"--reuse names {unknown}, which the lottery does not train; choose from {list(configs)}.")
     reused = {name: _reused_summary(configs[name], workdir) for name, workdir in reuse.items()}
-    results, interrupted = {}, False
+    results, others, interrupted = {}, [], False
     for name, config in configs.items():
-        workdir = placement_dir(name, root, reuse)
-        if name not in reused and (finished := finished_run(workdir)) not in (None, workdir):
-            workdir = finished  # its record: finished in an earlier checkout, the run directory is gone
-            reused[name] = _reused_summary(config, workdir, record=True)
-        path = workdir / "summary.json"
-        summary = reused.get(name) or (json.loads(path.read_text()) if path.exists() else {"status": "pending"})
+        workdir, summary = _run_state(name, config, placement_dir(name, root, reuse), reused)
         interrupted = interrupted or (stop_after is not None and stop_after.requested)
         if summary["status"] != "done" and not (plot_only or interrupted):
             with claimed(workdir) as mine:
@@ -176,12 +174,27 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
                     interrupted = summary["status"] != "done"  # e.g. SIGTERM: start no further run
                 else:
                     print(f"{workdir}: another lottery process trains it; going on with the next run.", flush=True)
-        blocks, total = _blocks(config)
-        results[name] = {
-            "workdir": str(workdir), "blocks": blocks, "ratio": len(blocks) / total, "status": summary["status"],
-            "best_accuracy": summary.get("best_accuracy"), "last_accuracy": summary.get("last_accuracy"),
-        }
+                    others.append(name)
+        results[name] = _result(config, workdir, summary)
+    for name in others:  # read again: the other process may have finished it while this one trained
+        results[name] = _result(configs[name], *_run_state(name, configs[name], placement_dir(name, root, reuse), reused))
     return results
+
+
+def _run_state(name: str, config, workdir: Path, reused: dict) -> tuple[Path, dict]:
+    """Where placement `name`'s run is (its directory, or its record once finished in an earlier
+    checkout) and its summary (``{"status": "pending"}`` before it has one)."""
+    if name not in reused and (finished := finished_run(workdir)) not in (None, workdir):
+        workdir = finished  # its record: finished in an earlier checkout, the run directory is gone
+        reused[name] = _reused_summary(config, workdir, record=True)
+    path = workdir / "summary.json"
+    return workdir, reused.get(name) or (json.loads(path.read_text()) if path.exists() else {"status": "pending"})
+
+
+def _result(config, workdir: Path, summary: dict) -> dict:
+    blocks, total = _blocks(config)
+    return {"workdir": str(workdir), "blocks": blocks, "ratio": len(blocks) / total, "status": summary["status"],
+            "best_accuracy": summary.get("best_accuracy"), "last_accuracy": summary.get("last_accuracy")}
 
 
 def cached_scores(source: str, folders, *, indicator: str, num_samples: int) -> tuple[np.ndarray, dict]:
@@ -262,57 +275,6 @@ def lottery_contrasts(results: dict, key: str = "best_accuracy") -> dict:
         contrasts["nsi_top - random mean"] = round(top - contrasts["random"]["mean"], 4)
         contrasts["random placements below nsi_top"] = _how_many(random, lambda v: v < top)
     return contrasts
-
-
-# the contrasts paired by training seed across the lotteries of one experiment and ratio
-SEED_CONTRASTS = (("nsi_top", "nsi_bottom"), ("nsi_top", "none"), ("nsi_bottom", "none"),
-                  ("nsi_top", "all"), ("nsi_bottom", "all"))
-
-
-def seed_table(lotteries: dict[int, dict], key: str = "best_accuracy") -> str:
-    """Markdown: one experiment's lottery over training seeds, each placement's accuracy by seed and
-    the `SEED_CONTRASTS` paired by seed (mean ± sd, two-sided paired t-test, 95 % t-interval).
-
-    **Arguments:**
-
-    - `lotteries`: training seed -> that seed's lottery record (`lottery_figure`'s data).
-    - `key`: ``"best_accuracy"`` or ``"last_accuracy"``.
-
-    **Returns:**
-
-    The table, with a line saying whether each placement has the same blocks in every seed (a
-    pairing is of one placement only when it does).
-    """
-    seeds = sorted(lotteries)
-    runs = {seed: {r["name"]: r for r in lotteries[seed]["runs"] if r["status"] == "done"} for seed in seeds}
-    names = list(dict.fromkeys(name for seed in seeds for name in runs[seed]))
-    acc = {name: {seed: 100 * runs[seed][name][key] for seed in seeds if name in runs[seed]} for name in names}
-    lines = [f"# {lotteries[seeds[0]]['title'].split(', seed')[0]}: over training seeds",
-             "", f"Generated by `make results` from `results/lottery/`; {key.replace('_', ' ')}, %. "
-             + lotteries[seeds[0]]["note"], "",
-             "| placement | " + " | ".join(f"seed {s}" for s in seeds) + " |", "| --- |" + " --- |" * len(seeds)]
-    lines += [f"| `{name}` | " + " | ".join(f"{acc[name][s]:.2f}" if s in acc[name] else "-" for s in seeds) + " |"
-              for name in names]
-    differing = [name for name in names if len({tuple(runs[s][name]["blocks"]) for s in seeds if name in runs[s]}) > 1]
-    lines += ["", "Blocks: " + (f"**differ between seeds** for {', '.join(f'`{n}`' for n in differing)}."
-                                if differing else "each placement has the same blocks in every seed it has."), "",
-              "| contrast (points) | per seed | mean ± sd | n | paired t p | 95 % CI |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [_contrast_row(a, b, acc.get(a, {}), acc.get(b, {})) for a, b in SEED_CONTRASTS
-              if set(acc.get(a, {})) & set(acc.get(b, {}))]
-    return "\n".join(lines) + "\n"
-
-
-def _contrast_row(a: str, b: str, acc_a: dict, acc_b: dict) -> str:
-    """A row of `seed_table`: ``a - b`` paired by the seeds both have (accuracies in %, by seed)."""
-    from stepjax.results import paired_by_seed, t_interval
-
-    diffs, p = paired_by_seed(acc_a, acc_b)
-    per_seed = ", ".join(f"{d:+.2f} (s{s})" for d, s in zip(diffs, sorted(set(acc_a) & set(acc_b))))
-    if len(diffs) < 2:
-        return f"| `{a}` - `{b}` | {per_seed} | {diffs.mean():+.2f} | 1 | - | - |"
-    low, high = t_interval(diffs)
-    return (f"| `{a}` - `{b}` | {per_seed} | {diffs.mean():+.2f} ± {diffs.std(ddof=1):.2f} | {len(diffs)} "
-            f"| {p:.3f} | [{low:+.2f}, {high:+.2f}] |")
 
 
 def lottery_figure(results: dict, *, experiment: str, ratio: float, ranking: dict, seed: int = 0) -> dict:
