@@ -162,8 +162,12 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
         raise UserError(f"--reuse names {unknown}, which the lottery does not train; choose from {list(configs)}.")
     reused = {name: _reused_summary(configs[name], workdir) for name, workdir in reuse.items()}
     results, others, interrupted = {}, [], False
+
+    def state(name):
+        return _run_state(name, configs[name], placement_dir(name, root, reuse), reused)
+
     for name, config in configs.items():
-        workdir, summary = _run_state(name, config, placement_dir(name, root, reuse), reused)
+        workdir, summary = state(name)
         interrupted = interrupted or (stop_after is not None and stop_after.requested)
         if summary["status"] != "done" and not (plot_only or interrupted):
             with claimed(workdir) as mine:
@@ -177,7 +181,7 @@ def run_lottery(configs: dict, root, *, train_fn: Callable | None = None, plot_o
                     others.append(name)
         results[name] = _result(config, workdir, summary)
     for name in others:  # read again: the other process may have finished it while this one trained
-        results[name] = _result(configs[name], *_run_state(name, configs[name], placement_dir(name, root, reuse), reused))
+        results[name] = _result(configs[name], *state(name))
     return results
 
 
