@@ -161,15 +161,44 @@ class BatchNorm(nnx.BatchNorm):
 
     def __call__(self, x, use_running_average=None, *, mask=None):
         running = self.use_running_average if use_running_average is None else use_running_average
-        if running or mask is not None or self.axis != -1 or self.axis_name is not None \
-                or self.scale is None or self.bias is None or not self.use_fast_variance:
+        if running or mask is not None or not self._normalises_channels():
             return super().__call__(x, use_running_average, mask=mask)
+        x, scale, bias = self._promoted(x)
+        self._update_averages(*(jax.lax.stop_gradient(v) for v in batch_moments(x)))
+        return normalize_batch(x, scale, bias, self.epsilon).astype(self.dtype or x.dtype)
+
+    def affine(self, x):
+        """The map as it applies to `x`, ``self(x) == scale * x + shift`` up to float32 rounding:
+        per-channel ``(scale, shift)``, from the batch's statistics (differentiable, and the
+        running averages updated as `__call__` does) in training, from the running averages in
+        evaluation.
+
+        **Returns:**
+
+        ``(scale, shift)``, each ``(C,)`` float32 (or wider, as `x`).
+        """
+        if not self._normalises_channels():
+            raise NotImplementedError("BatchNorm.affine: only per-channel statistics over all other axes, with scale and bias.")
+        x, scale, bias = self._promoted(x)
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            mean, var = batch_moments(x)
+            self._update_averages(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
+        a = scale * jax.lax.rsqrt(var + self.epsilon)
+        return a, bias - mean * a
+
+    def _normalises_channels(self):
+        return self.axis == -1 and self.axis_name is None and self.scale is not None and self.bias is not None \
+            and self.use_fast_variance
+
+    def _promoted(self, x):
         x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
-        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        mean, var = (jax.lax.stop_gradient(v) for v in batch_moments(x))
+        return x.astype(jnp.promote_types(x.dtype, jnp.float32)), scale, bias
+
+    def _update_averages(self, mean, var):
         self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
         self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
-        return normalize_batch(x, scale, bias, self.epsilon).astype(self.dtype or x.dtype)
 
 
 def batch_moments(x):
@@ -264,13 +293,3 @@ class BottleneckMLP(nnx.Module):
 
     def __call__(self, x):
         return self.expand(jax.nn.relu(self.reduce(x)))
-
-
-def spatial_mean(x):
-    """Global average pool of an NHWC tensor to ``(B, C)`` in float32."""
-    return x.astype(jnp.float32).mean(axis=(1, 2))
-
-
-def as_channel_step(gate):
-    """A ``(B, C)`` gate as a per-channel step ``(B, 1, 1, C)``."""
-    return gate[:, None, None, :]

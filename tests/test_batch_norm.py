@@ -126,3 +126,25 @@ def test_a_training_step_is_the_same_with_flaxs_batch_norm(monkeypatch):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(float(jnp.max(jnp.abs(b))), 1e-3))
+
+
+@pytest.mark.parametrize("evaluation", [False, True])
+def test_the_affine_map_is_the_batch_norm_and_updates_the_same_statistics(evaluation):
+    x, w = _data((4, 6, 6, 5))
+    _, ours = _pair(5)
+    _, as_map = _pair(5)
+    if evaluation:
+        ours.eval()
+        as_map.eval()
+
+    def through_map(norm, x):
+        scale, shift = norm.affine(x)
+        return scale * x + shift
+
+    y = ours(x)
+    np.testing.assert_allclose(through_map(as_map, x), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(as_map.mean[...], ours.mean[...])
+    np.testing.assert_array_equal(as_map.var[...], ours.var[...])
+    grads = [nnx.grad(lambda norm, x, f=f: jnp.sum(w * jnp.tanh(f(norm, x))), argnums=1)(norm, x)
+             for f, norm in ((lambda norm, x: norm(x), ours), (through_map, as_map))]
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(grads[0]))))

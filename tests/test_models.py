@@ -8,6 +8,7 @@ from flax import nnx
 
 from stepjax.models import FAST_COMPILE, PRESETS, RandomPlacement, get_spec, make_model, resolve_placement
 from stepjax.models.__main__ import PUBLISHED, param_count
+from stepjax.ode import EulerStep
 
 TINY = dict(depths=(2, 3, 2), widths=(2, 4, 4), stem_width=4)
 X = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
@@ -154,3 +155,45 @@ def test_zero_init_residual_starts_every_step_at_the_identity():
         field = make_model(preset, num_classes=5, seed=3, zero_init_residual=True, **TINY).stages[0].steps.vector_field
         assert not np.any(np.asarray(last(field).get_value()))
         assert np.all(np.asarray(field.norms[0].scale.get_value()) == 1.0)
+
+
+def _unfolded(monkeypatch):
+    """Every step taken through ``f0`` (`EulerStep.propose` then `advance`), as the analysis takes it."""
+    monkeypatch.setattr(EulerStep, "folds_field", property(lambda self: False))
+
+
+@pytest.mark.parametrize("preset, controller", [("resnet164", "se"), ("resnet20", "eca"), ("resnet164", "dia"),
+                                                ("resnet20", "channel_step")])
+def test_a_channel_gate_folded_into_the_step_is_the_step_through_f0(preset, controller, monkeypatch):
+    """The oracle is the step through ``f0``: the same logits, step sizes, BatchNorm statistics and
+    gradients (float32 rounding) in training, the same logits in evaluation, on both fields."""
+    x = 2.0 * jax.random.normal(jax.random.key(5), (4, 8, 8, 3)) + 0.5
+    labels = jnp.arange(4) % 5
+
+    def train_and_eval():
+        model = make_model(preset, num_classes=5, controller=controller, seed=2, **TINY)
+
+        def loss(model):
+            logits, outputs = model.solve(x)
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), (logits, outputs)
+
+        (value, (logits, outputs)), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+        stats = nnx.state(model, nnx.BatchStat)
+        model.eval()
+        return [value, logits, [o.step_size for o in outputs], stats, nnx.state(grads, nnx.Param), forward(model)[0]]
+
+    assert all(step.folds_field for stage in make_model(preset, num_classes=5, controller=controller, **TINY).stages
+               for step in (stage.first, stage.steps) if step is not None)
+    folded = train_and_eval()
+    _unfolded(monkeypatch)
+    through_f0 = train_and_eval()
+    for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(through_f0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * max(float(jnp.max(jnp.abs(b))), 1.0))
+    assert not np.allclose(folded[-1], forward(make_model(preset, num_classes=5, controller="constant", seed=2, **TINY))[0])
+
+
+@pytest.mark.parametrize("preset, controller", [("preact_resnet164", "se"), ("resnet164", "stepnet"),
+                                                ("resnet164", "constant")])
+def test_a_step_folds_its_field_only_for_a_channel_gate_on_a_field_that_ends_in_batch_norm(preset, controller):
+    model = make_model(preset, num_classes=5, controller=controller, **TINY)
+    assert not any(stage.steps.folds_field for stage in model.stages)

@@ -13,21 +13,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stepjax.errors import UserError
-from stepjax.layers import BottleneckMLP, as_channel_step, conv2d, spatial_mean
-from stepjax.ode.controller import StageShared, StepController
+from stepjax.layers import BottleneckMLP, conv2d
+from stepjax.ode.controller import ChannelGate, StageShared, StepController, as_channel_step
 
 
-class SqueezeExcitation(StepController):
+class SqueezeExcitation(ChannelGate):
     """SE (Hu et al. 2018): ``h = sigmoid(MLP(GAP(f)))`` per channel; reduction 16."""
 
     def __init__(self, channels, *, rngs, reduction=16):
         self.mlp = BottleneckMLP(channels, reduction, rngs=rngs)
 
-    def adapt_step_size(self, t0, y0, f0, controller_state):
-        return as_channel_step(jax.nn.sigmoid(self.mlp(spatial_mean(f0)))), controller_state
+    def gate(self, t0, y0, mean_f0, controller_state):
+        return jax.nn.sigmoid(self.mlp(mean_f0)), controller_state
 
 
-class ChannelStep(StepController):
+class ChannelStep(ChannelGate):
     """A trained step per channel that does not look at the input: ``h = sigmoid(w)``, one ``w``
     per channel and block. Not an attention module but the control for one: channel attention's
     range (0, 1) and shape, without adaptation, i.e. a fixed step schedule learned per channel. A
@@ -48,9 +48,8 @@ class ChannelStep(StepController):
             raise UserError(f"init_value={init_value}: the step of a sigmoid gate lies in (0, 1); choose one inside.")
         self.logit = nnx.Param(jnp.full((channels,), math.log(init_value / (1.0 - init_value)), jnp.float32))
 
-    def adapt_step_size(self, t0, y0, f0, controller_state):
-        h = jnp.broadcast_to(jax.nn.sigmoid(self.logit[...]), (f0.shape[0], f0.shape[-1]))
-        return as_channel_step(h), controller_state
+    def gate(self, t0, y0, mean_f0, controller_state):
+        return jnp.broadcast_to(jax.nn.sigmoid(self.logit[...]), mean_f0.shape), controller_state
 
 
 class CBAM(StepController):
@@ -80,19 +79,18 @@ def eca_kernel_size(channels, gamma=2, b=1):
     return k if k % 2 else k + 1
 
 
-class ECA(StepController):
+class ECA(ChannelGate):
     """ECA (Wang et al. 2020): ``h = sigmoid(conv1d_k(GAP(f)))`` across channels, no bias."""
 
     def __init__(self, channels, *, rngs):
         k = eca_kernel_size(channels)
         self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (k,), minval=-(k**-0.5), maxval=k**-0.5))
 
-    def adapt_step_size(self, t0, y0, f0, controller_state):
-        m = spatial_mean(f0)
+    def gate(self, t0, y0, mean_f0, controller_state):
         k = self.kernel[...].shape[0]
-        padded = jnp.pad(m, ((0, 0), (k // 2, k // 2)))
-        z = sum(self.kernel[...][i] * padded[:, i : i + m.shape[1]] for i in range(k))
-        return as_channel_step(jax.nn.sigmoid(z)), controller_state
+        padded = jnp.pad(mean_f0, ((0, 0), (k // 2, k // 2)))
+        z = sum(self.kernel[...][i] * padded[:, i : i + mean_f0.shape[1]] for i in range(k))
+        return jax.nn.sigmoid(z), controller_state
 
 
 class SRM(StepController):
@@ -126,7 +124,7 @@ class DIACell(nnx.Module):
         return h, (h, c)
 
 
-class DIA(StepController):
+class DIA(ChannelGate):
     """DIA (Huang et al. 2020): one LSTM cell shared by the stage; its ``(h, c)`` is the
     controller state, zero at the start of each stage, and ``h`` is the channel step."""
 
@@ -137,6 +135,5 @@ class DIA(StepController):
         zeros = jnp.zeros((y0.shape[0], y0.shape[-1]), jnp.float32)
         return (zeros, zeros)
 
-    def adapt_step_size(self, t0, y0, f0, controller_state):
-        h, controller_state = self.shared(spatial_mean(f0), controller_state)
-        return as_channel_step(h), controller_state
+    def gate(self, t0, y0, mean_f0, controller_state):
+        return self.shared(mean_f0, controller_state)

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stepjax.layers import BottleneckMLP, as_channel_step, spatial_moments
-from stepjax.ode.controller import StepController
+from stepjax.layers import BottleneckMLP, spatial_moments
+from stepjax.ode.controller import StepController, as_channel_step
 
 
 def step_features(y0, f0, eps=1e-5):

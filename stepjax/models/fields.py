@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from stepjax.layers import Conv, batch_norm
+from stepjax.ode import ChannelAffine
 
 
 class BottleneckField(nnx.Module):
@@ -35,6 +38,13 @@ class BottleneckField(nnx.Module):
     def __call__(self, y):
         return _preact_chain(self.convs, self.norms, y) if self.preact else _postact_chain(self.convs, self.norms, y)
 
+    @property
+    def affine_output(self):
+        """``y -> ChannelAffine``, the field as its last BatchNorm's affine map of the last
+        convolution's output, for a post-activation field; None for a pre-activation one, which
+        ends in a convolution."""
+        return None if self.preact else functools.partial(_postact_affine, self.convs, self.norms)
+
 
 class BasicField(nnx.Module):
     """Post-activation basic block: conv3x3(stride)-BN-ReLU-conv3x3-BN (pre-activation if asked)."""
@@ -53,6 +63,10 @@ class BasicField(nnx.Module):
     def __call__(self, y):
         return _preact_chain(self.convs, self.norms, y) if self.preact else _postact_chain(self.convs, self.norms, y)
 
+    @property
+    def affine_output(self):
+        return None if self.preact else functools.partial(_postact_affine, self.convs, self.norms)
+
 
 def zero_last_layer(field) -> None:
     """Make `field` the zero vector field at initialisation, so that its Euler step starts as the
@@ -63,11 +77,19 @@ def zero_last_layer(field) -> None:
 
 
 def _postact_chain(convs, norms, y):
-    for i, (conv, norm) in enumerate(zip(convs, norms)):
-        y = norm(conv(y))
-        if i < len(convs) - 1:
-            y = jax.nn.relu(y)
-    return y
+    return norms[-1](_postact_feature(convs, norms, y))
+
+
+def _postact_affine(convs, norms, y):
+    z = _postact_feature(convs, norms, y)
+    return ChannelAffine(z, *norms[-1].affine(z))
+
+
+def _postact_feature(convs, norms, y):
+    """The branch up to its last BatchNorm: conv(-BN-ReLU-conv)*."""
+    for conv, norm in zip(convs[:-1], norms[:-1]):
+        y = jax.nn.relu(norm(conv(y)))
+    return convs[-1](y)
 
 
 def _preact_chain(convs, norms, y):

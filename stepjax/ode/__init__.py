@@ -1,6 +1,7 @@
 """The numerical core: step-size controllers and explicit Euler stages (no image specifics)."""
 
 from stepjax.ode.controller import (
+    ChannelGate,
     ConstantStepSize,
     ControllerState,
     ErrorStepController,
@@ -9,12 +10,16 @@ from stepjax.ode.controller import (
     StepAttempt,
     StepController,
     StepSchedule,
+    as_channel_step,
     scaled_norm,
+    spatial_mean,
 )
 from stepjax.ode.diffrax_bridge import DiffraxErrorController, DiffraxStepController
-from stepjax.ode.euler import EulerStage, EulerStep, StageOutput, StepProposal, build_stacked
+from stepjax.ode.euler import ChannelAffine, EulerStage, EulerStep, StageOutput, StepProposal, build_stacked
 
 __all__ = [
+    "ChannelAffine",
+    "ChannelGate",
     "ConstantStepSize",
     "ControllerState",
     "DiffraxErrorController",
@@ -29,6 +34,8 @@ __all__ = [
     "StepController",
     "StepProposal",
     "StepSchedule",
+    "as_channel_step",
     "build_stacked",
     "scaled_norm",
+    "spatial_mean",
 ]

@@ -82,6 +82,44 @@ class StepController(nnx.Module, abc.ABC):
         """
 
 
+def spatial_mean(x):
+    """Global average pool of an NHWC tensor to ``(B, C)`` in float32."""
+    return x.astype(jnp.float32).mean(axis=(1, 2))
+
+
+def as_channel_step(gate):
+    """A ``(B, C)`` gate as a per-channel step ``(B, 1, 1, C)``."""
+    return gate[:, None, None, :]
+
+
+class ChannelGate(StepController):
+    """Abstract base class of the controllers that choose one step per example and channel, in
+    ``(0, 1)`` or anywhere, from the field's spatial mean ``GAP(f0)`` and nothing else of ``f0``
+    (SE, ECA, DIA): ``h = gate(t0, y0, GAP(f0), controller_state)``.
+
+    That the step reads ``f0`` only through its mean lets an `EulerStep` whose field ends in a
+    per-channel affine map (`ChannelAffine`) take the step without forming ``f0`` at all.
+    """
+
+    def adapt_step_size(self, t0, y0, f0, controller_state):
+        gate, controller_state = self.gate(t0, y0, spatial_mean(f0), controller_state)
+        return as_channel_step(gate), controller_state
+
+    @abc.abstractmethod
+    def gate(self, t0, y0, mean_f0, controller_state) -> tuple[jax.Array, ControllerState]:
+        """The step from the field's spatial mean.
+
+        **Arguments:**
+
+        - `t0`, `y0`, `controller_state`: as for `adapt_step_size`.
+        - `mean_f0`: ``GAP(f0)``, ``(B, C)`` float32.
+
+        **Returns:**
+
+        A pair `(h, controller_state)` with `h` of shape ``(B, C)``.
+        """
+
+
 class ConstantStepSize(StepController):
     """A fixed step size. ``ConstantStepSize(1.0)`` is a plain residual network."""
 

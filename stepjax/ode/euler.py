@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stepjax import kernels
-from stepjax.ode.controller import StageShared, StepController
+from stepjax.ode.controller import ChannelGate, StageShared, StepController, as_channel_step, spatial_mean
 
 # Inside the scan over a stage's blocks, only values a vector field tags with
 # `jax.ad_checkpoint.checkpoint_name(x, SAVED)` (the outputs of the ResNet fields' 3x3 and larger
@@ -51,6 +51,32 @@ class StepProposal(NamedTuple):
     f0: jax.Array
     h: jax.Array
     controller_state: object
+
+
+class ChannelAffine(NamedTuple):
+    """A field's value as a per-channel affine map of a feature: ``f = scale * z + shift``.
+
+    A post-activation residual branch ends in BatchNorm, which is such a map (its batch statistics
+    fixed); a field that can say so has ``affine_output(y) -> ChannelAffine``. For a `ChannelGate`
+    the Euler step is then ``g(base + (h scale) z + h shift)`` with ``GAP(f) = scale GAP(z) + shift``:
+    ``f`` is never formed, and on XLA's CPU backend the step reads its block's output as often as
+    a plain one does (docs/BENCHMARKS.md, "The channel gate folded into the step").
+
+    - `z`: the feature, ``(B, H, W, C)``.
+    - `scale`, `shift`: ``(C,)`` float32.
+    """
+
+    z: jax.Array
+    scale: jax.Array
+    shift: jax.Array
+
+    def value(self):
+        """``f`` itself."""
+        return (self.scale * self.z + self.shift).astype(self.z.dtype)
+
+    def spatial_mean(self):
+        """``GAP(f)``, ``(B, C)`` float32, from ``GAP(z)``."""
+        return self.scale * spatial_mean(self.z) + self.shift
 
 
 class EulerStep(nnx.Module):
@@ -98,8 +124,27 @@ class EulerStep(nnx.Module):
 
         `(y1, controller_state, h)`.
         """
+        if self.folds_field:
+            return self._folded(y0, controller_state, t0, active)
         proposal = self.propose(y0, controller_state, t0, active)
         return self.advance(proposal.base, proposal.h, proposal.f0), proposal.controller_state, proposal.h
+
+    @property
+    def folds_field(self) -> bool:
+        """Whether `__call__` takes the step without forming ``f0``: a `ChannelGate` controller and a
+        field with an ``affine_output`` (`ChannelAffine`). The same step as `propose` then `advance`
+        up to float32 rounding; the stiffness analysis, which reads ``f0``, takes it that way."""
+        return isinstance(self.controller, ChannelGate) and getattr(self.vector_field, "affine_output", None) is not None
+
+    def _folded(self, y0, controller_state, t0, active):
+        base = self._base(y0)
+        if controller_state is None:
+            controller_state = self.controller.init(base)
+        f0 = self.vector_field.affine_output(y0)
+        gate, controller_state = self.controller.gate(t0, base, f0.spatial_mean(), controller_state)
+        h = as_channel_step(self._masked(gate, active))
+        y1 = base + ChannelAffine(f0.z, h * f0.scale, h * f0.shift).value().astype(base.dtype)
+        return self._project(y1), controller_state, h
 
     def propose(self, y0, controller_state, t0, active=True) -> StepProposal:
         """Everything the step computes before it moves; arguments as for `__call__`.
@@ -108,18 +153,25 @@ class EulerStep(nnx.Module):
 
         A `StepProposal`.
         """
-        base = y0 if self.change_of_variables is None else self.change_of_variables(y0)
+        base = self._base(y0)
         if controller_state is None:
             controller_state = self.controller.init(base)
         f0 = self.vector_field(y0)
         h, controller_state = self.controller.adapt_step_size(t0, base, f0, controller_state)
-        if active is not True:
-            h = jnp.where(active, h, jnp.ones_like(h))
-        return StepProposal(base, f0, h, controller_state)
+        return StepProposal(base, f0, self._masked(h, active), controller_state)
 
     def advance(self, base, h, f0):
         """The state after the step, ``g(base + h * f0)``: the proposal's pieces, or any other `h`."""
-        y1 = base + (h * f0).astype(base.dtype)
+        return self._project(base + (h * f0).astype(base.dtype))
+
+    def _base(self, y0):
+        return y0 if self.change_of_variables is None else self.change_of_variables(y0)
+
+    @staticmethod
+    def _masked(h, active):
+        return h if active is True else jnp.where(active, h, jnp.ones_like(h))
+
+    def _project(self, y1):
         return y1 if self.projection is None else self.projection(y1)
 
 
