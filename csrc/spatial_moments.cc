@@ -1,7 +1,9 @@
 // The spatial moments a step-size controller reads from one Euler step, as an XLA FFI handler:
-// for NHWC float32 tensors y (the state) and f (the field), per example and channel, the means
-// over the pixels of f, |f|, f^2, y and |y|, in one pass over both (XLA's CPU backend runs five
-// reductions, each a pass of its own). Python side: stepjax/kernels/moments.py.
+// for NHWC float32 tensors y (the state) and z, with the field f = scale * z + shift (scale and
+// shift per example and channel: a post-activation field's last BatchNorm, folded into the step,
+// or 1 and 0), per example and channel the means over the pixels of f, |f|, f^2, y and |y|, in one
+// pass over y and z, f never written out (XLA's CPU backend runs five reductions, each a pass of
+// its own). Python side: stepjax/kernels/moments.py.
 //
 // Built into the same library as onednn_conv.cc (`python -m stepjax.kernels.build`).
 
@@ -32,7 +34,8 @@ constexpr int kMoments = 5;  // f, |f|, f^2, y, |y|
 // twice the time on data in the cache (deep protocol, stage 1: 0.78 ms against 0.40 ms on one
 // core, docs/BENCHMARKS.md "StepNet's spatial moments in one pass").
 STEPJAX_CLONES
-void SumExample(const float* y, const float* f, int64_t h, int64_t w, int64_t c, double* acc, float* row) {
+void SumExample(const float* y, const float* z, const float* scale, const float* shift, int64_t h, int64_t w,
+                int64_t c, double* acc, float* row) {
   for (int64_t k = 0; k < kMoments * c; ++k) acc[k] = 0.0;
   for (int64_t r = 0; r < h; ++r) {
     float* sf = row;
@@ -42,11 +45,11 @@ void SumExample(const float* y, const float* f, int64_t h, int64_t w, int64_t c,
     float* ay = row + 4 * c;
     for (int64_t k = 0; k < kMoments * c; ++k) row[k] = 0.0f;
     for (int64_t p = r * w; p < (r + 1) * w; ++p) {
-      const float* fp = f + p * c;
+      const float* zp = z + p * c;
       const float* yp = y + p * c;
 #pragma GCC ivdep
       for (int64_t k = 0; k < c; ++k) {
-        const float a = fp[k], v = yp[k];
+        const float a = scale[k] * zp[k] + shift[k], v = yp[k];
         sf[k] += a;
         af[k] += std::fabs(a);
         qf[k] += a * a;
@@ -58,33 +61,39 @@ void SumExample(const float* y, const float* f, int64_t h, int64_t w, int64_t c,
   }
 }
 
-ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> f, ffi::ResultBuffer<ffi::F32> mean_f,
+ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> mean_f,
                        ffi::ResultBuffer<ffi::F32> mean_abs_f, ffi::ResultBuffer<ffi::F32> mean_sq_f,
                        ffi::ResultBuffer<ffi::F32> mean_y, ffi::ResultBuffer<ffi::F32> mean_abs_y, int64_t threads) {
-  auto yd = y.dimensions(), fd = f.dimensions();
-  if (yd.size() != 4 || fd.size() != 4) return ffi::Error::InvalidArgument("spatial_moments: rank-4 NHWC operands only");
+  auto yd = y.dimensions(), zd = z.dimensions();
+  if (yd.size() != 4 || zd.size() != 4) return ffi::Error::InvalidArgument("spatial_moments: rank-4 NHWC operands only");
   for (int i = 0; i < 4; ++i) {
-    if (yd[i] != fd[i]) return ffi::Error::InvalidArgument("spatial_moments: y and f differ in shape");
+    if (yd[i] != zd[i]) return ffi::Error::InvalidArgument("spatial_moments: y and z differ in shape");
   }
   const int64_t n = yd[0], h = yd[1], w = yd[2], hw = h * w, c = yd[3];
+  for (auto d : {scale.dimensions(), shift.dimensions()}) {
+    if (d.size() != 2 || d[0] != n || d[1] != c) return ffi::Error::InvalidArgument("spatial_moments: scale and shift are (N, C)");
+  }
   float* out[kMoments] = {mean_f->typed_data(), mean_abs_f->typed_data(), mean_sq_f->typed_data(),
                           mean_y->typed_data(), mean_abs_y->typed_data()};
   for (auto* result : {&mean_f, &mean_abs_f, &mean_sq_f, &mean_y, &mean_abs_y}) {
     auto d = (*result)->dimensions();
     if (d.size() != 2 || d[0] != n || d[1] != c) return ffi::Error::InvalidArgument("spatial_moments: results are (N, C)");
   }
-  const double scale = hw > 0 ? 1.0 / static_cast<double>(hw) : 0.0;
+  const double per_pixel = hw > 0 ? 1.0 / static_cast<double>(hw) : 0.0;
   const float* yp = y.typed_data();
-  const float* fp = f.typed_data();
+  const float* zp = z.typed_data();
+  const float* sp = scale.typed_data();
+  const float* tp = shift.typed_data();
 #pragma omp parallel num_threads(static_cast<int>(threads > 0 ? threads : 1))
   {
     std::vector<double> acc(kMoments * c);
     std::vector<float> row(kMoments * c);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n; ++b) {
-      SumExample(yp + b * hw * c, fp + b * hw * c, h, w, c, acc.data(), row.data());
+      SumExample(yp + b * hw * c, zp + b * hw * c, sp + b * c, tp + b * c, h, w, c, acc.data(), row.data());
       for (int m = 0; m < kMoments; ++m) {
-        for (int64_t k = 0; k < c; ++k) out[m][b * c + k] = static_cast<float>(acc[m * c + k] * scale);
+        for (int64_t k = 0; k < c; ++k) out[m][b * c + k] = static_cast<float>(acc[m * c + k] * per_pixel);
       }
     }
   }
@@ -97,9 +106,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StepjaxSpatialMoments, MomentsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
+
+// The interface of this library's handlers, checked by stepjax.kernels.onednn.load: a library built
+// from older sources (the moments without scale and shift, before 2) is not registered.
+extern "C" int StepjaxAbiVersion() { return 2; }

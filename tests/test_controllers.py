@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from stepjax.controllers import CONTROLLERS, eca_kernel_size, make_controller, step_features
+from stepjax.ode import ChannelAffine
 
 B, H, W, C = 3, 4, 5, 32
 Y0 = jax.nn.relu(jax.random.normal(jax.random.key(0), (B, H, W, C)))
@@ -129,6 +130,29 @@ def test_stepnet_features_hand_written_gradient_equals_autodiff(eps, shift):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=(1e-6 + cancellation) * float(np.abs(w).max()))
     for g, w in zip(step_features(y, f, eps), want_features):
         np.testing.assert_allclose(g, w, rtol=1e-6 + cancellation, atol=1e-7 * (1 + shift))
+
+
+def test_stepnet_features_of_a_folded_field_are_those_of_the_field_formed():
+    """Given as ``scale * z + shift`` (`ChannelAffine`, per channel as a BatchNorm folded into its
+    step gives it), the features and their gradients, also into the map, are those of ``f`` formed
+    first; the oracle is the features of that array and autodiff of the map."""
+    ky, kz, kw = jax.random.split(jax.random.key(7), 3)
+    y = jax.nn.relu(jax.random.normal(ky, (3, 5, 4, C)))
+    z = 2.0 + 1.5 * jax.random.normal(kz, (3, 5, 4, C))
+    scale, shift = jnp.linspace(-1.2, 0.8, C), jnp.linspace(0.3, -0.4, C)
+    weights = [jax.random.normal(k, (3, C)) for k in jax.random.split(kw, 4)]
+
+    def loss(fold):
+        def value(y, z, scale, shift):
+            f0 = ChannelAffine(z, scale, shift) if fold else scale * z + shift
+            return sum(jnp.sum(w * x) for w, x in zip(weights, step_features(y, f0)))
+        return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2, 3)))
+
+    (folded, g_folded), (formed, g_formed) = (loss(fold)(y, z, scale, shift) for fold in (True, False))
+    np.testing.assert_allclose(folded, formed, rtol=1e-5)
+    for a, b in zip(g_folded, g_formed, strict=True):
+        assert float(jnp.abs(b).max()) > 1e-3
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 @pytest.mark.parametrize("sd", [1.0, 0.3, 0.03])

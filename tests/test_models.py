@@ -163,7 +163,7 @@ def _unfolded(monkeypatch):
 
 
 @pytest.mark.parametrize("preset, controller", [("resnet164", "se"), ("resnet20", "eca"), ("resnet164", "dia"),
-                                                ("resnet20", "channel_step")])
+                                                ("resnet20", "channel_step"), ("resnet164", "stepnet")])
 def test_a_channel_gate_folded_into_the_step_is_the_step_through_f0(preset, controller, monkeypatch):
     """The oracle is the step through ``f0``: the same logits, step sizes, BatchNorm statistics and
     gradients (float32 rounding) in training, the same logits in evaluation, on both fields."""
@@ -192,7 +192,7 @@ def test_a_channel_gate_folded_into_the_step_is_the_step_through_f0(preset, cont
     assert not np.allclose(folded[-1], forward(make_model(preset, num_classes=5, controller="constant", seed=2, **TINY))[0])
 
 
-@pytest.mark.parametrize("preset, controller", [("preact_resnet164", "se"), ("resnet164", "stepnet"),
+@pytest.mark.parametrize("preset, controller", [("preact_resnet164", "se"), ("resnet164", "srm"),
                                                 ("resnet164", "constant")])
 def test_a_step_folds_its_field_only_for_a_channel_gate_on_a_field_that_ends_in_batch_norm(preset, controller):
     model = make_model(preset, num_classes=5, controller=controller, **TINY)

@@ -60,6 +60,36 @@ def test_one_pass_equals_the_reductions(shape, transform, extension_path):
     assert_moments_equal(ours(y, f), transformed(moments.reduced_moments, transform)(y, f))
 
 
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_the_moments_of_a_field_folded_into_its_step_are_those_of_the_field_formed(transform, monkeypatch):
+    """``scale * f + shift`` with a scale and shift per example and channel: on the extension's
+    path (where built) and on the reductions', the moments of that field formed first."""
+    shape = (3, 6, 5, 16)
+    y, f = operands(shape, lead=(2,) if transform == "vmap" else ())
+    ks, kt = jax.random.split(jax.random.key(3))
+    scale, shift = (jax.random.normal(k, (*y.shape[:-4], 3, 16)) for k in (ks, kt))
+    formed = transformed(moments.reduced_moments, transform)(y, scale[..., None, None, :] * f + shift[..., None, None, :])
+    for path in (["onednn"] if NOT_BUILT is None else []) + ["xla"]:
+        monkeypatch.setenv("STEPJAX_CONV", path)
+        jax.clear_caches()
+        fn = jax.jit(kernels.spatial_moments) if transform == "jit" else jax.jit(jax.vmap(kernels.spatial_moments))
+        assert (moments.TARGET in fn.lower(y, f, scale, shift).compile().as_text()) == (path == "onednn")
+        assert_moments_equal(fn(y, f, scale, shift), formed)
+
+
+def test_a_library_built_from_other_sources_is_not_loaded(monkeypatch, tmp_path):
+    """A library whose handlers take other operands (built before the moments took a scale and
+    a shift) would fail inside a compiled step: it is refused when it loads, with the fix."""
+    class OldLibrary:  # no StepjaxAbiVersion: the interface before it
+        pass
+
+    monkeypatch.setattr(onednn, "LIBRARY", tmp_path / "_onednn_conv.so")
+    onednn.LIBRARY.write_bytes(b"")
+    monkeypatch.setattr(onednn.ctypes.cdll, "LoadLibrary", lambda path: OldLibrary())
+    reason = onednn.load.__wrapped__()
+    assert "built from other sources" in reason and "make setup" in reason
+
+
 @needs_extension
 def test_vmap_of_one_operand_joins_the_mapped_axis_to_the_batch(extension_path):
     y, _ = operands((2, 4, 4, 8))

@@ -24,11 +24,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stepjax.layers import BottleneckMLP, spatial_moments
-from stepjax.ode.controller import StepController, as_channel_step
+from stepjax.ode.controller import ChannelAffine, ChannelGate
 
 
 def step_features(y0, f0, eps=1e-5):
     """Per-channel stiffness features of one step, each ``(B, C)`` in float32.
+
+    **Arguments:**
+
+    - `y0`: the state, ``(B, H, W, C)``.
+    - `f0`: the field, an array or a `ChannelAffine` (a field folded into its step: then ``f`` is
+      never formed, its moments come from ``z`` and the map, `stepjax.layers.spatial_moments`).
+    - `eps`: the relative increment's and the spread's regulariser.
 
     **Returns:**
 
@@ -56,24 +63,29 @@ def step_features(y0, f0, eps=1e-5):
     expression into each of the gradient's several consumers and computed it three times over:
     the deep StepNet step (ResNet-164 at half width, batch 64) took 3.23 s against 2.49 s.
     """
-    return _features(y0.astype(jnp.float32), f0.astype(jnp.float32), eps)
+    if not isinstance(f0, ChannelAffine):
+        f0 = ChannelAffine.identity(f0)
+    lead = (f0.z.shape[0], f0.z.shape[-1])
+    scale, shift = (jnp.broadcast_to(v, lead).astype(jnp.float32) for v in (f0.scale, f0.shift))
+    return _features(y0.astype(jnp.float32), f0.z.astype(jnp.float32), scale, shift, eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _features(y, f, eps):
-    return _features_fwd(y, f, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _features(y, z, scale, shift, eps):
+    return _features_fwd(y, z, scale, shift, eps)[0]
 
 
-def _features_fwd(y, f, eps):
-    mean_f, abs_f, square_f, mean_y, abs_y = spatial_moments(y, f)
+def _features_fwd(y, z, scale, shift, eps):
+    mean_f, abs_f, square_f, mean_y, abs_y = spatial_moments(y, ChannelAffine(z, scale, shift))
     variance = jnp.maximum(square_f - jnp.square(mean_f), 0.0)
     spread = jnp.sqrt(variance + eps)
     features = (mean_f, mean_y, abs_f / (abs_f + abs_y + eps), spread)
-    return features, (y, f, mean_f, abs_f, abs_y, spread)
+    return features, (y, z, scale, shift, mean_f, abs_f, abs_y, spread)
 
 
 def _features_bwd(eps, residuals, cotangents):
-    """The cotangents of ``(y, f)`` from those of the four features.
+    """The cotangents of ``(y, z, scale, shift)`` from those of the four features: of ``y`` and
+    ``f = scale z + shift`` (``f`` computed again where it is read, not stored), then through the map.
 
     Each is ``offset + slope * sign(x) (+ scale * (x - mean))`` with ``(B, C)`` coefficients, and every
     coefficient is written as a division by a value computed at run time (``spread * n``, or
@@ -84,27 +96,29 @@ def _features_bwd(eps, residuals, cotangents):
     repeated there: that one backward fusion of the deep StepNet step took more time than any of
     its convolutions.
     """
-    y, f, mean_f, abs_f, abs_y, spread = residuals
+    y, z, scale, shift, mean_f, abs_f, abs_y, spread = residuals
     g_mean_f, g_mean_y, g_relative, g_spread = cotangents
-    n = f.shape[1] * f.shape[2]
+    n = z.shape[1] * z.shape[2]
     total = jnp.square(abs_f + abs_y + eps)
     by_total, by_spread = total * n, spread * n
 
     def per_pixel(v):  # (B, C) -> (B, 1, 1, C)
         return v[:, None, None, :]
 
+    f = per_pixel(scale) * z + per_pixel(shift)
+
     slope_f = per_pixel(g_relative * (abs_y + eps) / by_total)
     slope_y = per_pixel(-g_relative * abs_f / by_total)
     df = (per_pixel(g_mean_f * spread / by_spread) + jnp.where(f >= 0, slope_f, -slope_f)
           + per_pixel(g_spread / by_spread) * (f - per_pixel(mean_f)))
     dy = per_pixel(g_mean_y * total / by_total) + jnp.where(y >= 0, slope_y, -slope_y)
-    return dy, df
+    return dy, per_pixel(scale) * df, (df * z).sum(axis=(1, 2)), df.sum(axis=(1, 2))
 
 
 _features.defvjp(_features_fwd, _features_bwd)
 
 
-class StepNet(StepController):
+class StepNet(ChannelGate):
     """Stiffness-aware step-size controller (our reconstruction; see the module docstring).
 
     **Arguments:**
@@ -129,7 +143,7 @@ class StepNet(StepController):
         ones = jnp.ones((y0.shape[0], y0.shape[-1]), jnp.float32)
         return (ones, jnp.zeros_like(ones), jnp.zeros((), jnp.float32))
 
-    def adapt_step_size(self, t0, y0, f0, controller_state):
+    def gate(self, t0, y0, f0, controller_state):
         features = step_features(y0, f0)
         if self.history:
             h_prev, mean_f_prev, started = controller_state
@@ -139,4 +153,4 @@ class StepNet(StepController):
         h = jax.nn.sigmoid(self.mlp(z))
         if self.history:
             controller_state = (h, features[0], jnp.ones((), jnp.float32))
-        return as_channel_step(h), controller_state
+        return h, controller_state

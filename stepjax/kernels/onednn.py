@@ -27,6 +27,8 @@ LIBRARY = Path(__file__).resolve().with_name("_onednn_conv.so")
 # the library's XLA FFI targets (registered for the CPU by `load`) and their C symbols
 TARGETS = {"stepjax_onednn_conv_forward": "StepjaxConvForward", "stepjax_onednn_conv_input_grad": "StepjaxConvInputGrad",
            "stepjax_onednn_conv_kernel_grad": "StepjaxConvKernelGrad", "stepjax_spatial_moments": "StepjaxSpatialMoments"}
+# the interface of the library's handlers (`StepjaxAbiVersion` in csrc/spatial_moments.cc)
+ABI_VERSION = 2
 _log = logging.getLogger("stepjax")
 
 
@@ -44,6 +46,10 @@ def load() -> str | None:
         lib = ctypes.cdll.LoadLibrary(str(LIBRARY))
     except OSError as e:
         return f"{LIBRARY.name} does not load ({e}); rebuild it with python -m stepjax.kernels.build"
+    built = lib.StepjaxAbiVersion() if hasattr(lib, "StepjaxAbiVersion") else 1
+    if built != ABI_VERSION:
+        return (f"{LIBRARY.name} was built from other sources (interface {built}, this code needs {ABI_VERSION}); "
+                "rebuild it with make setup")
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return None

@@ -92,27 +92,65 @@ def as_channel_step(gate):
     return gate[:, None, None, :]
 
 
-class ChannelGate(StepController):
-    """Abstract base class of the controllers that choose one step per example and channel, in
-    ``(0, 1)`` or anywhere, from the field's spatial mean ``GAP(f0)`` and nothing else of ``f0``
-    (SE, ECA, DIA): ``h = gate(t0, y0, GAP(f0), controller_state)``.
+class ChannelAffine(NamedTuple):
+    """A field's value as a per-channel affine map of a feature: ``f = scale * z + shift``.
 
-    That the step reads ``f0`` only through its mean lets an `EulerStep` whose field ends in a
-    per-channel affine map (`ChannelAffine`) take the step without forming ``f0`` at all.
+    A post-activation residual branch ends in BatchNorm, which is such a map (its batch statistics
+    fixed); a field that can say so has ``affine_output(y) -> ChannelAffine``. For a `ChannelGate`
+    the Euler step is then ``g(base + (h scale) z + h shift)`` with ``GAP(f) = scale GAP(z) + shift``:
+    ``f`` is never formed, and on XLA's CPU backend the step reads its block's output as often as
+    a plain one does (docs/BENCHMARKS.md, "The channel gate folded into the step").
+
+    - `z`: the feature, ``(B, H, W, C)``.
+    - `scale`, `shift`: per channel, ``(C,)``, or per example and channel, ``(B, 1, 1, C)``; or
+      scalars (`identity`).
+    """
+
+    z: jax.Array
+    scale: jax.Array
+    shift: jax.Array
+
+    @classmethod
+    def identity(cls, f):
+        """`f` itself as a `ChannelAffine` (scale 1, shift 0)."""
+        return cls(f, jnp.float32(1.0), jnp.float32(0.0))
+
+    def value(self):
+        """``f`` itself."""
+        return (self.scale * self.z + self.shift).astype(self.z.dtype)
+
+    def spatial_mean(self):
+        """``GAP(f)``, ``(B, C)`` float32, from ``GAP(z)``."""
+        return _pooled(self.scale) * spatial_mean(self.z) + _pooled(self.shift)
+
+
+def _pooled(v):
+    """A scale or shift of `ChannelAffine` as it applies to a pooled ``(B, C)`` value."""
+    return v[:, 0, 0, :] if v.ndim == 4 else v
+
+
+class ChannelGate(StepController):
+    """Abstract base class of the controllers that choose one step per example and channel from
+    per-channel spatial statistics of the field (``GAP(f0)`` for SE, ECA and DIA; StepNet's
+    moments), never from ``f0`` pixel by pixel: ``h = gate(t0, y0, f0, controller_state)`` with
+    ``f0`` a `ChannelAffine`.
+
+    That lets an `EulerStep` whose field ends in a per-channel affine map take the step without
+    forming ``f0`` at all (`EulerStep.folds_field`); elsewhere ``f0`` is `ChannelAffine.identity`.
     """
 
     def adapt_step_size(self, t0, y0, f0, controller_state):
-        gate, controller_state = self.gate(t0, y0, spatial_mean(f0), controller_state)
+        gate, controller_state = self.gate(t0, y0, ChannelAffine.identity(f0), controller_state)
         return as_channel_step(gate), controller_state
 
     @abc.abstractmethod
-    def gate(self, t0, y0, mean_f0, controller_state) -> tuple[jax.Array, ControllerState]:
-        """The step from the field's spatial mean.
+    def gate(self, t0, y0, f0, controller_state) -> tuple[jax.Array, ControllerState]:
+        """The step from the field's per-channel statistics.
 
         **Arguments:**
 
         - `t0`, `y0`, `controller_state`: as for `adapt_step_size`.
-        - `mean_f0`: ``GAP(f0)``, ``(B, C)`` float32.
+        - `f0`: the field as a `ChannelAffine` (its `spatial_mean` is ``GAP(f0)``).
 
         **Returns:**
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stepjax import kernels
-from stepjax.ode.controller import ChannelGate, StageShared, StepController, as_channel_step, spatial_mean
+from stepjax.ode.controller import ChannelAffine, ChannelGate, StageShared, StepController, as_channel_step
 
 # Inside the scan over a stage's blocks, only values a vector field tags with
 # `jax.ad_checkpoint.checkpoint_name(x, SAVED)` (the outputs of the ResNet fields' 3x3 and larger
@@ -51,32 +51,6 @@ class StepProposal(NamedTuple):
     f0: jax.Array
     h: jax.Array
     controller_state: object
-
-
-class ChannelAffine(NamedTuple):
-    """A field's value as a per-channel affine map of a feature: ``f = scale * z + shift``.
-
-    A post-activation residual branch ends in BatchNorm, which is such a map (its batch statistics
-    fixed); a field that can say so has ``affine_output(y) -> ChannelAffine``. For a `ChannelGate`
-    the Euler step is then ``g(base + (h scale) z + h shift)`` with ``GAP(f) = scale GAP(z) + shift``:
-    ``f`` is never formed, and on XLA's CPU backend the step reads its block's output as often as
-    a plain one does (docs/BENCHMARKS.md, "The channel gate folded into the step").
-
-    - `z`: the feature, ``(B, H, W, C)``.
-    - `scale`, `shift`: ``(C,)`` float32.
-    """
-
-    z: jax.Array
-    scale: jax.Array
-    shift: jax.Array
-
-    def value(self):
-        """``f`` itself."""
-        return (self.scale * self.z + self.shift).astype(self.z.dtype)
-
-    def spatial_mean(self):
-        """``GAP(f)``, ``(B, C)`` float32, from ``GAP(z)``."""
-        return self.scale * spatial_mean(self.z) + self.shift
 
 
 class EulerStep(nnx.Module):
@@ -141,7 +115,7 @@ class EulerStep(nnx.Module):
         if controller_state is None:
             controller_state = self.controller.init(base)
         f0 = self.vector_field.affine_output(y0)
-        gate, controller_state = self.controller.gate(t0, base, f0.spatial_mean(), controller_state)
+        gate, controller_state = self.controller.gate(t0, base, f0, controller_state)
         h = as_channel_step(self._masked(gate, active))
         y1 = base + ChannelAffine(f0.z, h * f0.scale, h * f0.shift).value().astype(base.dtype)
         return self._project(y1), controller_state, h
