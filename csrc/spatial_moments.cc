@@ -3,7 +3,9 @@
 // shift per example and channel: a post-activation field's last BatchNorm, folded into the step,
 // or 1 and 0), per example and channel the means over the pixels of f, |f|, f^2, y and |y|, in one
 // pass over y and z, f never written out (XLA's CPU backend runs five reductions, each a pass of
-// its own). Python side: stepjax/kernels/moments.py.
+// its own). Four more means, of sign(f) (+1 at 0), sign(f) z, z and z^2, give the gradient of
+// StepNet's features into scale and shift without another pass. Python side:
+// stepjax/kernels/moments.py.
 //
 // Built into the same library as onednn_conv.cc (`python -m stepjax.kernels.build`).
 
@@ -19,7 +21,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kMoments = 5;  // f, |f|, f^2, y, |y|
+constexpr int kMoments = 9;  // f, |f|, f^2, y, |y|, sign(f), sign(f) z, z, z^2
 
 // On x86-64 one clone of the summing loop per instruction set, chosen when the library loads.
 #if defined(__x86_64__)
@@ -43,18 +45,26 @@ void SumExample(const float* y, const float* z, const float* scale, const float*
     float* qf = row + 2 * c;
     float* sy = row + 3 * c;
     float* ay = row + 4 * c;
+    float* gf = row + 5 * c;
+    float* gz = row + 6 * c;
+    float* sz = row + 7 * c;
+    float* qz = row + 8 * c;
     for (int64_t k = 0; k < kMoments * c; ++k) row[k] = 0.0f;
     for (int64_t p = r * w; p < (r + 1) * w; ++p) {
       const float* zp = z + p * c;
       const float* yp = y + p * c;
 #pragma GCC ivdep
       for (int64_t k = 0; k < c; ++k) {
-        const float a = scale[k] * zp[k] + shift[k], v = yp[k];
+        const float x = zp[k], a = scale[k] * x + shift[k], v = yp[k], sign = a >= 0.0f ? 1.0f : -1.0f;
         sf[k] += a;
         af[k] += std::fabs(a);
         qf[k] += a * a;
         sy[k] += v;
         ay[k] += std::fabs(v);
+        gf[k] += sign;
+        gz[k] += sign * x;
+        sz[k] += x;
+        qz[k] += x * x;
       }
     }
     for (int64_t k = 0; k < kMoments * c; ++k) acc[k] += row[k];
@@ -64,7 +74,9 @@ void SumExample(const float* y, const float* z, const float* scale, const float*
 ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> scale,
                        ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> mean_f,
                        ffi::ResultBuffer<ffi::F32> mean_abs_f, ffi::ResultBuffer<ffi::F32> mean_sq_f,
-                       ffi::ResultBuffer<ffi::F32> mean_y, ffi::ResultBuffer<ffi::F32> mean_abs_y, int64_t threads) {
+                       ffi::ResultBuffer<ffi::F32> mean_y, ffi::ResultBuffer<ffi::F32> mean_abs_y,
+                       ffi::ResultBuffer<ffi::F32> mean_sign_f, ffi::ResultBuffer<ffi::F32> mean_sign_f_z,
+                       ffi::ResultBuffer<ffi::F32> mean_z, ffi::ResultBuffer<ffi::F32> mean_sq_z, int64_t threads) {
   auto yd = y.dimensions(), zd = z.dimensions();
   if (yd.size() != 4 || zd.size() != 4) return ffi::Error::InvalidArgument("spatial_moments: rank-4 NHWC operands only");
   for (int i = 0; i < 4; ++i) {
@@ -75,8 +87,10 @@ ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> z, ffi::Bu
     if (d.size() != 2 || d[0] != n || d[1] != c) return ffi::Error::InvalidArgument("spatial_moments: scale and shift are (N, C)");
   }
   float* out[kMoments] = {mean_f->typed_data(), mean_abs_f->typed_data(), mean_sq_f->typed_data(),
-                          mean_y->typed_data(), mean_abs_y->typed_data()};
-  for (auto* result : {&mean_f, &mean_abs_f, &mean_sq_f, &mean_y, &mean_abs_y}) {
+                          mean_y->typed_data(), mean_abs_y->typed_data(), mean_sign_f->typed_data(),
+                          mean_sign_f_z->typed_data(), mean_z->typed_data(), mean_sq_z->typed_data()};
+  for (auto* result : {&mean_f, &mean_abs_f, &mean_sq_f, &mean_y, &mean_abs_y, &mean_sign_f, &mean_sign_f_z, &mean_z,
+                       &mean_sq_z}) {
     auto d = (*result)->dimensions();
     if (d.size() != 2 || d[0] != n || d[1] != c) return ffi::Error::InvalidArgument("spatial_moments: results are (N, C)");
   }
@@ -113,8 +127,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StepjaxSpatialMoments, MomentsImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
 
 // The interface of this library's handlers, checked by stepjax.kernels.onednn.load: a library built
-// from older sources (the moments without scale and shift, before 2) is not registered.
-extern "C" int StepjaxAbiVersion() { return 2; }
+// from older sources (the five moments without scale and shift before 2, without the four for their gradient before 3) is not registered.
+extern "C" int StepjaxAbiVersion() { return 3; }

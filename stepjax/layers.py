@@ -53,12 +53,13 @@ def conv2d(x, w, stride=1):
 
 
 def spatial_moments(y, f0):
-    """Per-channel spatial means of ``f``, ``|f|``, ``f^2``, ``y`` and ``|y|`` for a controller's
-    features, the field given as a `ChannelAffine` (`stepjax.kernels.spatial_moments`: one pass over `y` and
-    ``f0.z`` on the CPU path, five reductions elsewhere), each ``(B, C)`` float32. They are kept for the backward pass of a
-    scanned stage (tagged like the convolution outputs), so that it does not read whole
-    activations again to recompute them. A forward function: a caller that differentiates
-    through it defines its own gradient (StepNet's features do)."""
+    """Per-channel spatial means for a controller's features, the field given as a `ChannelAffine`
+    ``f = scale * z + shift``: of ``f``, ``|f|``, ``f^2``, ``y``, ``|y|``, and of ``sign(f)``,
+    ``sign(f) z``, ``z``, ``z^2`` for a gradient into the map (`stepjax.kernels.spatial_moments`:
+    one pass over `y` and ``z`` on the CPU path, reductions elsewhere), each ``(B, C)`` float32.
+    They are kept for the backward pass of a scanned stage (tagged like the convolution outputs),
+    so that it does not read whole activations again to recompute them. A forward function: a
+    caller that differentiates through it defines its own gradient (StepNet's features do)."""
     lead = (f0.z.shape[0], f0.z.shape[-1])
     scale, shift = (jnp.broadcast_to(v, lead) for v in (f0.scale, f0.shift))
     return tuple(checkpoint_name(m, SAVED) for m in kernels.spatial_moments(y, f0.z, scale, shift))

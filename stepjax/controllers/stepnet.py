@@ -49,8 +49,8 @@ def step_features(y0, f0, eps=1e-5):
     made ResNet-164 with StepNet diverge at the paper's learning rate (0.1, no warm-up).
 
     The variance is ``GAP(f^2) - GAP(f)^2``, clamped at 0, as Flax's BatchNorm computes its own
-    (``use_fast_variance``): five moments (`stepjax.layers.spatial_moments`: one pass over ``y``
-    and ``f`` in the CPU extension, five independent reductions without it), none of which reads a
+    (``use_fast_variance``): moments (`stepjax.layers.spatial_moments`: one pass over ``y``
+    and ``f`` in the CPU extension, independent reductions without it), none of which reads a
     broadcast operand. ``f.var`` subtracts the mean inside its reduction, and XLA's CPU backend runs such a
     reduction slower than a plain one: the stage-1 features of the deep protocol took 5.1 ms that
     way against 3.9 ms (docs/BENCHMARKS.md). The cost is float32 cancellation where a channel's
@@ -62,6 +62,10 @@ def step_features(y0, f0, eps=1e-5):
     ``d|x|/dx = 1`` at 0 as JAX has it). From autodiff's form, XLA's CPU backend fused the whole
     expression into each of the gradient's several consumers and computed it three times over:
     the deep StepNet step (ResNet-164 at half width, batch 64) took 3.23 s against 2.49 s.
+    For a folded field its part into the map (the sums of
+    ``df`` and ``df z`` over the pixels) comes from four more moments of the forward pass, so that
+    ``df`` is not written out for two reductions; ``z``'s spatial variance in it carries the same
+    float32 cancellation as the spread.
     """
     if not isinstance(f0, ChannelAffine):
         f0 = ChannelAffine.identity(f0)
@@ -76,11 +80,11 @@ def _features(y, z, scale, shift, eps):
 
 
 def _features_fwd(y, z, scale, shift, eps):
-    mean_f, abs_f, square_f, mean_y, abs_y = spatial_moments(y, ChannelAffine(z, scale, shift))
+    mean_f, abs_f, square_f, mean_y, abs_y, *of_z = spatial_moments(y, ChannelAffine(z, scale, shift))
     variance = jnp.maximum(square_f - jnp.square(mean_f), 0.0)
     spread = jnp.sqrt(variance + eps)
     features = (mean_f, mean_y, abs_f / (abs_f + abs_y + eps), spread)
-    return features, (y, z, scale, shift, mean_f, abs_f, abs_y, spread)
+    return features, (y, z, scale, shift, mean_f, abs_f, abs_y, spread, of_z)
 
 
 def _features_bwd(eps, residuals, cotangents):
@@ -96,7 +100,7 @@ def _features_bwd(eps, residuals, cotangents):
     repeated there: that one backward fusion of the deep StepNet step took more time than any of
     its convolutions.
     """
-    y, z, scale, shift, mean_f, abs_f, abs_y, spread = residuals
+    y, z, scale, shift, mean_f, abs_f, abs_y, spread, (sign_f, sign_f_z, mean_z, square_z) = residuals
     g_mean_f, g_mean_y, g_relative, g_spread = cotangents
     n = z.shape[1] * z.shape[2]
     total = jnp.square(abs_f + abs_y + eps)
@@ -112,7 +116,12 @@ def _features_bwd(eps, residuals, cotangents):
     df = (per_pixel(g_mean_f * spread / by_spread) + jnp.where(f >= 0, slope_f, -slope_f)
           + per_pixel(g_spread / by_spread) * (f - per_pixel(mean_f)))
     dy = per_pixel(g_mean_y * total / by_total) + jnp.where(y >= 0, slope_y, -slope_y)
-    return dy, per_pixel(scale) * df, (df * z).sum(axis=(1, 2)), df.sum(axis=(1, 2))
+    # sum(df) and sum(df z) over the pixels from the forward pass's moments: two reductions of
+    # df would have it written out; sum(f - mean_f) is 0, sum((f - mean_f) z) is n scale var(z)
+    coefficient_f, g_variance = g_relative * (abs_y + eps) / total, g_spread / spread
+    d_shift = g_mean_f + coefficient_f * sign_f
+    d_scale = g_mean_f * mean_z + coefficient_f * sign_f_z + g_variance * scale * (square_z - jnp.square(mean_z))
+    return dy, per_pixel(scale) * df, d_scale, d_shift
 
 
 _features.defvjp(_features_fwd, _features_bwd)

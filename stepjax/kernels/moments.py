@@ -1,9 +1,10 @@
 """The spatial moments of one Euler step that a step-size controller reads, in one pass on the CPU.
 
-`spatial_moments(y, f, scale, shift)` gives, per example and channel, the means over the pixels of
-the field ``scale * f + shift``, its absolute value and square, ``y`` and ``|y|``. On the path of the CPU extension (`stepjax.kernels.path_for`)
-one C++ handler (``csrc/spatial_moments.cc``) reads ``y`` and ``f`` once; elsewhere, and where the
-extension is not built, five `jnp` reductions compute the same means. It is a forward function
+`spatial_moments(y, z, scale, shift)` gives, per example and channel, the means over the pixels of
+the field ``f = scale * z + shift``, its absolute value and square, ``y`` and ``|y|`` (and four for the
+gradient into the scale and the shift). On the path of the CPU extension (`stepjax.kernels.path_for`)
+one C++ handler (``csrc/spatial_moments.cc``) reads ``y`` and ``z`` once; elsewhere, and where the
+extension is not built, `jnp` reductions compute the same means. It is a forward function
 only: a controller that differentiates through it writes its own gradient (as StepNet does).
 """
 
@@ -20,36 +21,39 @@ from jax.sharding import PartitionSpec as P
 from stepjax.kernels import onednn
 
 TARGET = "stepjax_spatial_moments"  # one of onednn.TARGETS
-NUM_MOMENTS = 5  # f, |f|, f^2, y, |y|
+NUM_MOMENTS = 9  # f, |f|, f^2, y, |y|, sign(f), sign(f) z, z, z^2
 
 
-def spatial_moments(y, f, scale=None, shift=None):
-    """Per-channel spatial means of one step's state `y` and field ``scale * f + shift``.
+def spatial_moments(y, z, scale=None, shift=None):
+    """Per-channel spatial means of one step's state `y` and field ``f = scale * z + shift``.
 
     **Arguments:**
 
-    - `y`, `f`: ``(B, H, W, C)``.
+    - `y`, `z`: ``(B, H, W, C)``.
     - `scale`, `shift`: ``(B, C)``, per example and channel (a field folded into its step:
       `stepjax.ode.ChannelAffine`); 1 and 0 when not given.
 
     **Returns:**
 
-    ``(mean f, mean |f|, mean f^2, mean y, mean |y|)`` of that field, each ``(B, C)`` float32: the
-    float32 operands on the extension's path (sums taken in float64), the `jnp` reductions otherwise.
+    ``(mean f, mean |f|, mean f^2, mean y, mean |y|, mean sign(f), mean sign(f) z, mean z,
+    mean z^2)`` (the sign +1 at 0; the last four give the gradient of StepNet's features into the
+    scale and the shift), each ``(B, C)`` float32: the float32 operands on the extension's path
+    (sums taken in float64), the `jnp` reductions otherwise.
     """
-    y, f = y.astype(jnp.float32), f.astype(jnp.float32)
-    lead = (f.shape[0], f.shape[-1])
+    y, z = y.astype(jnp.float32), z.astype(jnp.float32)
+    lead = (z.shape[0], z.shape[-1])
     scale, shift = (jnp.broadcast_to(jnp.float32(d) if v is None else v.astype(jnp.float32), lead)
                     for v, d in ((scale, 1.0), (shift, 0.0)))
-    if onednn.path_for(f.dtype) != "onednn":
-        return reduced_moments(y, f, scale, shift)
-    return _batched(y, f, scale, shift)
+    if onednn.path_for(z.dtype) != "onednn":
+        return reduced_moments(y, z, scale, shift)
+    return _batched(y, z, scale, shift)
 
 
-def reduced_moments(y, f, scale=1.0, shift=0.0):
-    """`spatial_moments` as five `jnp` reductions (the path without the extension)."""
-    f = _per_pixel(scale) * f + _per_pixel(shift)
-    return tuple(v.mean(axis=(1, 2)) for v in (f, jnp.abs(f), jnp.square(f), y, jnp.abs(y)))
+def reduced_moments(y, z, scale=1.0, shift=0.0):
+    """`spatial_moments` as `jnp` reductions (the path without the extension)."""
+    f = _per_pixel(scale) * z + _per_pixel(shift)
+    sign = jnp.where(f >= 0, 1.0, -1.0)
+    return tuple(v.mean(axis=(1, 2)) for v in (f, jnp.abs(f), jnp.square(f), y, jnp.abs(y), sign, sign * z, z, jnp.square(z)))
 
 
 def _per_pixel(v):
