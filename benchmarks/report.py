@@ -39,12 +39,33 @@ def environment():
     return info
 
 
+# the presets whose cold compiles `make bench` takes in turn, round by round
+COMPILE_PRESETS = ("resnet164", "resnet56", "resnet110")
+
+
+def compile_rounds(results, preset):
+    """A preset's cold compile times in seconds, round by round (its ``(compile, round i)`` rows);
+    in a record from before the rounds, its one ``(compile)`` row, ResNet-164's the plain step's."""
+    ok = [r for r in results if "error" not in r]
+    rows = [r["compile_s"] for r in ok if r["name"].startswith(f"{preset}/resnet (compile")]
+    if not rows and preset == "resnet164":
+        rows = [r["compile_s"] for r in ok if r["name"] == "resnet164/resnet" and "compile_s" in r]
+    return rows
+
+
+def _per_round(out, key, ratios):
+    """Beside a medians' ratio, how far one round's own ratio strays from it and the median of the
+    rounds' ratios, which a load that drifts between rounds moves less (two rounds or more)."""
+    if len(ratios) > 1:
+        out["rounds_range"][key] = [min(ratios), max(ratios)]
+        out["rounds_median"][key] = median(ratios)
+
+
 def summarise(results):
     """Ratios and the issue's targets, from the measured entries."""
     by = {r["name"]: r for r in results if "error" not in r}
-    out = {}
+    out = {"rounds_range": {}, "rounds_median": {}}
     plain = by.get("resnet164/resnet")
-    r56, r110 = by.get("resnet56/resnet (compile)"), by.get("resnet110/resnet (compile)")
     torch = by.get("pytorch resnet164")
     pipe = by.get("input pipeline")
     inter = by.get("interleaved")
@@ -58,26 +79,23 @@ def summarise(results):
                   "speed_ratio_one_device_vs_per_core": ("resnet164/resnet", "resnet164/resnet (1 device)"),
                   "speed_ratio_resnet20_one_device_vs_per_core": ("resnet20/resnet (cpu protocol)",
                                                                  "resnet20/resnet (cpu protocol) (1 device)")}
-        out["rounds_range"], out["rounds_median"] = {}, {}
         times = inter.get("step_times_s", {})
         for key, (slow, fast) in ratios.items():
             if slow in steps and fast in steps:
                 out[key] = steps[slow] / steps[fast]
-                per_round = [a / b for a, b in zip(times.get(slow, []), times.get(fast, []))]
-                if per_round:  # how far one round's ratio strays from the medians' ratio; the median of the
-                    # rounds' own ratios, which a load that drifts between rounds moves less
-                    out["rounds_range"][key] = [min(per_round), max(per_round)]
-                    out["rounds_median"][key] = median(per_round)
+                _per_round(out, key, [a / b for a, b in zip(times.get(slow, []), times.get(fast, []))])
     elif plain:
         for c in MODEL_VARIANTS[1:]:
             if f"resnet164/{c}" in by:
                 out[f"step_ratio_{c}_vs_plain"] = by[f"resnet164/{c}"]["step_s"] / plain["step_s"]
-    if plain:
-        out["compile_resnet164_s"] = plain["compile_s"]
-    if plain and r56:
-        out["compile_ratio_164_vs_56"] = plain["compile_s"] / r56["compile_s"]
-    if r110 and r56:  # the same block at twice the depth: 1.0 when the scan keeps depth out of the program
-        out["compile_ratio_110_vs_56"] = r110["compile_s"] / r56["compile_s"]
+    compiles = {preset: compile_rounds(results, preset) for preset in COMPILE_PRESETS}
+    if compiles["resnet164"]:
+        out["compile_resnet164_s"] = median(compiles["resnet164"])
+    # ResNet-110 is ResNet-56's block at twice the depth: 1.0 when the scan keeps depth out of the program
+    for key, preset in (("compile_ratio_164_vs_56", "resnet164"), ("compile_ratio_110_vs_56", "resnet110")):
+        if compiles[preset] and compiles["resnet56"]:
+            out[key] = median(compiles[preset]) / median(compiles["resnet56"])
+            _per_round(out, key, [a / b for a, b in zip(compiles[preset], compiles["resnet56"])])
     if plain and torch:
         out.setdefault("speed_ratio_jax_vs_torch", torch["step_s"] / plain["step_s"])
         out["peak_rss_ratio_jax_vs_torch"] = plain["step_peak_rss_gib"] / torch["step_peak_rss_gib"]

@@ -1,6 +1,6 @@
 """`make bench`: speed, compile time and memory of the real training step, on this machine.
 
-    python -m benchmarks.run [--quick] [--out FILE] [--devices N] [--no-torch] [--only NAME ...]
+    python -m benchmarks.run [--quick] [--out FILE] [--devices N] [--compile-rounds N] [--no-torch] [--only NAME ...]
     python -m benchmarks.run --gpu [--out FILE]        # accelerator figures (fp32/bf16, batch 128/1024; SE, StepNet)
 
 Every measurement runs in a fresh subprocess, so that compile times are cold and the peak memory
@@ -35,7 +35,7 @@ if __name__ == "__main__":  # a worker started as a script: this checkout's benc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import CPU_PROTOCOL, DEFAULT_DATA, MALLOC, MODEL_VARIANTS, ROOT, controller_exp, load
-from benchmarks.report import environment, gpu_table, markdown, merge, table, write_docs, write_results
+from benchmarks.report import COMPILE_PRESETS, environment, gpu_table, markdown, merge, table, write_docs, write_results
 from benchmarks.workers import worker_main
 
 
@@ -84,9 +84,12 @@ def plan(args):
                   "warmup": 2, "repeats": 5 if quick else 10, "eval": True})
     specs.append({**common, "kind": "train", "name": "resnet20/resnet (batch 128)", "exp": CPU_PROTOCOL,
                   "overrides": ["train.global_batch=128"], "warmup": 2, "repeats": 5 if quick else 10, "eval": False})
-    for preset in ("resnet56", "resnet110"):  # basic blocks, 9 and 18 a stage: what depth alone costs to compile
-        specs.append({**common, "kind": "train", "name": f"{preset}/resnet (compile)", "exp": "cifar10_resnet",
-                      "overrides": [f"model.preset='{preset}'"], "compile_only": True})
+    # compile times in turn, round by round, each in a fresh process: ResNet-164 against ResNet-56 and
+    # ResNet-110 (basic blocks, 9 and 18 a stage: what depth alone costs to compile)
+    for i in range(1 if quick else args.compile_rounds):
+        for preset in COMPILE_PRESETS:
+            specs.append({**common, "kind": "train", "name": f"{preset}/resnet (compile, round {i + 1})",
+                          "exp": "cifar10_resnet", "overrides": [f"model.preset='{preset}'"], "compile_only": True})
     specs.append({**common, "kind": "pipeline", "name": "input pipeline", "exp": "cifar10_resnet",
                   "batches": 40 if quick else 150})
     if not quick:
@@ -133,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--devices", type=int, default=None,
                         help="CPU devices (default: one per core, see stepjax.parallel.configure_cpu_devices)")
     parser.add_argument("--repeats", type=int, default=3, help="timed ResNet-164 training steps per configuration")
+    parser.add_argument("--compile-rounds", type=int, default=3,
+                        help="rounds of cold compiles of ResNet-164, -56 and -110 in turn, for the compile ratios")
     parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of the interleaved same-time comparison (all controllers and PyTorch; "
                         "3 until 2026-12-03)")

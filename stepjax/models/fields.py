@@ -12,7 +12,22 @@ from stepjax.layers import Conv, batch_norm
 from stepjax.ode import ChannelAffine
 
 
-class BottleneckField(nnx.Module):
+class ConvBranch(nnx.Module):
+    """A residual branch of convolutions and BatchNorms (`convs`, `norms`), post-activation
+    (conv-BN-ReLU ... conv-BN) or, with `preact`, pre-activation (BN-ReLU-conv ...)."""
+
+    def __call__(self, y):
+        return _preact_chain(self.convs, self.norms, y) if self.preact else _postact_chain(self.convs, self.norms, y)
+
+    @property
+    def affine_output(self):
+        """``y -> ChannelAffine``, the field as its last BatchNorm's affine map of the last
+        convolution's output, for a post-activation field; None for a pre-activation one, which
+        ends in a convolution."""
+        return None if self.preact else functools.partial(_postact_affine, self.convs, self.norms)
+
+
+class BottleneckField(ConvBranch):
     """Post-activation bottleneck: conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1-BN.
 
     **Arguments:**
@@ -35,18 +50,8 @@ class BottleneckField(nnx.Module):
         norm_widths = (in_channels, planes, planes) if preact else (planes, planes, out)
         self.norms = nnx.List([batch_norm(c, rngs=rngs, dtype=dtype) for c in norm_widths])
 
-    def __call__(self, y):
-        return _preact_chain(self.convs, self.norms, y) if self.preact else _postact_chain(self.convs, self.norms, y)
 
-    @property
-    def affine_output(self):
-        """``y -> ChannelAffine``, the field as its last BatchNorm's affine map of the last
-        convolution's output, for a post-activation field; None for a pre-activation one, which
-        ends in a convolution."""
-        return None if self.preact else functools.partial(_postact_affine, self.convs, self.norms)
-
-
-class BasicField(nnx.Module):
+class BasicField(ConvBranch):
     """Post-activation basic block: conv3x3(stride)-BN-ReLU-conv3x3-BN (pre-activation if asked)."""
 
     expansion = 1
@@ -59,13 +64,6 @@ class BasicField(nnx.Module):
         ])
         norm_widths = (in_channels, planes) if preact else (planes, planes)
         self.norms = nnx.List([batch_norm(c, rngs=rngs, dtype=dtype) for c in norm_widths])
-
-    def __call__(self, y):
-        return _preact_chain(self.convs, self.norms, y) if self.preact else _postact_chain(self.convs, self.norms, y)
-
-    @property
-    def affine_output(self):
-        return None if self.preact else functools.partial(_postact_affine, self.convs, self.norms)
 
 
 def zero_last_layer(field) -> None:
