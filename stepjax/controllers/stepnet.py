@@ -50,7 +50,7 @@ def step_features(y0, f0, eps=1e-5):
 
     The variance is ``GAP(f^2) - GAP(f)^2``, clamped at 0, as Flax's BatchNorm computes its own
     (``use_fast_variance``): moments (`stepjax.layers.spatial_moments`: one pass over ``y``
-    and ``f`` in the CPU extension, independent reductions without it), none of which reads a
+    and the field in the CPU extension, independent reductions without it), none of which reads a
     broadcast operand. ``f.var`` subtracts the mean inside its reduction, and XLA's CPU backend runs such a
     reduction slower than a plain one: the stage-1 features of the deep protocol took 5.1 ms that
     way against 3.9 ms (docs/BENCHMARKS.md). The cost is float32 cancellation where a channel's
@@ -61,11 +61,10 @@ def step_features(y0, f0, eps=1e-5):
     The gradient is written out (`_features_bwd`: the same mathematics as autodiff's, with
     ``d|x|/dx = 1`` at 0 as JAX has it). From autodiff's form, XLA's CPU backend fused the whole
     expression into each of the gradient's several consumers and computed it three times over:
-    the deep StepNet step (ResNet-164 at half width, batch 64) took 3.23 s against 2.49 s.
-    For a folded field its part into the map (the sums of
-    ``df`` and ``df z`` over the pixels) comes from four more moments of the forward pass, so that
-    ``df`` is not written out for two reductions; ``z``'s spatial variance in it carries the same
-    float32 cancellation as the spread.
+    the deep StepNet step (ResNet-164 at half width, batch 64) took 3.23 s against 2.49 s. For a
+    folded field its part into the map (the sums of ``df`` and ``df z`` over the pixels) comes from
+    four more moments of the forward pass, so that ``df`` is not written out for two reductions;
+    ``z``'s spatial variance in it carries the same float32 cancellation as the spread.
     """
     if not isinstance(f0, ChannelAffine):
         f0 = ChannelAffine.identity(f0)
