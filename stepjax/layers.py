@@ -60,9 +60,7 @@ def spatial_moments(y, f0):
     They are kept for the backward pass of a scanned stage (tagged like the convolution outputs),
     so that it does not read whole activations again to recompute them. A forward function: a
     caller that differentiates through it defines its own gradient (StepNet's features do)."""
-    lead = (f0.z.shape[0], f0.z.shape[-1])
-    scale, shift = (jnp.broadcast_to(v, lead) for v in (f0.scale, f0.shift))
-    return tuple(checkpoint_name(m, SAVED) for m in kernels.spatial_moments(y, f0.z, scale, shift))
+    return tuple(checkpoint_name(m, SAVED) for m in kernels.spatial_moments(y, f0.z, f0.scale, f0.shift))
 
 
 @jax.custom_vjp

@@ -24,14 +24,14 @@ TARGET = "stepjax_spatial_moments"  # one of onednn.TARGETS
 NUM_MOMENTS = 9  # f, |f|, f^2, y, |y|, sign(f), sign(f) z, z, z^2
 
 
-def spatial_moments(y, z, scale=None, shift=None):
+def spatial_moments(y, z, scale=1.0, shift=0.0):
     """Per-channel spatial means of one step's state `y` and field ``f = scale * z + shift``.
 
     **Arguments:**
 
     - `y`, `z`: ``(B, H, W, C)``.
-    - `scale`, `shift`: ``(B, C)``, per example and channel (a field folded into its step:
-      `stepjax.ode.ChannelAffine`); 1 and 0 when not given.
+    - `scale`, `shift`: anything that broadcasts to ``(B, C)``: per example and channel, per
+      channel (a field folded into its step: `stepjax.ode.ChannelAffine`), or 1 and 0 by default.
 
     **Returns:**
 
@@ -42,8 +42,7 @@ def spatial_moments(y, z, scale=None, shift=None):
     """
     y, z = y.astype(jnp.float32), z.astype(jnp.float32)
     lead = (z.shape[0], z.shape[-1])
-    scale, shift = (jnp.broadcast_to(jnp.float32(d) if v is None else v.astype(jnp.float32), lead)
-                    for v, d in ((scale, 1.0), (shift, 0.0)))
+    scale, shift = (jnp.broadcast_to(jnp.asarray(v, jnp.float32), lead) for v in (scale, shift))
     if onednn.path_for(z.dtype) != "onednn":
         return reduced_moments(y, z, scale, shift)
     return _batched(y, z, scale, shift)

@@ -102,8 +102,8 @@ class ChannelAffine(NamedTuple):
     a plain one does (docs/BENCHMARKS.md, "The channel gate folded into the step").
 
     - `z`: the feature, ``(B, H, W, C)``.
-    - `scale`, `shift`: per channel, ``(C,)``, or per example and channel, ``(B, 1, 1, C)``; or
-      scalars (`identity`).
+    - `scale`, `shift`: per channel, ``(C,)``, or scalars (`identity`); `value` also takes them
+      per example and channel, ``(B, 1, 1, C)`` (the step ``h`` times the map, `EulerStep`).
     """
 
     z: jax.Array
@@ -120,13 +120,8 @@ class ChannelAffine(NamedTuple):
         return (self.scale * self.z + self.shift).astype(self.z.dtype)
 
     def spatial_mean(self):
-        """``GAP(f)``, ``(B, C)`` float32, from ``GAP(z)``."""
-        return _pooled(self.scale) * spatial_mean(self.z) + _pooled(self.shift)
-
-
-def _pooled(v):
-    """A scale or shift of `ChannelAffine` as it applies to a pooled ``(B, C)`` value."""
-    return v[:, 0, 0, :] if v.ndim == 4 else v
+        """``GAP(f)``, ``(B, C)`` float32, from ``GAP(z)`` (scale and shift per channel)."""
+        return self.scale * spatial_mean(self.z) + self.shift
 
 
 class ChannelGate(StepController):
