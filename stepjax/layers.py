@@ -54,13 +54,14 @@ def conv2d(x, w, stride=1):
 
 def spatial_moments(y, f0):
     """Per-channel spatial means for a controller's features, the field given as a `ChannelAffine`
-    ``f = scale * z + shift``: of ``f``, ``|f|``, ``f^2``, ``y``, ``|y|``, and of ``sign(f)``,
-    ``sign(f) z``, ``z``, ``z^2`` for a gradient into the map (`stepjax.kernels.spatial_moments`:
-    one pass over `y` and ``z`` on the CPU path, reductions elsewhere), each ``(B, C)`` float32.
-    They are kept for the backward pass of a scanned stage (tagged like the convolution outputs),
-    so that it does not read whole activations again to recompute them. A forward function: a
-    caller that differentiates through it defines its own gradient (StepNet's features do)."""
-    return tuple(checkpoint_name(m, SAVED) for m in kernels.spatial_moments(y, f0.z, f0.scale, f0.shift))
+    ``f = scale * z + shift``: `stepjax.kernels.Moments` (of ``f``, ``|f|``, ``y``, ``|y|``, the
+    variances of ``f`` and ``z``, and what a gradient into the map needs; one pass over `y` and ``z``
+    on the CPU path, reductions elsewhere), each ``(B, C)`` float32. They are kept for the backward
+    pass of a scanned stage (tagged like the convolution outputs), so that it does not read whole
+    activations again to recompute them. A forward function: a caller that differentiates through
+    it defines its own gradient (StepNet's features do)."""
+    moments = kernels.spatial_moments(y, f0.z, f0.scale, f0.shift)
+    return type(moments)(*(checkpoint_name(m, SAVED) for m in moments))
 
 
 @jax.custom_vjp

@@ -162,16 +162,29 @@ def _unfolded(monkeypatch):
     monkeypatch.setattr(EulerStep, "folds_field", property(lambda self: False))
 
 
+def _mixing_every_feature(model):
+    """StepNet starts from ``GAP(f)`` alone, where its other features' gradients are 0: give each
+    feature a weight (the same for every call)."""
+    def mixed(path, value):
+        if "feature_mix" not in jax.tree_util.keystr(path):
+            return value
+        return 0.5 * jax.random.normal(jax.random.key(value.size), value.shape, value.dtype)
+    nnx.update(model, jax.tree_util.tree_map_with_path(mixed, nnx.state(model, nnx.Param)))
+
+
 @pytest.mark.parametrize("preset, controller", [("resnet164", "se"), ("resnet20", "eca"), ("resnet164", "dia"),
                                                 ("resnet20", "channel_step"), ("resnet164", "stepnet")])
 def test_a_channel_gate_folded_into_the_step_is_the_step_through_f0(preset, controller, monkeypatch):
     """The oracle is the step through ``f0``: the same logits, step sizes, BatchNorm statistics and
-    gradients (float32 rounding) in training, the same logits in evaluation, on both fields."""
+    gradients (float32 rounding) in training, the same logits in evaluation, on both fields. A
+    post-activation step folds with its state known non-negative (`EulerStep.nonnegative_state`),
+    the step through ``f0`` does not: StepNet's gradient into the state is checked that way too."""
     x = 2.0 * jax.random.normal(jax.random.key(5), (4, 8, 8, 3)) + 0.5
     labels = jnp.arange(4) % 5
 
     def train_and_eval():
         model = make_model(preset, num_classes=5, controller=controller, seed=2, **TINY)
+        _mixing_every_feature(model)
 
         def loss(model):
             logits, outputs = model.solve(x)

@@ -1,5 +1,6 @@
 """A step-size controller's spatial moments in one pass (`stepjax.kernels.spatial_moments`, the CPU
-extension) against the five `jnp` reductions they replace: values for the shapes the models use,
+extension) against the `jnp` reductions they replace, and both against the moments of the field
+formed, in float64: values for the shapes the models use,
 under jit, scan, checkpoint, vmap and a batch split over devices; kept for the backward pass of a
 scanned stage; the reductions wherever the extension is not there or not wanted. One StepNet
 training step the same either way: `tests/test_onednn.py`, beside the other training steps."""
@@ -32,7 +33,7 @@ def operands(shape, lead=()):
 
 
 def assert_moments_equal(ours, theirs):
-    assert len(ours) == len(theirs) == moments.NUM_MOMENTS
+    assert type(ours) is type(theirs) is moments.Moments
     for a, b in zip(ours, theirs, strict=True):
         assert a.shape == b.shape and a.dtype == jnp.float32
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6 * float(jnp.max(jnp.abs(b))))
@@ -60,25 +61,54 @@ def test_one_pass_equals_the_reductions(shape, transform, extension_path):
     assert_moments_equal(ours(y, f), transformed(moments.reduced_moments, transform)(y, f))
 
 
+def formed_in_float64(y, z, scale, shift):
+    """The `Moments` of ``f = scale * z + shift`` formed first, from their definitions, in float64."""
+    y, z, scale, shift = (np.asarray(v, np.float64) for v in (y, z, scale, shift))
+    f = scale[..., None, None, :] * z + shift[..., None, None, :]
+    sign = np.where(f >= 0, 1.0, -1.0)
+    mean = lambda v: v.mean(axis=(-3, -2))  # noqa: E731
+    return moments.Moments(f=mean(f), abs_f=mean(np.abs(f)), var_f=f.var(axis=(-3, -2)), y=mean(y), abs_y=mean(np.abs(y)),
+                           sign_f=mean(sign), sign_f_z=mean(sign * z), z=mean(z), var_z=z.var(axis=(-3, -2)))
+
+
+def each_path(monkeypatch):
+    """Run the body once on the extension's path (where built) and once on the reductions'."""
+    for path in (["onednn"] if NOT_BUILT is None else []) + ["xla"]:
+        monkeypatch.setenv("STEPJAX_CONV", path)
+        jax.clear_caches()
+        yield path
+
+
 @pytest.mark.parametrize("transform", ["jit", "vmap"])
 def test_the_moments_of_a_field_folded_into_its_step_are_those_of_the_field_formed(transform, monkeypatch):
     """``f = scale * z + shift`` with a scale and shift per example and channel, on the extension's
-    path (where built) and on the reductions': the moments of ``f`` are those of the field formed
-    first, and those of ``z`` (with ``sign(f)``) those of ``z`` and ``f`` taken by hand."""
+    path (where built) and on the reductions': the moments are those of the field formed first,
+    taken from their definitions in float64."""
     shape = (3, 6, 5, 16)
     y, z = operands(shape, lead=(2,) if transform == "vmap" else ())
     ks, kt = jax.random.split(jax.random.key(3))
     scale, shift = (jax.random.normal(k, (*y.shape[:-4], 3, 16)) for k in (ks, kt))
-    f = scale[..., None, None, :] * z + shift[..., None, None, :]
-    sign = jnp.where(f >= 0, 1.0, -1.0)
-    by_hand = [v.mean(axis=(-3, -2)) for v in (sign, sign * z, z, z * z)]
-    formed = transformed(moments.reduced_moments, transform)(y, f)[:5] + tuple(by_hand)
-    for path in (["onednn"] if NOT_BUILT is None else []) + ["xla"]:
-        monkeypatch.setenv("STEPJAX_CONV", path)
-        jax.clear_caches()
+    want = formed_in_float64(y, z, scale, shift)
+    for path in each_path(monkeypatch):
         fn = jax.jit(kernels.spatial_moments) if transform == "jit" else jax.jit(jax.vmap(kernels.spatial_moments))
         assert (moments.TARGET in fn.lower(y, z, scale, shift).compile().as_text()) == (path == "onednn")
-        assert_moments_equal(fn(y, z, scale, shift), formed)
+        assert_moments_equal(fn(y, z, scale, shift), moments.Moments(*(jnp.asarray(v, jnp.float32) for v in want)))
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0, 3000.0])
+def test_the_variances_keep_their_digits_far_from_zero(offset, monkeypatch):
+    """A channel whose values sit far from 0 against their spread (here ``offset / std`` up to
+    1500): the variances, taken about the example's first pixel, keep float32 accuracy (relative
+    1e-5); ``mean(z^2) - mean(z)^2`` about 0 would lose ``1e-7 (offset / std)^2``, everything at
+    1500 (fails so, checked)."""
+    y, z = operands((2, 8, 8, 16))
+    z = offset + z
+    scale, shift = jnp.full((2, 16), 0.5), jnp.full((2, 16), -0.5 * offset)
+    want = formed_in_float64(y, z, scale, shift)
+    for _ in each_path(monkeypatch):
+        got = jax.jit(kernels.spatial_moments)(y, z, scale, shift)
+        for name in ("var_z", "var_f"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5)
 
 
 def test_a_library_built_from_other_sources_is_not_loaded(monkeypatch, tmp_path):

@@ -23,7 +23,7 @@ class SqueezeExcitation(ChannelGate):
     def __init__(self, channels, *, rngs, reduction=16):
         self.mlp = BottleneckMLP(channels, reduction, rngs=rngs)
 
-    def gate(self, t0, y0, f0, controller_state):
+    def gate(self, t0, y0, f0, controller_state, *, nonnegative_state=False):
         return jax.nn.sigmoid(self.mlp(f0.spatial_mean())), controller_state
 
 
@@ -48,7 +48,7 @@ class ChannelStep(ChannelGate):
             raise UserError(f"init_value={init_value}: the step of a sigmoid gate lies in (0, 1); choose one inside.")
         self.logit = nnx.Param(jnp.full((channels,), math.log(init_value / (1.0 - init_value)), jnp.float32))
 
-    def gate(self, t0, y0, f0, controller_state):
+    def gate(self, t0, y0, f0, controller_state, *, nonnegative_state=False):
         return jnp.broadcast_to(jax.nn.sigmoid(self.logit[...]), (f0.z.shape[0], f0.z.shape[-1])), controller_state
 
 
@@ -86,7 +86,7 @@ class ECA(ChannelGate):
         k = eca_kernel_size(channels)
         self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (k,), minval=-(k**-0.5), maxval=k**-0.5))
 
-    def gate(self, t0, y0, f0, controller_state):
+    def gate(self, t0, y0, f0, controller_state, *, nonnegative_state=False):
         mean_f0 = f0.spatial_mean()
         k = self.kernel[...].shape[0]
         padded = jnp.pad(mean_f0, ((0, 0), (k // 2, k // 2)))
@@ -136,5 +136,5 @@ class DIA(ChannelGate):
         zeros = jnp.zeros((y0.shape[0], y0.shape[-1]), jnp.float32)
         return (zeros, zeros)
 
-    def gate(self, t0, y0, f0, controller_state):
+    def gate(self, t0, y0, f0, controller_state, *, nonnegative_state=False):
         return self.shared(f0.spatial_mean(), controller_state)

@@ -27,7 +27,7 @@ from stepjax.layers import BottleneckMLP, spatial_moments
 from stepjax.ode.controller import ChannelAffine, ChannelGate
 
 
-def step_features(y0, f0, eps=1e-5):
+def step_features(y0, f0, eps=1e-5, *, nonnegative_state=False):
     """Per-channel stiffness features of one step, each ``(B, C)`` in float32.
 
     **Arguments:**
@@ -36,6 +36,11 @@ def step_features(y0, f0, eps=1e-5):
     - `f0`: the field, an array or a `ChannelAffine` (a field folded into its step: then ``f`` is
       never formed, its moments come from ``z`` and the map, `stepjax.layers.spatial_moments`).
     - `eps`: the relative increment's and the spread's regulariser.
+    - `nonnegative_state`: every element of `y0` is >= 0 (a post-activation network's state). The
+      features and their gradient are the same (``|y| = y``, and ``d|y|/dy = 1`` at 0 as JAX has
+      it), but the gradient into ``y`` is one value per example and channel, which XLA adds where
+      the state's cotangent is formed instead of reading ``y`` again there. Wrong gradients if an
+      element is negative.
 
     **Returns:**
 
@@ -48,45 +53,42 @@ def step_features(y0, f0, eps=1e-5):
     ratio ``GAP(|f|) / (GAP(|y|) + eps)`` then reaches ``1e5``; its gradient into the feature mix
     made ResNet-164 with StepNet diverge at the paper's learning rate (0.1, no warm-up).
 
-    The variance is ``GAP(f^2) - GAP(f)^2``, clamped at 0, as Flax's BatchNorm computes its own
-    (``use_fast_variance``): moments (`stepjax.layers.spatial_moments`: one pass over ``y``
-    and the field in the CPU extension, independent reductions without it), none of which reads a
-    broadcast operand. ``f.var`` subtracts the mean inside its reduction, and XLA's CPU backend runs such a
-    reduction slower than a plain one: the stage-1 features of the deep protocol took 5.1 ms that
-    way against 3.9 ms (docs/BENCHMARKS.md). The cost is float32 cancellation where a channel's
-    mean is large against its spatial spread: the spread's relative error stays below
-    ``1e-6 (mean / std)^2`` (`tests/test_controllers.py` checks it against float64 up to
-    ``mean / std = 100``).
+    All four come from one set of moments (`stepjax.layers.spatial_moments`: one pass over ``y``
+    and ``z`` in the CPU extension, independent reductions without it), none of which reads a
+    broadcast operand; the variance is taken about a pivot (``z`` at the example's first pixel),
+    so that its float32 cancellation grows with the pivot's distance from the mean in units of the
+    spread, not with the mean's. ``f.var`` subtracts the mean inside its reduction, and XLA's CPU
+    backend runs such a reduction slower than a plain one: the stage-1 features of the deep
+    protocol took 5.1 ms that way against 3.9 ms (docs/BENCHMARKS.md).
 
     The gradient is written out (`_features_bwd`: the same mathematics as autodiff's, with
     ``d|x|/dx = 1`` at 0 as JAX has it). From autodiff's form, XLA's CPU backend fused the whole
     expression into each of the gradient's several consumers and computed it three times over:
-    the deep StepNet step (ResNet-164 at half width, batch 64) took 3.23 s against 2.49 s. For a
-    folded field its part into the map (the sums of ``df`` and ``df z`` over the pixels) comes from
-    four more moments of the forward pass, so that ``df`` is not written out for two reductions;
-    ``z``'s spatial variance in it carries the same float32 cancellation as the spread.
+    the deep StepNet step (ResNet-164 at half width, batch 64) took 3.23 s against 2.49 s. Its
+    part into the map of a folded field (the sums of ``df`` and ``df z`` over the pixels) comes
+    from the moments too, so that ``df`` is not written out for two reductions.
     """
     if not isinstance(f0, ChannelAffine):
         f0 = ChannelAffine.identity(f0)
     lead = (f0.z.shape[0], f0.z.shape[-1])
     scale, shift = (jnp.broadcast_to(v, lead).astype(jnp.float32) for v in (f0.scale, f0.shift))
-    return _features(y0.astype(jnp.float32), f0.z.astype(jnp.float32), scale, shift, eps)
+    return _features(y0.astype(jnp.float32), f0.z.astype(jnp.float32), scale, shift, eps, nonnegative_state)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _features(y, z, scale, shift, eps):
-    return _features_fwd(y, z, scale, shift, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _features(y, z, scale, shift, eps, nonnegative_state):
+    return _features_fwd(y, z, scale, shift, eps, nonnegative_state)[0]
 
 
-def _features_fwd(y, z, scale, shift, eps):
-    mean_f, abs_f, square_f, mean_y, abs_y, *of_z = spatial_moments(y, ChannelAffine(z, scale, shift))
-    variance = jnp.maximum(square_f - jnp.square(mean_f), 0.0)
-    spread = jnp.sqrt(variance + eps)
-    features = (mean_f, mean_y, abs_f / (abs_f + abs_y + eps), spread)
-    return features, (y, z, scale, shift, mean_f, abs_f, abs_y, spread, of_z)
+def _features_fwd(y, z, scale, shift, eps, nonnegative_state):
+    del nonnegative_state
+    moments = spatial_moments(y, ChannelAffine(z, scale, shift))
+    spread = jnp.sqrt(moments.var_f + eps)
+    features = (moments.f, moments.y, moments.abs_f / (moments.abs_f + moments.abs_y + eps), spread)
+    return features, (y, z, scale, shift, moments, spread)
 
 
-def _features_bwd(eps, residuals, cotangents):
+def _features_bwd(eps, nonnegative_state, residuals, cotangents):
     """The cotangents of ``(y, z, scale, shift)`` from those of the four features: of ``y`` and
     ``f = scale z + shift`` (``f`` computed again where it is read, not stored), then through the map.
 
@@ -99,27 +101,29 @@ def _features_bwd(eps, residuals, cotangents):
     repeated there: that one backward fusion of the deep StepNet step took more time than any of
     its convolutions.
     """
-    y, z, scale, shift, mean_f, abs_f, abs_y, spread, (sign_f, sign_f_z, mean_z, square_z) = residuals
+    y, z, scale, shift, moments, spread = residuals
     g_mean_f, g_mean_y, g_relative, g_spread = cotangents
     n = z.shape[1] * z.shape[2]
-    total = jnp.square(abs_f + abs_y + eps)
+    total = jnp.square(moments.abs_f + moments.abs_y + eps)
     by_total, by_spread = total * n, spread * n
 
     def per_pixel(v):  # (B, C) -> (B, 1, 1, C)
         return v[:, None, None, :]
 
     f = per_pixel(scale) * z + per_pixel(shift)
-
-    slope_f = per_pixel(g_relative * (abs_y + eps) / by_total)
-    slope_y = per_pixel(-g_relative * abs_f / by_total)
+    slope_f = per_pixel(g_relative * (moments.abs_y + eps) / by_total)
     df = (per_pixel(g_mean_f * spread / by_spread) + jnp.where(f >= 0, slope_f, -slope_f)
-          + per_pixel(g_spread / by_spread) * (f - per_pixel(mean_f)))
-    dy = per_pixel(g_mean_y * total / by_total) + jnp.where(y >= 0, slope_y, -slope_y)
-    # sum(df) and sum(df z) over the pixels from the forward pass's moments: two reductions of
-    # df would have it written out; sum(f - mean_f) is 0, sum((f - mean_f) z) is n scale var(z)
-    coefficient_f, g_variance = g_relative * (abs_y + eps) / total, g_spread / spread
-    d_shift = g_mean_f + coefficient_f * sign_f
-    d_scale = g_mean_f * mean_z + coefficient_f * sign_f_z + g_variance * scale * (square_z - jnp.square(mean_z))
+          + per_pixel(g_spread / by_spread) * (f - per_pixel(moments.f)))
+    offset_y, slope_y = g_mean_y * total / by_total, -g_relative * moments.abs_f / by_total
+    if nonnegative_state:  # sign(y) = 1 everywhere
+        dy = jnp.broadcast_to(per_pixel(offset_y + slope_y), y.shape)
+    else:
+        dy = per_pixel(offset_y) + jnp.where(y >= 0, per_pixel(slope_y), -per_pixel(slope_y))
+    # sum(df) and sum(df z) over the pixels from the moments: two reductions of df would have it
+    # written out; sum(f - mean_f) is 0, sum((f - mean_f) z) is n scale var(z)
+    coefficient_f, g_variance = g_relative * (moments.abs_y + eps) / total, g_spread / spread
+    d_shift = g_mean_f + coefficient_f * moments.sign_f
+    d_scale = g_mean_f * moments.z + coefficient_f * moments.sign_f_z + g_variance * scale * moments.var_z
     return dy, per_pixel(scale) * df, d_scale, d_shift
 
 
@@ -151,8 +155,8 @@ class StepNet(ChannelGate):
         ones = jnp.ones((y0.shape[0], y0.shape[-1]), jnp.float32)
         return (ones, jnp.zeros_like(ones), jnp.zeros((), jnp.float32))
 
-    def gate(self, t0, y0, f0, controller_state):
-        features = step_features(y0, f0)
+    def gate(self, t0, y0, f0, controller_state, *, nonnegative_state=False):
+        features = step_features(y0, f0, nonnegative_state=nonnegative_state)
         if self.history:
             h_prev, mean_f_prev, started = controller_state
             secant = started * (features[0] - mean_f_prev)

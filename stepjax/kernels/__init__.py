@@ -5,7 +5,7 @@ setup`` runs it); and a lowering that spares XLA's CPU compiler a copy of every 
 (`stepjax.kernels.lowering`). Nothing here imports the rest of stepjax."""
 
 from stepjax.kernels.lowering import drop_exact_reduce_precision
-from stepjax.kernels.moments import spatial_moments
+from stepjax.kernels.moments import Moments, spatial_moments
 from stepjax.kernels.onednn import conv_same, load, path_for, trace_settings
 
-__all__ = ["conv_same", "drop_exact_reduce_precision", "load", "path_for", "spatial_moments", "trace_settings"]
+__all__ = ["Moments", "conv_same", "drop_exact_reduce_precision", "load", "path_for", "spatial_moments", "trace_settings"]

@@ -1,14 +1,17 @@
 """The spatial moments of one Euler step that a step-size controller reads, in one pass on the CPU.
 
 `spatial_moments(y, z, scale, shift)` gives, per example and channel, the means over the pixels of
-the field ``f = scale * z + shift``, its absolute value and square, ``y`` and ``|y|`` (and four for the
-gradient into the scale and the shift). On the path of the CPU extension (`stepjax.kernels.path_for`)
-one C++ handler (``csrc/spatial_moments.cc``) reads ``y`` and ``z`` once; elsewhere, and where the
-extension is not built, `jnp` reductions compute the same means. It is a forward function
-only: a controller that differentiates through it writes its own gradient (as StepNet does).
+the field ``f = scale * z + shift``, its absolute value, the variances of ``f`` and ``z``, ``y`` and
+``|y|`` (and two more for the gradient into the scale and the shift): `Moments`. On the path of the
+CPU extension (`stepjax.kernels.path_for`) one C++ handler (``csrc/spatial_moments.cc``) reads ``y``
+and ``z`` once for six sums, from which the nine follow per channel; elsewhere, and where the
+extension is not built, `jnp` reductions compute the same six. It is a forward function only: a
+controller that differentiates through it writes its own gradient (as StepNet does).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +24,31 @@ from jax.sharding import PartitionSpec as P
 from stepjax.kernels import onednn
 
 TARGET = "stepjax_spatial_moments"  # one of onednn.TARGETS
-NUM_MOMENTS = 9  # f, |f|, f^2, y, |y|, sign(f), sign(f) z, z, z^2
+NUM_MOMENTS = 6  # the handler's sums: y, |y|, u = z - z_0, u^2, sign(f), sign(f) u
 
 
-def spatial_moments(y, z, scale=1.0, shift=0.0):
+class Moments(NamedTuple):
+    """Per-channel spatial means of one step, each ``(B, C)`` float32 (`spatial_moments`).
+
+    - `f`, `abs_f`, `var_f`: the mean of the field ``f = scale * z + shift``, of ``|f|``, and
+      ``f``'s variance over the pixels.
+    - `y`, `abs_y`: the means of the state and of its absolute value.
+    - `sign_f`, `sign_f_z`, `z`, `var_z`: the means of ``sign(f)`` (+1 at 0), ``sign(f) z``, ``z``
+      and ``z``'s variance (a gradient into the scale and the shift needs them).
+    """
+
+    f: jax.Array
+    abs_f: jax.Array
+    var_f: jax.Array
+    y: jax.Array
+    abs_y: jax.Array
+    sign_f: jax.Array
+    sign_f_z: jax.Array
+    z: jax.Array
+    var_z: jax.Array
+
+
+def spatial_moments(y, z, scale=1.0, shift=0.0) -> Moments:
     """Per-channel spatial means of one step's state `y` and field ``f = scale * z + shift``.
 
     **Arguments:**
@@ -35,29 +59,47 @@ def spatial_moments(y, z, scale=1.0, shift=0.0):
 
     **Returns:**
 
-    ``(mean f, mean |f|, mean f^2, mean y, mean |y|, mean sign(f), mean sign(f) z, mean z,
-    mean z^2)`` (the sign +1 at 0; the last four give the gradient of StepNet's features into the
-    scale and the shift), each ``(B, C)`` float32: the float32 operands on the extension's path
-    (sums taken in float64), the `jnp` reductions otherwise.
+    The `Moments`. Both paths sum ``u = z - z_0``, ``z`` less its value at the example's first
+    pixel, so that the variances, ``mean(u^2) - mean(u)^2``, lose float32 digits only as the
+    pivot's distance from the mean in units of the spread (squared), not as the mean's own. The
+    means of ``f`` and ``|f|`` follow from ``f = scale * u + f(z_0)``. On the extension's path the
+    sums are taken in float64 from float32 rows.
     """
+    return _moments(y, z, scale, shift, extension=onednn.path_for(jnp.float32) == "onednn")
+
+
+def reduced_moments(y, z, scale=1.0, shift=0.0) -> Moments:
+    """`spatial_moments` from `jnp` reductions (the path without the extension)."""
+    return _moments(y, z, scale, shift, extension=False)
+
+
+def _moments(y, z, scale, shift, extension):
     y, z = y.astype(jnp.float32), z.astype(jnp.float32)
     lead = (z.shape[0], z.shape[-1])
     scale, shift = (jnp.broadcast_to(jnp.asarray(v, jnp.float32), lead) for v in (scale, shift))
-    if onednn.path_for(z.dtype) != "onednn":
-        return reduced_moments(y, z, scale, shift)
-    return _batched(y, z, scale, shift)
+    sums = (_batched if extension else _reduced)(y, z, scale, shift)
+    return _from_sums(sums, z[:, 0, 0, :], scale, shift)
 
 
-def reduced_moments(y, z, scale=1.0, shift=0.0):
-    """`spatial_moments` as `jnp` reductions (the path without the extension)."""
-    f = _per_pixel(scale) * z + _per_pixel(shift)
-    sign = jnp.where(f >= 0, 1.0, -1.0)
-    return tuple(v.mean(axis=(1, 2)) for v in (f, jnp.abs(f), jnp.square(f), y, jnp.abs(y), sign, sign * z, z, jnp.square(z)))
+def _from_sums(sums, pivot, scale, shift):
+    mean_y, abs_y, u, square_u, sign_f, sign_f_u = sums
+    at_pivot = scale * pivot + shift
+    var_z = jnp.maximum(square_u - jnp.square(u), 0.0)
+    return Moments(f=scale * u + at_pivot, abs_f=jnp.maximum(scale * sign_f_u + at_pivot * sign_f, 0.0),
+                   var_f=jnp.square(scale) * var_z, y=mean_y, abs_y=abs_y, sign_f=sign_f,
+                   sign_f_z=sign_f_u + pivot * sign_f, z=u + pivot, var_z=var_z)
+
+
+def _reduced(y, z, scale, shift):
+    """The handler's six means as `jnp` reductions (the path without the extension)."""
+    pivot = z[:, :1, :1, :]
+    u = z - pivot
+    sign = jnp.where(_per_pixel(scale) * u + _per_pixel(scale) * pivot + _per_pixel(shift) >= 0, 1.0, -1.0)
+    return tuple(v.mean(axis=(1, 2)) for v in (y, jnp.abs(y), u, jnp.square(u), sign, sign * u))
 
 
 def _per_pixel(v):
-    v = jnp.asarray(v)
-    return v[:, None, None, :] if v.ndim == 2 else v
+    return v[:, None, None, :]
 
 
 def _ffi(y, f, scale, shift, devices=None):

@@ -28,7 +28,7 @@ LIBRARY = Path(__file__).resolve().with_name("_onednn_conv.so")
 TARGETS = {"stepjax_onednn_conv_forward": "StepjaxConvForward", "stepjax_onednn_conv_input_grad": "StepjaxConvInputGrad",
            "stepjax_onednn_conv_kernel_grad": "StepjaxConvKernelGrad", "stepjax_spatial_moments": "StepjaxSpatialMoments"}
 # the interface of the library's handlers (`StepjaxAbiVersion` in csrc/spatial_moments.cc)
-ABI_VERSION = 3
+ABI_VERSION = 4
 _log = logging.getLogger("stepjax")
 
 

@@ -163,6 +163,7 @@ class ResNet(nnx.Module):
                         if first else None
                     ),
                     projection=None if spec.preact else jax.nn.relu,
+                    nonnegative_state=not spec.preact,  # the stem's and every step's ReLU
                 )
 
             stages.append(EulerStage(make_step, depth, transition=transition, placement=mask, rngs=rngs, scan=scan))

@@ -139,13 +139,15 @@ class ChannelGate(StepController):
         return as_channel_step(gate), controller_state
 
     @abc.abstractmethod
-    def gate(self, t0, y0, f0, controller_state) -> tuple[jax.Array, ControllerState]:
+    def gate(self, t0, y0, f0, controller_state, *, nonnegative_state=False) -> tuple[jax.Array, ControllerState]:
         """The step from the field's per-channel statistics.
 
         **Arguments:**
 
         - `t0`, `y0`, `controller_state`: as for `adapt_step_size`.
         - `f0`: the field as a `ChannelAffine` (its `spatial_mean` is ``GAP(f0)``).
+        - `nonnegative_state`: every element of `y0` is >= 0 (`EulerStep`'s `nonnegative_state`);
+          a gate that reads `y0` may use it, the others ignore it.
 
         **Returns:**
 

@@ -68,6 +68,11 @@ class EulerStep(nnx.Module):
       (identity).
     - `projection`: ``g`` applied after the update, e.g. ``jax.nn.relu`` for post-activation
       networks (projected Euler onto the non-negative orthant); None for plain Euler.
+    - `nonnegative_state`: the state entering the step lies in the non-negative orthant (a
+      post-activation network, whose stem and steps all end in a ReLU). A step that keeps the
+      state's shape tells its `ChannelGate` so when it folds the field (StepNet's gradient into
+      the state is then one value per example and channel); a shape-changing step's ``P(y0)``
+      need not lie there.
     """
 
     def __init__(
@@ -77,11 +82,13 @@ class EulerStep(nnx.Module):
         *,
         change_of_variables: nnx.Module | None = None,
         projection: Callable[[jax.Array], jax.Array] | None = None,
+        nonnegative_state: bool = False,
     ):
         self.vector_field = vector_field
         self.controller = controller
         self.change_of_variables = change_of_variables
         self.projection = projection
+        self.nonnegative_state = nonnegative_state
 
     def __call__(self, y0, controller_state, t0, active=True):
         """Take the step.
@@ -115,7 +122,9 @@ class EulerStep(nnx.Module):
         if controller_state is None:
             controller_state = self.controller.init(base)
         f0 = self.vector_field.affine_output(y0)
-        gate, controller_state = self.controller.gate(t0, base, f0, controller_state)
+        gate, controller_state = self.controller.gate(
+            t0, base, f0, controller_state, nonnegative_state=self.nonnegative_state and self.change_of_variables is None
+        )
         h = as_channel_step(self._masked(gate, active))
         y1 = base + ChannelAffine(f0.z, h * f0.scale, h * f0.shift).value().astype(base.dtype)
         return self._project(y1), controller_state, h
