@@ -12,7 +12,6 @@
 #include <omp.h>
 
 #include <cmath>
-#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -79,6 +78,7 @@ ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> z, ffi::Bu
     if (yd[i] != zd[i]) return ffi::Error::InvalidArgument("spatial_moments: y and z differ in shape");
   }
   const int64_t n = yd[0], h = yd[1], w = yd[2], hw = h * w, c = yd[3];
+  if (hw == 0) return ffi::Error::InvalidArgument("spatial_moments: no pixels (the pivot is the first)");
   for (auto d : {scale.dimensions(), shift.dimensions()}) {
     if (d.size() != 2 || d[0] != n || d[1] != c) return ffi::Error::InvalidArgument("spatial_moments: scale and shift are (N, C)");
   }
@@ -88,7 +88,7 @@ ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> z, ffi::Bu
     auto d = (*result)->dimensions();
     if (d.size() != 2 || d[0] != n || d[1] != c) return ffi::Error::InvalidArgument("spatial_moments: results are (N, C)");
   }
-  const double per_pixel = hw > 0 ? 1.0 / static_cast<double>(hw) : 0.0;
+  const double per_pixel = 1.0 / static_cast<double>(hw);
   const float* yp = y.typed_data();
   const float* zp = z.typed_data();
   const float* sp = scale.typed_data();
@@ -99,10 +99,6 @@ ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> z, ffi::Bu
     std::vector<float> row(kMoments * c), at_pivot(c);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n; ++b) {
-      if (hw == 0) {
-        for (int m = 0; m < kMoments; ++m) std::fill(out[m] + b * c, out[m] + (b + 1) * c, 0.0f);
-        continue;
-      }
       SumExample(yp + b * hw * c, zp + b * hw * c, sp + b * c, tp + b * c, h, w, c, acc.data(), row.data(),
                  at_pivot.data());
       for (int m = 0; m < kMoments; ++m) {
