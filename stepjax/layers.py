@@ -60,8 +60,7 @@ def spatial_moments(y, f0):
     pass of a scanned stage (tagged like the convolution outputs), so that it does not read whole
     activations again to recompute them. A forward function: a caller that differentiates through
     it defines its own gradient (StepNet's features do)."""
-    moments = kernels.spatial_moments(y, f0.z, f0.scale, f0.shift)
-    return type(moments)(*(checkpoint_name(m, SAVED) for m in moments))
+    return kernels.Moments(*(checkpoint_name(m, SAVED) for m in kernels.spatial_moments(y, f0.z, f0.scale, f0.shift)))
 
 
 @jax.custom_vjp

@@ -77,24 +77,24 @@ def _moments(y, z, scale, shift, extension):
     y, z = y.astype(jnp.float32), z.astype(jnp.float32)
     lead = (z.shape[0], z.shape[-1])
     scale, shift = (jnp.broadcast_to(jnp.asarray(v, jnp.float32), lead) for v in (scale, shift))
-    sums = (_batched if extension else _reduced)(y, z, scale, shift)
-    return _from_sums(sums, z[:, 0, 0, :], scale, shift)
+    pivot = z[:, 0, 0, :]
+    at_pivot = scale * pivot + shift  # f(z_0): f = scale * u + f(z_0)
+    sums = _batched(y, z, scale, shift) if extension else _reduced(y, z - _per_pixel(pivot), scale, at_pivot)
+    return _from_sums(sums, pivot, scale, at_pivot)
 
 
-def _from_sums(sums, pivot, scale, shift):
+def _from_sums(sums, pivot, scale, at_pivot):
     mean_y, abs_y, u, square_u, sign_f, sign_f_u = sums
-    at_pivot = scale * pivot + shift
     var_z = jnp.maximum(square_u - jnp.square(u), 0.0)
     return Moments(f=scale * u + at_pivot, abs_f=jnp.maximum(scale * sign_f_u + at_pivot * sign_f, 0.0),
                    var_f=jnp.square(scale) * var_z, y=mean_y, abs_y=abs_y, sign_f=sign_f,
                    sign_f_z=sign_f_u + pivot * sign_f, z=u + pivot, var_z=var_z)
 
 
-def _reduced(y, z, scale, shift):
-    """The handler's six means as `jnp` reductions (the path without the extension)."""
-    pivot = z[:, :1, :1, :]
-    u = z - pivot
-    sign = jnp.where(_per_pixel(scale) * u + _per_pixel(scale) * pivot + _per_pixel(shift) >= 0, 1.0, -1.0)
+def _reduced(y, u, scale, at_pivot):
+    """The handler's six means as `jnp` reductions (the path without the extension), from
+    ``u = z - z_0`` and ``f(z_0)``."""
+    sign = jnp.where(_per_pixel(scale) * u + _per_pixel(at_pivot) >= 0, 1.0, -1.0)
     return tuple(v.mean(axis=(1, 2)) for v in (y, jnp.abs(y), u, jnp.square(u), sign, sign * u))
 
 
